@@ -1,0 +1,146 @@
+"""Memory units: one shard of one cache kind, seen as `[num_pages, bytes_per_page]` bytes.
+
+A unit is a descriptor, not a copy. It holds the shard's single-device array
+(`addressable_shards[i].data`, which shares the buffer of the global array)
+and derives the byte geometry from its shape and dtype. The bitcast to bytes
+runs inside the jitted gather of `read_pages`, over the requested pages only;
+`buffer` materializes every page and exists for tests and interop.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+
+from jaxkv import _pages
+
+KINDS = ("values", "scales")
+
+
+class KVCacheMemory:
+    """The byte pages of one shard of one kind (values or scales) of a cache."""
+
+    def __init__(self, shard: jax.Array, *, kind: str, shard_index: int):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if not isinstance(shard, jax.Array) or len(shard.devices()) != 1:
+            raise ValueError("shard must be a single-device jax.Array")
+        self._shard = shard
+        self.kind = kind
+        """'values' or 'scales'."""
+        self.shard_index = shard_index
+        """Position of this shard along the TP mesh axis (0 for a replicated root)."""
+
+    @property
+    def shard(self) -> jax.Array:
+        """The typed single-device array `[num_pages, *page_shape]` this unit describes."""
+        return self._shard
+
+    @property
+    def device(self) -> jax.Device:
+        """The device whose memory holds this unit's pages."""
+        (device,) = self._shard.devices()
+        return device
+
+    @property
+    def page_shape(self) -> tuple[int, ...]:
+        """Typed shape of one page: `[kv_dim, layers, tokens, heads, dim]`."""
+        return tuple(self._shard.shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._shard.dtype
+
+    @property
+    def total_num_pages(self) -> int:
+        return self._shard.shape[0]
+
+    @property
+    def bytes_per_page(self) -> int:
+        return math.prod(self.page_shape) * self.dtype.itemsize
+
+    @property
+    def devices(self) -> list[jax.Device]:
+        """Every device this unit's bytes live on (one, unless replicated)."""
+        return [self.device]
+
+    @property
+    def buffer(self) -> jax.Array:
+        """All pages as `[total_num_pages, bytes_per_page]` uint8 on `device`.
+
+        This materializes a full copy of the shard; transfers use `read_pages`.
+        """
+        return _pages.shard_bytes_jit(self._shard)
+
+    def read_pages(self, page_ids) -> jax.Array:
+        """Bytes of the pages `page_ids`: `[len(page_ids), bytes_per_page]` uint8 on `device`."""
+        ids = _pages.check_page_ids(page_ids, self.total_num_pages)
+        return _pages.read_pages_jit(self._shard, ids)
+
+    def write_pages(self, page_ids, page_bytes) -> KVCacheMemory:
+        """A new unit whose pages `page_ids` hold `page_bytes`; this unit is unchanged.
+
+        The inverse of `read_pages`, bit-exact. `page_bytes` is
+        `[len(page_ids), bytes_per_page]` uint8; ids must be unique.
+        """
+        ids, rows = self._check_write(page_ids, page_bytes)
+        return self._replace([_pages.write_pages_jit(s, ids, jax.device_put(rows, s.sharding)) for s in self._shards()])
+
+    def _shards(self) -> list[jax.Array]:
+        return [self._shard]
+
+    def _replace(self, shards: list[jax.Array]) -> KVCacheMemory:
+        (shard,) = shards
+        return KVCacheMemory(shard, kind=self.kind, shard_index=self.shard_index)
+
+    def _check_write(self, page_ids, page_bytes):
+        ids = _pages.check_page_ids(page_ids, self.total_num_pages)
+        _pages.check_unique(ids)
+        if not isinstance(page_bytes, (jax.Array, np.ndarray)):
+            raise ValueError(f"page_bytes must be a jax.Array or numpy array, got {type(page_bytes).__name__}")
+        expected = (ids.size, self.bytes_per_page)
+        if tuple(page_bytes.shape) != expected or page_bytes.dtype != np.uint8:
+            raise ValueError(
+                f"page_bytes must be uint8 of shape {expected} (len(page_ids), bytes_per_page), "
+                f"got {page_bytes.dtype} of shape {tuple(page_bytes.shape)}"
+            )
+        return ids, page_bytes
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.kind}, shard {self.shard_index} on {self.device}, "
+            f"{self.total_num_pages} pages x {self.bytes_per_page} B, {self.dtype.name}{list(self.page_shape)})"
+        )
+
+
+class ReplicatedKVCacheMemory(KVCacheMemory):
+    """One kind of a replicated (MLA) cache: identical bytes on every TP shard.
+
+    Reads come from the root shard (TP shard 0); writes go to the root and
+    every peer, so the replicas stay identical.
+    """
+
+    def __init__(self, root: jax.Array, peers: list[jax.Array], *, kind: str):
+        super().__init__(root, kind=kind, shard_index=0)
+        for peer in peers:
+            if peer.shape != root.shape or peer.dtype != root.dtype:
+                raise ValueError(
+                    f"peer shard {peer.dtype}{list(peer.shape)} differs from root {root.dtype}{list(root.shape)}"
+                )
+        self.peers = list(peers)
+        """The other shards holding the same bytes, in mesh order."""
+
+    @property
+    def devices(self) -> list[jax.Device]:
+        return [self.device] + [next(iter(p.devices())) for p in self.peers]
+
+    def _shards(self) -> list[jax.Array]:
+        return [self._shard, *self.peers]
+
+    def _replace(self, shards: list[jax.Array]) -> ReplicatedKVCacheMemory:
+        return ReplicatedKVCacheMemory(shards[0], shards[1:], kind=self.kind)
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", {len(self.peers)} peers)"

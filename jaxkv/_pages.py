@@ -1,0 +1,115 @@
+"""Per-shard page kernels: typed cache pages <-> uint8 byte rows.
+
+These are the only places that reinterpret cache bytes. Each works on one
+shard's local array `[num_pages, *page_shape]` and is meant to run inside a
+jitted computation (directly, or per shard inside `jax.shard_map`).
+
+Two rules keep them bit-exact and cheap:
+
+- Move words, not floats. The typed pages are first bitcast to the unsigned
+  integer of the same width (free: same-width bitcasts are layout no-ops), so
+  no float op can touch a NaN payload. XLA:CPU's `take` on bfloat16, for
+  example, quiets signalling NaNs.
+- Select first, narrow second. On XLA:CPU a narrowing `bitcast_convert_type`
+  (uint16 -> uint8) is a real pass over the data, so it runs on the gathered
+  pages only, never over the whole shard.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+_WORD_DTYPES = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
+
+
+def word_dtype(dtype) -> jnp.dtype:
+    """The unsigned integer dtype as wide as `dtype`."""
+    return jnp.dtype(_WORD_DTYPES[jnp.dtype(dtype).itemsize])
+
+
+def _as_words(x: jax.Array) -> jax.Array:
+    return lax.bitcast_convert_type(x, word_dtype(x.dtype))
+
+
+def _words_to_bytes(words: jax.Array) -> jax.Array:
+    """[k, n] words -> [k, n * itemsize] uint8 (row-major, native byte order)."""
+    k = words.shape[0]
+    if words.dtype == jnp.uint8:
+        return words.reshape(k, -1)
+    return lax.bitcast_convert_type(words, jnp.uint8).reshape(k, -1)
+
+
+def gather_page_bytes(shard: jax.Array, page_ids: jax.Array) -> jax.Array:
+    """Bytes of the pages `page_ids` of one shard.
+
+    shard: [num_pages, *page_shape] of any cache dtype; page_ids: [k] int32,
+    already validated to lie in range. Returns [k, bytes_per_page] uint8.
+    """
+    rows = _as_words(shard).reshape(shard.shape[0], -1)  # [num_pages, words_per_page]
+    return _words_to_bytes(rows[page_ids])
+
+
+def scatter_page_bytes(shard: jax.Array, page_ids: jax.Array, page_bytes: jax.Array) -> jax.Array:
+    """`shard` with the pages `page_ids` replaced by the byte rows `page_bytes`.
+
+    The inverse of `gather_page_bytes`: page_bytes is [k, bytes_per_page]
+    uint8 and page_ids [k] int32, unique and in range.
+    """
+    words = _as_words(shard)
+    word = words.dtype
+    k = page_bytes.shape[0]
+    if word == jnp.uint8:
+        pages = page_bytes.reshape(k, *shard.shape[1:])
+    else:
+        pages = page_bytes.reshape(k, *shard.shape[1:], word.itemsize)
+        pages = lax.bitcast_convert_type(pages, word)
+    words = words.at[page_ids].set(pages, unique_indices=True)
+    return lax.bitcast_convert_type(words, shard.dtype)
+
+
+def shard_bytes(shard: jax.Array) -> jax.Array:
+    """All pages of one shard as [num_pages, bytes_per_page] uint8."""
+    return _words_to_bytes(_as_words(shard).reshape(shard.shape[0], -1))
+
+
+read_pages_jit = jax.jit(gather_page_bytes)
+write_pages_jit = jax.jit(scatter_page_bytes)
+shard_bytes_jit = jax.jit(shard_bytes)
+
+
+def check_page_ids(page_ids, num_pages: int, *, name: str = "page_ids") -> np.ndarray:
+    """Validate page ids on the host; returns them as an int32 numpy array.
+
+    Accepts a sequence, numpy array or jax.Array of integers, rank 1. Raises
+    `ValueError` naming `name` for a wrong rank or dtype, or an id outside
+    [0, num_pages).
+    """
+    if isinstance(page_ids, (jax.Array, np.ndarray)):
+        ids = np.asarray(page_ids)
+    else:
+        try:
+            ids = np.asarray(list(page_ids))
+        except TypeError as e:
+            raise ValueError(f"{name} must be a rank-1 sequence of ints, got {type(page_ids).__name__}") from e
+        if ids.size == 0:
+            ids = ids.astype(np.int32)
+    if ids.ndim != 1:
+        raise ValueError(f"{name} must have rank 1, got shape {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{name} must have an integer dtype, got {ids.dtype}")
+    if ids.size:
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= num_pages:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{name} contains {bad}, outside the valid range [0, {num_pages})")
+    return ids.astype(np.int32)
+
+
+def check_unique(ids: np.ndarray, *, name: str = "page_ids") -> None:
+    """Raise `ValueError` if `ids` repeats a value (a scatter's order would be undefined)."""
+    uniq, counts = np.unique(ids, return_counts=True)
+    if uniq.size != ids.size:
+        raise ValueError(f"{name} repeats {int(uniq[counts > 1][0])}: ids in one batch must be unique")
