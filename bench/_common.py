@@ -1,0 +1,63 @@
+"""Shared benchmark plumbing: device set-up, timing, conditions, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def setup_devices(n_cpu: int = 8) -> None:
+    """Simulate `n_cpu` CPU devices (ignored by GPU/TPU backends); call before any jax use."""
+    jax.config.update("jax_num_cpu_devices", n_cpu)
+
+
+def conditions() -> dict:
+    """What the numbers were measured on, printed beside every table."""
+    devices = jax.devices()
+    return {
+        "jax": jax.__version__,
+        "backend": devices[0].platform,
+        "device_kind": devices[0].device_kind,
+        "devices": len(devices),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+
+
+def median_seconds(fn, *, repeats: int = 7, warmup: int = 2) -> float:
+    """Median wall time of `fn()`; `fn` must block until its work is done."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def print_table(title: str, rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+    """rows: dicts; columns: (key, header, format spec)."""
+    print(f"\n{title}")
+    headers = [h for _, h, _ in columns]
+    cells = [[format(r[k], f) for k, _, f in columns] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    print("  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True)))
+    for c in cells:
+        print("  ".join(x.rjust(w) for x, w in zip(c, widths, strict=True)))
+
+
+def write_json(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
