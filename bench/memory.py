@@ -30,7 +30,9 @@ TP = 4
 def params_for(page_kib_per_shard: int) -> jaxkv.KVCacheParams:
     # bf16, 8 KV heads over TP 4 (2 per shard), head_dim 128, 16-token pages:
     # one layer is 16 KiB per shard, so layers sets the page size.
-    return jaxkv.KVCacheParams(jnp.bfloat16, n_kv_heads=8, head_dim=128, num_layers=page_kib_per_shard // 16, page_size=16)
+    return jaxkv.KVCacheParams(
+        jnp.bfloat16, n_kv_heads=8, head_dim=128, num_layers=page_kib_per_shard // 16, page_size=16
+    )
 
 
 def rss_bytes() -> int:
@@ -87,7 +89,9 @@ def bench_read_pages(mesh, page_kibs, batches, repeats) -> list[dict]:
             src = np.ones(nbytes, np.uint8)
             dst = np.empty_like(src)
             copy_s = _common.median_seconds(lambda src=src, dst=dst: np.copyto(dst, src), repeats=repeats)
-            read_s = _common.median_seconds(lambda ids=ids: unit.read_pages(ids).block_until_ready(), repeats=repeats)
+            read_s = _common.median_seconds(
+                lambda ids=ids, unit=unit: unit.read_pages(ids).block_until_ready(), repeats=repeats
+            )
             rows.append(
                 dict(
                     page_kib=unit.bytes_per_page / 1024,
