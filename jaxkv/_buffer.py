@@ -104,17 +104,13 @@ class KVCacheBuffer:
                     f"replicates_kv_across_tp=True needs a TP degree > 1, got {n_devices} device; "
                     f"a single-shard MLA cache is an ordinary (non-replicated) buffer"
                 )
-            self.tp_axis = None
-            self.tp_degree = n_devices
         else:
-            self.tp_axis = _tp_axis("values", values, spec)
-            self.tp_degree = mesh.shape[self.tp_axis]
-            if n_devices != self.tp_degree:
+            axis = _tp_axis("values", values, spec)
+            if n_devices != mesh.shape[axis]:
                 raise ValueError(
-                    f"values spans {n_devices} devices but its TP axis {self.tp_axis!r} has "
-                    f"{self.tp_degree}: every mesh axis other than TP must have size 1"
+                    f"values spans {n_devices} devices but its TP axis {axis!r} has "
+                    f"{mesh.shape[axis]}: every mesh axis other than TP must have size 1"
                 )
-        self.mesh: Mesh = mesh
         if scales is None:
             return
         scale_spec = _spec_entries("scales", scales)
@@ -149,6 +145,26 @@ class KVCacheBuffer:
         obj.replicates_kv_across_tp = replicates
         obj.values, obj.scales = children
         return obj
+
+    # -- layout, read from the sharding -------------------------------------
+    @property
+    def mesh(self) -> Mesh:
+        return self.values.sharding.mesh
+
+    @property
+    def tp_axis(self) -> str | None:
+        """The mesh axis sharding the heads; None when replicated."""
+        if self.replicates_kv_across_tp:
+            return None
+        axis = self.values.sharding.spec[HEADS_AXIS]
+        return axis[0] if isinstance(axis, tuple) else axis
+
+    @property
+    def tp_degree(self) -> int:
+        """Number of TP shards (devices) the cache spans."""
+        if self.replicates_kv_across_tp:
+            return self.values.sharding.num_devices
+        return self.mesh.shape[self.tp_axis]
 
     # -- shards and units --------------------------------------------------
     @property

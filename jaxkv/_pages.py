@@ -66,7 +66,8 @@ def scatter_page_bytes(shard: jax.Array, page_ids: jax.Array, page_bytes: jax.Ar
     else:
         pages = page_bytes.reshape(k, *shard.shape[1:], word.itemsize)
         pages = lax.bitcast_convert_type(pages, word)
-    words = words.at[page_ids].set(pages, unique_indices=True)
+    # Ids past the end (bucket padding) are dropped.
+    words = words.at[page_ids].set(pages, unique_indices=True, mode="drop")
     return lax.bitcast_convert_type(words, shard.dtype)
 
 

@@ -1,0 +1,321 @@
+"""`OffloadEngine`: batched page transfers between a device cache and a host page pool.
+
+The host pool is one `[num_host_pages, row_bytes]` uint8 array. A row (a
+*host slot*) holds one logical page: the bytes of that page in every unit
+(every shard of values and scales), side by side. A replicated (MLA) unit
+occupies its width once, not once per shard.
+
+```
+host row:  | values shard 0 | values shard 1 | ... | scales shard 0 | ... |
+             ^ unit_offsets[0] ^ unit_offsets[1]
+```
+
+Device to host (`d2h`) reads the pages of every unit; there are two paths:
+
+- ``"xla"`` (any backend; the default off CPU): one jitted gather per unit, the
+  bitcast to bytes fused into it, its output placed in host memory
+  (`memory_kind=host_memory_kind`) by XLA; the rows are copied into the pool
+  when the transfer completes.
+- ``"host"`` (CPU backend only; its default): a CPU device's memory *is* host
+  memory, so the pages are copied straight from a transient numpy view of the
+  shard into the pool rows, one `memcpy` per page. XLA:CPU's gather runs at a
+  fraction of `memcpy` speed (docs/benchmarks.md).
+
+Host to device (`h2d`) stages the rows per device and scatters them into the
+cache in one jitted, donated computation (`jax.shard_map` over each cache
+array): the cache is updated in place and the old buffer is dead afterwards.
+
+Batches are padded to power-of-two buckets, so each cache layout compiles at
+most 1 + log2(N) programs per direction for batches of 1..N pages.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxkv import _pages
+from jaxkv._buffer import KVCacheBuffer, MultiKVCacheBuffer
+from jaxkv._memory import KVCacheMemory
+from jaxkv._transfer import Transfer, completed
+
+D2H_PATHS = ("auto", "xla", "host")
+
+# Below this page width the per-page Python loop of the host path costs more
+# than a vectorized gather's extra pass (about 1 us per iteration against
+# ~16 GB/s copies measured here), so small pages use fancy indexing.
+_LOOP_MIN_PAGE_BYTES = 32 * 1024
+
+
+def bucket(n: int) -> int:
+    """The power-of-two batch size that `n` pages are padded to."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _layout_key(unit: KVCacheMemory) -> tuple:
+    return (
+        type(unit).__name__,
+        unit.kind,
+        unit.shard_index,
+        tuple(d.id for d in unit.devices),
+        unit.dtype.name,
+        unit.page_shape,
+        unit.total_num_pages,
+    )
+
+
+def _cache_leaves(buffer) -> list[tuple[KVCacheBuffer, jax.Array]]:
+    """(owning cache, array) for every values/scales array, in to_memory() order."""
+    children = buffer.children.values() if isinstance(buffer, MultiKVCacheBuffer) else [buffer]
+    return [(c, a) for c in children for a in (c.values, c.scales) if a is not None]
+
+
+class OffloadEngine:
+    """Moves pages of one cache between its devices and a host page pool."""
+
+    def __init__(
+        self,
+        source: KVCacheBuffer | MultiKVCacheBuffer | list[KVCacheMemory],
+        num_host_pages: int,
+        host_memory_kind: str = "pinned_host",
+        d2h_path: str = "auto",
+    ):
+        if isinstance(source, (KVCacheBuffer, MultiKVCacheBuffer)):
+            self._buffer = source
+            units = source.to_memory()
+        else:
+            self._buffer = None
+            units = list(source)
+        if not units or not all(isinstance(u, KVCacheMemory) for u in units):
+            raise ValueError("source must be a KVCacheBuffer, MultiKVCacheBuffer or a non-empty list of KVCacheMemory")
+        pages = {u.total_num_pages for u in units}
+        if len(pages) != 1:
+            counts = [u.total_num_pages for u in units]
+            raise ValueError(f"units must all have the same total_num_pages, got {counts}")
+        if isinstance(num_host_pages, bool) or not isinstance(num_host_pages, int) or num_host_pages < 1:
+            raise ValueError(f"num_host_pages must be a positive int, got {num_host_pages!r}")
+        if d2h_path not in D2H_PATHS:
+            raise ValueError(f"d2h_path must be one of {D2H_PATHS}, got {d2h_path!r}")
+        on_cpu = all(d.platform == "cpu" for u in units for d in u.devices)
+        if d2h_path == "host" and not on_cpu:
+            raise ValueError("d2h_path='host' needs every unit on a CPU device; use 'xla' on GPU/TPU")
+        kinds = {m.kind for u in units for d in u.devices for m in d.addressable_memories()}
+        if host_memory_kind not in kinds:
+            raise ValueError(f"host_memory_kind {host_memory_kind!r} is not a memory of these devices: {sorted(kinds)}")
+
+        self.d2h_path = ("host" if on_cpu else "xla") if d2h_path == "auto" else d2h_path
+        """The device-to-host path in use: 'xla' or 'host'."""
+        self.host_memory_kind = host_memory_kind
+        self.num_device_pages = pages.pop()
+        self.num_host_pages = num_host_pages
+        self._units = units
+        self._layout = [_layout_key(u) for u in units]
+        widths = [u.bytes_per_page for u in units]
+        self.unit_offsets = [int(x) for x in np.cumsum([0, *widths[:-1]])]
+        """Column where each unit's bytes start in a host row."""
+        self.row_bytes = int(sum(widths))
+        """Bytes of one host slot: one page of every unit."""
+        # np.zeros maps untouched pages lazily: the pool costs memory as it fills.
+        self.host_pool = np.zeros((num_host_pages, self.row_bytes), np.uint8)
+        """[num_host_pages, row_bytes] uint8: the host page pool."""
+        self._pending: list[Transfer] = []
+        self._h2d_fn = None
+        self._gather_fns: dict[jax.Device, object] = {}
+
+    # -- public API --------------------------------------------------------
+    @property
+    def units(self) -> list[KVCacheMemory]:
+        return list(self._units)
+
+    def d2h(self, device_page_ids, host_slots, *, buffer=None) -> Transfer:
+        """Copy device pages `device_page_ids` into host rows `host_slots`.
+
+        Reads the cache the engine last saw (the one it was built from or that
+        `h2d` returned), or `buffer` if given (the engine then tracks it). The
+        copy is ordered after whatever computation produced the pages: it
+        consumes the cache arrays, so JAX runs it after their producers.
+        """
+        units = self._bind(buffer) if buffer is not None else self._current_units()
+        ids, slots = self._check_batch(device_page_ids, host_slots)
+        self.flush()
+        nbytes = ids.size * self.row_bytes
+        if ids.size == 0:
+            return completed("d2h", 0, 0)
+        if self.d2h_path == "host":
+            self._d2h_host(units, ids, slots)
+            return completed("d2h", ids.size, nbytes)
+        return self._d2h_xla(units, ids, slots, nbytes)
+
+    def h2d(self, buffer, host_slots, device_page_ids) -> tuple[KVCacheBuffer | MultiKVCacheBuffer, Transfer]:
+        """Write host rows `host_slots` into device pages `device_page_ids` of `buffer`.
+
+        `buffer` is donated: the update is in place and `buffer` must not be
+        used afterwards. Returns the new cache and the transfer. Replicated
+        units are written to every shard. Bit-exact.
+        """
+        self._check_buffer(buffer)
+        ids, slots = self._check_batch(device_page_ids, host_slots)
+        self.flush()
+        if ids.size == 0:
+            return buffer, completed("h2d", 0, 0)
+        kb = bucket(ids.size)
+        # Padding ids point past the cache, so the scatter drops them; all distinct.
+        padded_ids = np.concatenate([ids, self.num_device_pages + np.arange(kb - ids.size, dtype=np.int32)])
+        padded_slots = np.concatenate([slots, np.full(kb - ids.size, slots[0], np.int32)])
+        leaves = _cache_leaves(buffer)
+        rows, units, nbytes = [], iter(zip(self._units, self.unit_offsets, strict=True)), 0
+        for cache, array in leaves:
+            n_units = 1 if cache.replicates_kv_across_tp else cache.tp_degree
+            leaf_units = [next(units) for _ in range(n_units)]
+            rows.append(self._stage_rows(cache, array, leaf_units, padded_slots))
+            nbytes += ids.size * sum(u.bytes_per_page * len(u.devices) for u, _ in leaf_units)
+        if self._h2d_fn is None:
+            self._h2d_fn = _build_h2d([(c, a) for c, a in leaves])
+        new_arrays = self._h2d_fn([a for _, a in leaves], rows, padded_ids)
+        new_buffer = jax.tree.unflatten(jax.tree.structure(buffer), new_arrays)
+        self._buffer = new_buffer
+        self._units = new_buffer.to_memory()
+        return new_buffer, Transfer("h2d", ids.size, nbytes, arrays=new_arrays)
+
+    def flush(self) -> None:
+        """Complete every pending device-to-host transfer (rows into the pool)."""
+        pending, self._pending = self._pending, []
+        for t in pending:
+            t.synchronize()
+
+    def read_host(self, host_slots) -> np.ndarray:
+        """A copy of host rows `host_slots`: [len(host_slots), row_bytes] uint8."""
+        slots = _pages.check_page_ids(host_slots, self.num_host_pages, name="host_slots")
+        self.flush()
+        return self.host_pool[slots]
+
+    def write_host(self, host_slots, rows) -> None:
+        """Fill host rows `host_slots` with `rows` ([len(host_slots), row_bytes] uint8)."""
+        slots = _pages.check_page_ids(host_slots, self.num_host_pages, name="host_slots")
+        _pages.check_unique(slots, name="host_slots")
+        rows = np.asarray(rows)
+        if rows.dtype != np.uint8 or rows.shape != (slots.size, self.row_bytes):
+            raise ValueError(
+                f"rows must be uint8 of shape {(slots.size, self.row_bytes)} (len(host_slots), row_bytes), "
+                f"got {rows.dtype} of shape {rows.shape}"
+            )
+        self.flush()
+        self.host_pool[slots] = rows
+
+    # -- validation --------------------------------------------------------
+    def _check_batch(self, device_page_ids, host_slots) -> tuple[np.ndarray, np.ndarray]:
+        ids = _pages.check_page_ids(device_page_ids, self.num_device_pages, name="device_page_ids")
+        slots = _pages.check_page_ids(host_slots, self.num_host_pages, name="host_slots")
+        if ids.size != slots.size:
+            raise ValueError(
+                f"device_page_ids has {ids.size} entries but host_slots has {slots.size}: "
+                f"they pair up one to one and must have the same length"
+            )
+        _pages.check_unique(ids, name="device_page_ids")
+        _pages.check_unique(slots, name="host_slots")
+        return ids, slots
+
+    def _check_buffer(self, buffer) -> list[KVCacheMemory]:
+        if not isinstance(buffer, (KVCacheBuffer, MultiKVCacheBuffer)):
+            raise ValueError(f"buffer must be a KVCacheBuffer or MultiKVCacheBuffer, got {type(buffer).__name__}")
+        if any(a.is_deleted() for _, a in _cache_leaves(buffer)):
+            raise ValueError("buffer has been donated (its arrays are deleted); pass the cache the last call returned")
+        units = buffer.to_memory()
+        layout = [_layout_key(u) for u in units]
+        if layout != self._layout:
+            for i, (got, want) in enumerate(zip(layout, self._layout, strict=False)):
+                if got != want:
+                    raise ValueError(f"buffer layout differs from the engine's at unit {i}: got {got}, expected {want}")
+            raise ValueError(f"buffer has {len(layout)} units, the engine was built for {len(self._layout)}")
+        return units
+
+    def _bind(self, buffer) -> list[KVCacheMemory]:
+        self._units = self._check_buffer(buffer)
+        self._buffer = buffer
+        return self._units
+
+    def _current_units(self) -> list[KVCacheMemory]:
+        if any(u.shard.is_deleted() for u in self._units):
+            raise ValueError(
+                "the cache this engine last saw has been donated to another computation; "
+                "pass the current cache as d2h(..., buffer=cache)"
+            )
+        return self._units
+
+    # -- device to host ----------------------------------------------------
+    def _d2h_host(self, units, ids, slots) -> None:
+        for unit, offset in zip(units, self.unit_offsets, strict=True):
+            # A transient, zero-copy view; it blocks until the shard's producer
+            # finished and is dropped before returning (a live numpy view would
+            # disable donation of the cache).
+            view = np.asarray(unit.shard).reshape(unit.total_num_pages, -1).view(np.uint8)
+            dst = self.host_pool[:, offset : offset + unit.bytes_per_page]
+            if unit.bytes_per_page >= _LOOP_MIN_PAGE_BYTES:
+                for slot, page in zip(slots.tolist(), ids.tolist(), strict=True):
+                    dst[slot] = view[page]
+            else:
+                dst[slots] = view[ids]
+            del view, dst
+
+    def _gather_fn(self, device: jax.Device):
+        fn = self._gather_fns.get(device)
+        if fn is None:
+            host = SingleDeviceSharding(device, memory_kind=self.host_memory_kind)
+            fn = self._gather_fns[device] = jax.jit(_pages.gather_page_bytes, out_shardings=host)
+        return fn
+
+    def _d2h_xla(self, units, ids, slots, nbytes) -> Transfer:
+        kb = bucket(ids.size)
+        padded = np.concatenate([ids, np.full(kb - ids.size, ids[0], np.int32)])
+        outs = [self._gather_fn(u.device)(u.shard, padded) for u in units]
+
+        def place():
+            for out, unit, offset in zip(outs, units, self.unit_offsets, strict=True):
+                self.host_pool[slots, offset : offset + unit.bytes_per_page] = np.asarray(out)[: ids.size]
+
+        transfer = Transfer("d2h", ids.size, nbytes, arrays=outs, on_complete=place)
+        self._pending.append(transfer)
+        return transfer
+
+    # -- host to device ----------------------------------------------------
+    def _stage_rows(self, cache: KVCacheBuffer, array: jax.Array, units, slots) -> jax.Array:
+        """Rows of `units` ((unit, offset) pairs) for host `slots`, as one global array.
+
+        Sharded: [len(units) * k, bytes_per_page] split over the TP axis, shard
+        i's rows on device i. Replicated: [k, bytes_per_page] on every device.
+        """
+        pieces = []
+        for unit, offset in units:
+            staged = self.host_pool[slots, offset : offset + unit.bytes_per_page]  # one gather pass
+            pieces.extend(jax.device_put(staged, d) for d in unit.devices)
+        width = units[0][0].bytes_per_page
+        if cache.replicates_kv_across_tp:
+            sharding = NamedSharding(array.sharding.mesh, P())
+            return jax.make_array_from_single_device_arrays((slots.size, width), sharding, pieces)
+        sharding = NamedSharding(array.sharding.mesh, P(cache.tp_axis, None))
+        return jax.make_array_from_single_device_arrays((slots.size * len(units), width), sharding, pieces)
+
+
+def _build_h2d(leaves: list[tuple[KVCacheBuffer, jax.Array]]):
+    """One jitted, donated computation that scatters staged rows into every cache array."""
+    specs = []
+    for cache, array in leaves:
+        rows_spec = P() if cache.replicates_kv_across_tp else P(cache.tp_axis, None)
+        specs.append((array.sharding.mesh, array.sharding.spec, rows_spec))
+
+    def scatter_all(arrays, rows, ids):
+        out = []
+        for (mesh, spec, rows_spec), array, r in zip(specs, arrays, rows, strict=True):
+            scatter = jax.shard_map(
+                _pages.scatter_page_bytes,
+                mesh=mesh,
+                in_specs=(spec, P(), rows_spec),
+                out_specs=spec,
+                check_vma=False,
+            )
+            out.append(scatter(array, ids, r))
+        return out
+
+    return jax.jit(scatter_all, donate_argnums=0)
