@@ -46,7 +46,7 @@ D2H_PATHS = ("auto", "xla", "host")
 # Below this page width the per-page Python loop of the host path costs more
 # than a vectorized gather's extra pass (about 1 us per iteration against
 # ~16 GB/s copies measured here), so small pages use fancy indexing.
-_LOOP_MIN_PAGE_BYTES = 32 * 1024
+_LOOP_MIN_PAGE_BYTES = 16 * 1024
 
 
 def bucket(n: int) -> int:
@@ -117,10 +117,12 @@ class OffloadEngine:
         """Column where each unit's bytes start in a host row."""
         self.row_bytes = int(sum(widths))
         """Bytes of one host slot: one page of every unit."""
-        # np.zeros maps untouched pages lazily: the pool costs memory as it fills.
-        self.host_pool = np.zeros((num_host_pages, self.row_bytes), np.uint8)
+        self.host_pool = _aligned_zeros((num_host_pages, self.row_bytes))
         """[num_host_pages, row_bytes] uint8: the host page pool."""
         self._pending: list[Transfer] = []
+        self.h2d_path = "pool" if _pages.native_enabled([d for u in units for d in u.devices]) else "staged"
+        """The host-to-device path: 'pool' (native, straight from the pool rows) or 'staged'."""
+        self._pool_arrays = None
         self._h2d_fn = None
         self._gather_fns: dict[jax.Device, object] = {}
 
@@ -165,22 +167,24 @@ class OffloadEngine:
         padded_ids = np.concatenate([ids, self.num_device_pages + np.arange(kb - ids.size, dtype=np.int32)])
         padded_slots = np.concatenate([slots, np.full(kb - ids.size, slots[0], np.int32)])
         leaves = _cache_leaves(buffer)
-        rows, units, nbytes = [], iter(zip(self._units, self.unit_offsets, strict=True)), 0
-        for cache, array in leaves:
-            n_units = 1 if cache.replicates_kv_across_tp else cache.tp_degree
-            leaf_units = [next(units) for _ in range(n_units)]
-            rows.append(self._stage_rows(cache, array, leaf_units, padded_slots))
-            nbytes += ids.size * sum(u.bytes_per_page * len(u.devices) for u, _ in leaf_units)
+        groups = self._leaf_groups(leaves)
         if self._h2d_fn is None:
-            self._h2d_fn = _build_h2d([(c, a) for c, a in leaves])
-        new_arrays = self._h2d_fn([a for _, a in leaves], rows, padded_ids)
+            self._h2d_fn = _build_h2d(leaves, self.h2d_path)
+        if self.h2d_path == "pool":
+            sources = self._pool_sources(leaves, groups)
+        else:
+            sources = [self._stage_rows(c, a, g, padded_slots) for (c, a), g in zip(leaves, groups, strict=True)]
+        new_arrays = self._h2d_fn([a for _, a in leaves], sources, padded_ids, padded_slots)
         new_buffer = jax.tree.unflatten(jax.tree.structure(buffer), new_arrays)
         self._buffer = new_buffer
         self._units = new_buffer.to_memory()
-        return new_buffer, Transfer("h2d", ids.size, nbytes, arrays=new_arrays)
+        nbytes = ids.size * sum(u.bytes_per_page * len(u.devices) for u in self._units)
+        transfer = Transfer("h2d", ids.size, nbytes, arrays=new_arrays)
+        self._pending.append(transfer)  # the pool rows it reads must not change before it ends
+        return new_buffer, transfer
 
     def flush(self) -> None:
-        """Complete every pending device-to-host transfer (rows into the pool)."""
+        """Complete every pending transfer: offloads land in the pool, loads stop reading it."""
         pending, self._pending = self._pending, []
         for t in pending:
             t.synchronize()
@@ -256,14 +260,15 @@ class OffloadEngine:
                 for slot, page in zip(slots.tolist(), ids.tolist(), strict=True):
                     dst[slot] = view[page]
             else:
-                dst[slots] = view[ids]
+                dst[slots] = view[ids]  # small pages: per-row Python overhead would dominate
             del view, dst
 
     def _gather_fn(self, device: jax.Device):
         fn = self._gather_fns.get(device)
         if fn is None:
             host = SingleDeviceSharding(device, memory_kind=self.host_memory_kind)
-            fn = self._gather_fns[device] = jax.jit(_pages.gather_page_bytes, out_shardings=host)
+            gather, _ = _pages.kernels([device])
+            fn = self._gather_fns[device] = jax.jit(gather, out_shardings=host)
         return fn
 
     def _d2h_xla(self, units, ids, slots, nbytes) -> Transfer:
@@ -280,42 +285,121 @@ class OffloadEngine:
         return transfer
 
     # -- host to device ----------------------------------------------------
-    def _stage_rows(self, cache: KVCacheBuffer, array: jax.Array, units, slots) -> jax.Array:
-        """Rows of `units` ((unit, offset) pairs) for host `slots`, as one global array.
+    def _leaf_groups(self, leaves) -> list[list[tuple[KVCacheMemory, int]]]:
+        """(unit, host-row offset) pairs of each cache array, in to_memory() order."""
+        pairs = iter(zip(self._units, self.unit_offsets, strict=True))
+        return [[next(pairs) for _ in range(1 if c.replicates_kv_across_tp else c.tp_degree)] for c, _ in leaves]
 
-        Sharded: [len(units) * k, bytes_per_page] split over the TP axis, shard
-        i's rows on device i. Replicated: [k, bytes_per_page] on every device.
+    def _pool_sources(self, leaves, groups) -> list[tuple[jax.Array, jax.Array]]:
+        """Per cache array: (the pool on every device, each shard's row offset), zero-copy.
+
+        On CPU an aligned numpy array is placed on a device without a copy, so
+        the native scatter reads page bytes straight out of the pool rows.
+        Built once; the arrays alias `host_pool`.
+        """
+        if self._pool_arrays is None:
+            self._pool_arrays = []
+            for (cache, array), group in zip(leaves, groups, strict=True):
+                mesh = array.sharding.mesh
+                devices = [d for unit, _ in group for d in unit.devices]
+                pools = [jax.device_put(self.host_pool, d) for d in devices]
+                if any(p.unsafe_buffer_pointer() != self.host_pool.ctypes.data for p in pools):
+                    raise RuntimeError("host pool was copied onto a device; the 'pool' h2d path needs zero-copy")
+                offsets = [np.array([off], np.int32) for unit, off in group for _ in unit.devices]
+                offsets = [jax.device_put(o, d) for o, d in zip(offsets, devices, strict=True)]
+                n = len(devices) if not cache.replicates_kv_across_tp else 1
+                spec = P() if cache.replicates_kv_across_tp else P(cache.tp_axis, None)
+                off_spec = P() if cache.replicates_kv_across_tp else P(cache.tp_axis)
+                pool = jax.make_array_from_single_device_arrays(
+                    (n * self.num_host_pages, self.row_bytes), NamedSharding(mesh, spec), pools
+                )
+                off = jax.make_array_from_single_device_arrays((n,), NamedSharding(mesh, off_spec), offsets)
+                self._pool_arrays.append((pool, off))
+        return self._pool_arrays
+
+    def _stage_rows(self, cache: KVCacheBuffer, array: jax.Array, group, slots) -> jax.Array:
+        """Rows of `group` ((unit, offset) pairs) for host `slots`, as one global array.
+
+        Sharded: [len(group) * k, bytes_per_page] split over the TP axis, shard
+        i's rows on device i. Replicated: [k, bytes_per_page] on every device,
+        staged once.
         """
         pieces = []
-        for unit, offset in units:
-            staged = self.host_pool[slots, offset : offset + unit.bytes_per_page]  # one gather pass
+        for unit, offset in group:
+            staged = _aligned_empty((slots.size, unit.bytes_per_page))
+            _copy_rows(self.host_pool[:, offset : offset + unit.bytes_per_page], slots, staged)
             pieces.extend(jax.device_put(staged, d) for d in unit.devices)
-        width = units[0][0].bytes_per_page
+        width = group[0][0].bytes_per_page
         if cache.replicates_kv_across_tp:
             sharding = NamedSharding(array.sharding.mesh, P())
             return jax.make_array_from_single_device_arrays((slots.size, width), sharding, pieces)
         sharding = NamedSharding(array.sharding.mesh, P(cache.tp_axis, None))
-        return jax.make_array_from_single_device_arrays((slots.size * len(units), width), sharding, pieces)
+        return jax.make_array_from_single_device_arrays((slots.size * len(group), width), sharding, pieces)
 
 
-def _build_h2d(leaves: list[tuple[KVCacheBuffer, jax.Array]]):
-    """One jitted, donated computation that scatters staged rows into every cache array."""
-    specs = []
+# XLA:CPU places a host array on a device without copying only when its data
+# is aligned to this many bytes (measured: a 64-byte-aligned numpy array keeps
+# its pointer through jax.device_put, a 16-byte-aligned one is copied).
+_ALIGN = 64
+
+
+def _aligned_empty(shape) -> np.ndarray:
+    n = int(np.prod(shape))
+    raw = np.empty(n + _ALIGN, np.uint8)
+    start = (-raw.ctypes.data) % _ALIGN
+    return raw[start : start + n].reshape(shape)
+
+
+def _aligned_zeros(shape) -> np.ndarray:
+    # np.zeros maps untouched pages lazily: the pool costs memory as it fills.
+    n = int(np.prod(shape))
+    raw = np.zeros(n + _ALIGN, np.uint8)
+    start = (-raw.ctypes.data) % _ALIGN
+    return raw[start : start + n].reshape(shape)
+
+
+def _copy_rows(src: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+    """out[i] = src[rows[i]]: a memcpy per row when rows are wide, else one vectorized take."""
+    if src.shape[1] >= _LOOP_MIN_PAGE_BYTES:
+        for i, r in enumerate(rows.tolist()):
+            out[i] = src[r]
+    else:
+        np.take(src, rows, axis=0, out=out)
+
+
+def _build_h2d(leaves: list[tuple[KVCacheBuffer, jax.Array]], path: str):
+    """One jitted, donated computation that writes page bytes into every cache array.
+
+    path 'pool': sources are (host pool, row offsets) per array and the native
+    kernel copies rows straight from the pool. path 'staged': sources are
+    staged rows per array and the backend's scatter kernel writes them.
+    """
+    devices = [d for _, a in leaves for d in a.sharding.device_set]
+    _, scatter = _pages.kernels(devices)
+    bodies = []
     for cache, array in leaves:
+        spec = array.sharding.spec
         rows_spec = P() if cache.replicates_kv_across_tp else P(cache.tp_axis, None)
-        specs.append((array.sharding.mesh, array.sharding.spec, rows_spec))
-
-    def scatter_all(arrays, rows, ids):
-        out = []
-        for (mesh, spec, rows_spec), array, r in zip(specs, arrays, rows, strict=True):
-            scatter = jax.shard_map(
-                _pages.scatter_page_bytes,
-                mesh=mesh,
-                in_specs=(spec, P(), rows_spec),
+        off_spec = P() if cache.replicates_kv_across_tp else P(cache.tp_axis)
+        if path == "pool":
+            body = jax.shard_map(
+                lambda shard, ids, src, slots: _pages.scatter_page_bytes_from_pool(shard, ids, src[0], slots, src[1]),
+                mesh=array.sharding.mesh,
+                in_specs=(spec, P(), (rows_spec, off_spec), P()),
                 out_specs=spec,
                 check_vma=False,
             )
-            out.append(scatter(array, ids, r))
-        return out
+        else:
+            body = jax.shard_map(
+                lambda shard, ids, rows, slots: scatter(shard, ids, rows),
+                mesh=array.sharding.mesh,
+                in_specs=(spec, P(), rows_spec, P()),
+                out_specs=spec,
+                check_vma=False,
+            )
+        bodies.append(body)
 
-    return jax.jit(scatter_all, donate_argnums=0)
+    def write_all(arrays, sources, ids, slots):
+        return [body(a, ids, src, slots) for body, a, src in zip(bodies, arrays, sources, strict=True)]
+
+    return jax.jit(write_all, donate_argnums=0)

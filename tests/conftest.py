@@ -5,3 +5,18 @@ import jax
 # Must run before the backend starts: conftest is imported before any test module.
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", "cpu")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(params=["native", "xla"])
+def kernels(request, monkeypatch):
+    """Run a test with the native CPU page kernels and with the pure-XLA ones (what GPUs/TPUs use)."""
+    from jaxkv import _pages
+
+    if request.param == "xla":
+        monkeypatch.setattr(_pages, "native_enabled", lambda devices: False)
+    elif not _pages.native_enabled(jax.devices()):
+        pytest.skip("native CPU kernels unavailable (no C++ compiler)")
+    return request.param

@@ -26,6 +26,22 @@ def page_bytes(array: jax.Array, page: int) -> np.ndarray:
 @pytest.mark.parametrize("tp", TP_DEGREES)
 @pytest.mark.parametrize(("dtype", "scale_dtype"), DTYPES)
 def test_round_trip_is_bit_exact(dtype, scale_dtype, tp, mla, path):
+    check_round_trip(dtype, scale_dtype, tp, mla, path)
+
+
+@pytest.mark.parametrize("mla", [False, True], ids=["mha", "mla"])
+@pytest.mark.parametrize("tp", [1, 4])
+@pytest.mark.parametrize(("dtype", "scale_dtype"), DTYPES)
+def test_round_trip_is_bit_exact_with_xla_kernels(dtype, scale_dtype, tp, mla, monkeypatch):
+    """The pure-XLA kernels (GPU/TPU) keep every bit too, NaN payloads included."""
+    from jaxkv import _pages
+
+    monkeypatch.setattr(_pages, "native_enabled", lambda devices: False)
+    engine = check_round_trip(dtype, scale_dtype, tp, mla, "xla")
+    assert engine.h2d_path == "staged"
+
+
+def check_round_trip(dtype, scale_dtype, tp, mla, path) -> OffloadEngine:
     params = make_params(dtype, scale_dtype, mla)
     src, values, scales = random_buffer(params, tp, num_pages=8, seed=tp)
     engine = OffloadEngine(src, num_host_pages=6, d2h_path=path)
@@ -50,13 +66,15 @@ def test_round_trip_is_bit_exact(dtype, scale_dtype, tp, mla, path):
         # Every shard holds exactly its part; an MLA page lands identical on every shard.
         for shard in array.addressable_shards:
             chex.assert_trees_all_equal(as_bytes(shard.data), as_bytes(want[shard.index]))
+    return engine
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_h2d_donates_and_updates_in_place(path):
+def test_h2d_donates_and_updates_in_place(path, kernels):
     params = make_params("bfloat16", None, mla=False)
     src, _, _ = random_buffer(params, 4, 8)
     engine = OffloadEngine(src, 4, d2h_path=path)
+    assert engine.h2d_path == ("pool" if kernels == "native" else "staged")
     engine.d2h([1, 2], [0, 3]).synchronize()
     dst = allocate_buffer(params, tp_mesh(4), 8)
     pointers = [s.data.unsafe_buffer_pointer() for s in dst.values.addressable_shards]
@@ -107,7 +125,7 @@ def test_d2h_needs_the_current_cache_after_donation():
         engine.d2h([0], [0])
 
 
-def test_bucketed_batches_compile_at_most_1_plus_log2_n_times():
+def test_bucketed_batches_compile_at_most_1_plus_log2_n_times(kernels):
     params = make_params("bfloat16", None, mla=False)
     cache, _, _ = random_buffer(params, 2, 32)
     engine = OffloadEngine(cache, 32, d2h_path="xla")
@@ -143,7 +161,7 @@ def test_transfer_handles():
     assert empty.is_complete() and empty.num_pages == 0
 
 
-def test_multi_buffer_round_trip():
+def test_multi_buffer_round_trip(kernels):
     target, tv, _ = random_buffer(make_params("float8_e4m3fn", "float32", mla=False), 2, 6)
     draft, dv, _ = random_buffer(make_params("bfloat16", None, mla=True), 2, 6, seed=3)
     multi = MultiKVCacheBuffer({"target": target, "draft": draft})
@@ -215,6 +233,23 @@ def test_engine_construction_errors():
         OffloadEngine(a, 4, host_memory_kind="hbm")
     with pytest.raises(ValueError, match="source must be a KVCacheBuffer"):
         OffloadEngine([], 4)
+
+
+def test_load_sees_host_rows_written_after_earlier_loads():
+    """The pool is shared with in-flight loads (zero-copy on CPU): later writes must not leak into them."""
+    params = make_params("bfloat16", None, mla=True)
+    cache, _, _ = random_buffer(params, 2, 4)
+    engine = OffloadEngine(cache, 2)
+    rng = np.random.default_rng(5)
+    for _ in range(3):
+        rows = rng.integers(0, 256, (2, engine.row_bytes), dtype=np.uint8)
+        engine.write_host([0, 1], rows)
+        cache, t = engine.h2d(cache, [1, 0], [2, 3])
+        engine.write_host([0, 1], np.zeros_like(rows))  # waits for the load first
+        t.synchronize()
+        for shard in cache.values.addressable_shards:
+            chex.assert_trees_all_equal(as_bytes(np.asarray(shard.data)[2]), rows[1])
+            chex.assert_trees_all_equal(as_bytes(np.asarray(shard.data)[3]), rows[0])
 
 
 def test_engine_from_units_and_unpinned_host():

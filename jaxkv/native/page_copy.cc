@@ -1,0 +1,135 @@
+// jaxkv page kernels for XLA:CPU, called through the XLA FFI.
+//
+// A CPU device's memory is host memory, and a page of a shard is one
+// contiguous run of bytes (the page axis is outermost). Moving a page is
+// therefore one memcpy, whatever the dtype: no float op ever touches the
+// bytes. XLA:CPU's own gather/scatter runs element by element and converts
+// bfloat16 / float8_e5m2 through float32 (which quiets signalling NaNs), so
+// these kernels replace it on CPU.
+
+#include <cstdint>
+#include <cstring>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Bytes of one page of `cache` ([num_pages, ...]).
+size_t PageBytes(const ffi::AnyBuffer& cache) {
+  auto dims = cache.dimensions();
+  if (dims.size() == 0 || dims[0] == 0) return 0;
+  return cache.size_bytes() / static_cast<size_t>(dims[0]);
+}
+
+// rows[i] = bytes of page ids[i]; ids outside [0, num_pages) give zero rows.
+ffi::Error PageGather(ffi::AnyBuffer cache, ffi::Buffer<ffi::S32> ids,
+                      ffi::ResultBuffer<ffi::U8> rows) {
+  const int64_t num_pages = cache.dimensions()[0];
+  const size_t page_bytes = PageBytes(cache);
+  const int64_t k = static_cast<int64_t>(ids.element_count());
+  auto rdims = rows->dimensions();
+  if (rdims.size() != 2 || rdims[0] != k ||
+      static_cast<size_t>(rdims[1]) != page_bytes) {
+    return ffi::Error::InvalidArgument("jaxkv_page_gather: rows must be [len(ids), page_bytes]");
+  }
+  const auto* src = static_cast<const uint8_t*>(cache.untyped_data());
+  auto* dst = rows->typed_data();
+  const int32_t* id = ids.typed_data();
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t p = id[i];
+    if (p < 0 || p >= num_pages) {
+      std::memset(dst + i * page_bytes, 0, page_bytes);
+    } else {
+      std::memcpy(dst + i * page_bytes, src + p * page_bytes, page_bytes);
+    }
+  }
+  return ffi::Error::Success();
+}
+
+// out = cache with page ids[i] replaced by rows[i]; ids outside
+// [0, num_pages) are skipped (bucket padding). `out` aliases `cache` when the
+// caller donates it, making the update in place.
+ffi::Error PageScatter(ffi::AnyBuffer cache, ffi::Buffer<ffi::S32> ids,
+                       ffi::Buffer<ffi::U8> rows, ffi::Result<ffi::AnyBuffer> out) {
+  const int64_t num_pages = cache.dimensions()[0];
+  const size_t page_bytes = PageBytes(cache);
+  const int64_t k = static_cast<int64_t>(ids.element_count());
+  auto rdims = rows.dimensions();
+  if (rdims.size() != 2 || rdims[0] != k ||
+      static_cast<size_t>(rdims[1]) != page_bytes) {
+    return ffi::Error::InvalidArgument("jaxkv_page_scatter: rows must be [len(ids), page_bytes]");
+  }
+  auto* dst = static_cast<uint8_t*>(out->untyped_data());
+  const auto* src = static_cast<const uint8_t*>(cache.untyped_data());
+  if (dst != src) std::memcpy(dst, src, cache.size_bytes());  // not donated: copy first
+  const uint8_t* r = rows.typed_data();
+  const int32_t* id = ids.typed_data();
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t p = id[i];
+    if (p < 0 || p >= num_pages) continue;
+    std::memcpy(dst + p * page_bytes, r + i * page_bytes, page_bytes);
+  }
+  return ffi::Error::Success();
+}
+
+// Like PageScatter, but page ids[i] comes from bytes [offset, offset + page_bytes)
+// of row slots[i] of `pool` ([num_rows, row_bytes]): a host page pool whose rows
+// hold one page of several shards side by side. Reading straight from the pool
+// saves the staging copy.
+ffi::Error PageScatterFromPool(ffi::AnyBuffer cache, ffi::Buffer<ffi::S32> ids,
+                               ffi::Buffer<ffi::U8> pool, ffi::Buffer<ffi::S32> slots,
+                               ffi::Buffer<ffi::S32> offset, ffi::Result<ffi::AnyBuffer> out) {
+  const int64_t num_pages = cache.dimensions()[0];
+  const size_t page_bytes = PageBytes(cache);
+  const int64_t k = static_cast<int64_t>(ids.element_count());
+  auto pdims = pool.dimensions();
+  if (pdims.size() != 2 || static_cast<int64_t>(slots.element_count()) != k ||
+      offset.element_count() != 1) {
+    return ffi::Error::InvalidArgument("jaxkv_page_scatter_from_pool: bad pool/slots/offset shapes");
+  }
+  const int64_t num_rows = pdims[0];
+  const size_t row_bytes = static_cast<size_t>(pdims[1]);
+  const int64_t off = offset.typed_data()[0];
+  if (off < 0 || static_cast<size_t>(off) + page_bytes > row_bytes) {
+    return ffi::Error::InvalidArgument("jaxkv_page_scatter_from_pool: offset + page_bytes exceeds row_bytes");
+  }
+  auto* dst = static_cast<uint8_t*>(out->untyped_data());
+  const auto* src = static_cast<const uint8_t*>(cache.untyped_data());
+  if (dst != src) std::memcpy(dst, src, cache.size_bytes());
+  const uint8_t* rows = pool.typed_data();
+  const int32_t* id = ids.typed_data();
+  const int32_t* slot = slots.typed_data();
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t p = id[i];
+    const int64_t s = slot[i];
+    if (p < 0 || p >= num_pages || s < 0 || s >= num_rows) continue;
+    std::memcpy(dst + p * page_bytes, rows + s * row_bytes + off, page_bytes);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxkv_page_gather, PageGather,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::U8>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxkv_page_scatter, PageScatter,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxkv_page_scatter_from_pool, PageScatterFromPool,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>());
