@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -33,6 +34,19 @@ def conditions() -> dict:
     }
 
 
+def git_state() -> str:
+    """The commit the benchmark ran on, '+dirty' when the tree has uncommitted changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def median_seconds(fn, *, repeats: int = 7, warmup: int = 2) -> float:
     """Median wall time of `fn()`; `fn` must block until its work is done."""
     for _ in range(warmup):
@@ -46,10 +60,10 @@ def median_seconds(fn, *, repeats: int = 7, warmup: int = 2) -> float:
 
 
 def print_table(title: str, rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
-    """rows: dicts; columns: (key, header, format spec)."""
+    """rows: dicts; columns: (key, header, format spec). A missing or None value prints as '-'."""
     print(f"\n{title}")
     headers = [h for _, h, _ in columns]
-    cells = [[format(r[k], f) for k, _, f in columns] for r in rows]
+    cells = [["-" if r.get(k) is None else format(r[k], f) for k, _, f in columns] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
     print("  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True)))
     for c in cells:

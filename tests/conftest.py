@@ -13,10 +13,10 @@ import pytest  # noqa: E402
 @pytest.fixture(params=["native", "xla"])
 def kernels(request, monkeypatch):
     """Run a test with the native CPU page kernels and with the pure-XLA ones (what GPUs/TPUs use)."""
-    from jaxkv import _pages
+    from jaxkv import native
 
     if request.param == "xla":
-        monkeypatch.setattr(_pages, "native_enabled", lambda devices: False)
-    elif not _pages.native_enabled(jax.devices()):
+        monkeypatch.setattr(native, "available", lambda: False)
+    elif not native.available():
         pytest.skip("native CPU kernels unavailable (no C++ compiler)")
     return request.param

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import jax
 import jaxlib
+import numpy as np
 
 SOURCE = Path(__file__).with_name("page_copy.cc")
 TARGETS = ("jaxkv_page_gather", "jaxkv_page_scatter", "jaxkv_page_scatter_from_pool")
@@ -57,16 +58,39 @@ def _build() -> Path:
 
 
 @functools.cache
-def available() -> bool:
-    """Whether the native CPU kernels are built and registered (built on first call)."""
+def _library() -> ctypes.CDLL | None:
     if os.environ.get("JAXKV_NATIVE", "1") == "0":
-        return False
+        return None
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build()))
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
         warnings.warn(f"jaxkv: native CPU page kernels unavailable, using XLA kernels: {detail[:500]}", stacklevel=2)
-        return False
+        return None
     for name in TARGETS:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
-    return True
+    lib.jaxkv_copy_rows.restype = None
+    lib.jaxkv_copy_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+    lib.jaxkv_copy_rows.argtypes += [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    return lib
+
+
+def available() -> bool:
+    """Whether the native CPU kernels are built and registered (built on first call)."""
+    return _library() is not None
+
+
+def copy_rows(dst: np.ndarray, dst_rows: np.ndarray, src: np.ndarray, src_rows: np.ndarray) -> None:
+    """dst[dst_rows[i]] = src[src_rows[i]] for 2-D uint8 arrays whose rows are contiguous.
+
+    `dst` and `src` may be column slices of wider arrays (row strides differ
+    from the width); rows are int32 and in range (the caller validated them).
+    """
+    lib = _library()
+    width = dst.shape[1]
+    assert src.shape[1] == width and dst.strides[1] == src.strides[1] == 1
+    assert dst.flags.writeable and dst_rows.dtype == src_rows.dtype == np.int32 and dst_rows.size == src_rows.size
+    d, s = np.ascontiguousarray(dst_rows), np.ascontiguousarray(src_rows)
+    lib.jaxkv_copy_rows(
+        dst.ctypes.data, dst.strides[0], src.ctypes.data, src.strides[0], width, d.ctypes.data, s.ctypes.data, d.size
+    )
