@@ -224,6 +224,10 @@ def bench_one(layout: str, mesh, tp: int, row_bytes: int, k: int, *, quick: bool
         cache_mib=params.bytes_per_page(tp) * num_pages / MIB,
     )
     r["copy_gbps"] = gbps(nbytes, numpy_copy_seconds(nbytes, quick))
+    # A replicated (MLA) load writes each page to every TP shard: its limit is
+    # copying tp times the page bytes, expressed per page byte like the rest.
+    writes = tp if params.replicated(tp) else 1
+    r["copy_h2d_gbps"] = r["copy_gbps"] if writes == 1 else gbps(nbytes, numpy_copy_seconds(writes * nbytes, quick))
     if platform != "cpu":
         d2h_s, h2d_s = device_put_seconds(nbytes, jax.devices()[0], quick)
         r["put_d2h_gbps"], r["put_h2d_gbps"] = gbps(nbytes, d2h_s), gbps(nbytes, h2d_s)
@@ -278,7 +282,7 @@ def bench_one(layout: str, mesh, tp: int, row_bytes: int, k: int, *, quick: bool
 
     r["d2h_gbps"] = r["d2h_host_gbps"] if platform == "cpu" else r["d2h_xla_gbps"]
     limit_d2h = r["copy_gbps"] if platform == "cpu" else r["put_d2h_gbps"]
-    limit_h2d = r["copy_gbps"] if platform == "cpu" else r["put_h2d_gbps"]
+    limit_h2d = r["copy_h2d_gbps"] if platform == "cpu" else r["put_h2d_gbps"]
     r["d2h_limit"] = ratio(r["d2h_gbps"], limit_d2h)
     r["d2h_xla_limit"] = ratio(r["d2h_xla_gbps"], limit_d2h)
     r["h2d_limit"] = ratio(r["h2d_gbps"], limit_h2d)
@@ -407,6 +411,12 @@ def plot(rows: list[dict], layouts: list[str], path: Path, platform: str) -> Non
             ("d2h_xla_gbps", sel, "D2H engine, xla path", "s-"),
             ("h2d_gbps", sel, "H2D engine", "^-"),
             ("copy_gbps", sel, "numpy copy (limit)", "k--"),
+            (
+                "copy_h2d_gbps",
+                [r for r in sel if r["copy_h2d_gbps"] != r["copy_gbps"]],
+                "H2D limit (a copy per replica)",
+                "k:",
+            ),
             ("put_d2h_gbps", sel, "device_put D2H (limit)", "C4:"),
             ("put_h2d_gbps", sel, "device_put H2D (limit)", "C5:"),
             ("naive_d2h_gbps", nsel, f"naive D2H ({'/'.join(map(str, nb))} pages)", "x-."),
@@ -455,6 +465,7 @@ THROUGHPUT_COLUMNS = [
     ("d2h_xla_gbps", "D2H xla", ".2f"),
     ("h2d_gbps", "H2D", ".2f"),
     ("copy_gbps", "np copy", ".2f"),
+    ("copy_h2d_gbps", "H2D lim", ".2f"),
     ("put_d2h_gbps", "put D2H", ".2f"),
     ("put_h2d_gbps", "put H2D", ".2f"),
     ("naive_d2h_gbps", "naive D2H", ".3f"),

@@ -1,18 +1,21 @@
 """Per-shard page kernels: typed cache pages <-> uint8 byte rows.
 
 These are the only places that reinterpret cache bytes. Each works on one
-shard's local array `[num_pages, *page_shape]` and is meant to run inside a
-jitted computation (directly, or per shard inside `jax.shard_map`).
+shard's local array `[num_pages, *page_shape]` and runs inside a jitted
+computation (directly, or per shard inside `jax.shard_map`). Two families:
 
-Two rules keep them bit-exact and cheap:
+- Pure XLA (`gather_page_bytes`, `scatter_page_bytes`): portable, used on
+  GPU/TPU. They move words, not floats: pages are bitcast to the unsigned
+  integer of the same width so no float op touches a NaN payload (XLA:CPU
+  computes bfloat16/float8_e5m2 scatters through float32, quieting signalling
+  NaNs). They select first and narrow second: the narrowing bitcast to uint8
+  runs on the gathered pages only. On XLA:CPU even the same-width bitcast of
+  the cache is a real pass (a loop fusion), so the XLA scatter costs two
+  whole-cache passes there; on GPU it does not (bench/scatter_probe.py).
+- Native (`*_native`, XLA:CPU only, jaxkv/native): one memcpy per page through
+  the XLA FFI, the cache aliased to the output so a donated write is in place.
 
-- Move words, not floats. The typed pages are first bitcast to the unsigned
-  integer of the same width (free: same-width bitcasts are layout no-ops), so
-  no float op can touch a NaN payload. XLA:CPU's `take` on bfloat16, for
-  example, quiets signalling NaNs.
-- Select first, narrow second. On XLA:CPU a narrowing `bitcast_convert_type`
-  (uint16 -> uint8) is a real pass over the data, so it runs on the gathered
-  pages only, never over the whole shard.
+`kernels(devices)` picks the family for the devices at hand.
 """
 
 from __future__ import annotations
