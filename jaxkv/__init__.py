@@ -6,9 +6,21 @@ Public API (see docs/architecture.md):
 - `allocate_buffer`, `KVCacheBuffer`, `MultiKVCacheBuffer`: TP-sharded caches.
 - `KVCacheMemory`, `ReplicatedKVCacheMemory`: byte-page units from `to_memory()`.
 - `OffloadEngine`, `Transfer`: batched, async page moves between device and a host pool.
+- `NullConnector`, `HostConnector`, `TieredConnector` (+ `DiskTier`): block-hash keyed
+  host and disk tiers for the scheduler (`lookup`, `load`, `offload`, `touch`).
 """
 
 from jaxkv._buffer import KVCacheBuffer, MultiKVCacheBuffer, allocate_buffer
+from jaxkv._connector import (
+    ConnectorMetrics,
+    HostConnector,
+    KVConnector,
+    KVLoadFailed,
+    KVLoadRefused,
+    NullConnector,
+    TieredConnector,
+)
+from jaxkv._disk import DiskTier
 from jaxkv._engine import OffloadEngine
 from jaxkv._memory import KVCacheMemory, ReplicatedKVCacheMemory
 from jaxkv._params import KVCacheParams, KVCacheQuantConfig
@@ -17,13 +29,21 @@ from jaxkv._transfer import Transfer
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConnectorMetrics",
+    "DiskTier",
+    "HostConnector",
     "KVCacheBuffer",
     "KVCacheMemory",
     "KVCacheParams",
     "KVCacheQuantConfig",
+    "KVConnector",
+    "KVLoadFailed",
+    "KVLoadRefused",
     "MultiKVCacheBuffer",
+    "NullConnector",
     "OffloadEngine",
     "ReplicatedKVCacheMemory",
+    "TieredConnector",
     "Transfer",
     "allocate_buffer",
 ]

@@ -31,6 +31,8 @@ most 1 + log2(N) programs per direction for batches of 1..N pages.
 
 from __future__ import annotations
 
+import hashlib
+
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, SingleDeviceSharding
@@ -130,6 +132,22 @@ class OffloadEngine:
     @property
     def units(self) -> list[KVCacheMemory]:
         return list(self._units)
+
+    @property
+    def buffer(self):
+        """The cache this engine last saw: the one it was built from, bound by `d2h`, or returned by `h2d`."""
+        return self._buffer
+
+    @property
+    def layout_fingerprint(self) -> bytes:
+        """SHA-256 of what the host row bytes mean: per unit its kind, dtype and page shape.
+
+        Stored with every block outside the device, so bytes written for
+        another model or layout are never loaded. A replicated (MLA) row does
+        not depend on the TP degree, and neither does its fingerprint.
+        """
+        desc = [(u.kind, u.dtype.name, u.page_shape, u.bytes_per_page) for u in self._units]
+        return hashlib.sha256(b"jaxkv-layout-v1" + repr(desc).encode()).digest()
 
     def d2h(self, device_page_ids, host_slots, *, buffer=None) -> Transfer:
         """Copy device pages `device_page_ids` into host rows `host_slots`.

@@ -1,0 +1,428 @@
+"""KV connectors: what a serving scheduler asks about memory outside the device.
+
+A connector answers four questions, keyed by block hash (32-byte SHA-256
+digests, defined by the prefix-caching manager):
+
+- `lookup(block_hashes) -> int`: how many *leading* blocks an outside tier
+  holds (advisory: nothing is reserved).
+- `load(device_page_ids, block_hashes) -> Transfer`: bring exactly those blocks
+  into those device pages, or raise `KVLoadRefused` before writing anything
+  (never a short load). A copy that fails raises `KVLoadFailed` and leaves the
+  pages listed in `invalid_pages`.
+- `offload(device_page_ids, block_hashes) -> Transfer`: keep copies of those
+  device pages under those hashes; hashes already held are only refreshed.
+- `touch(block_hashes)`: the scheduler served these from the device; refresh
+  their recency so the tiers keep hot prefixes.
+
+Connectors own an `OffloadEngine` and so the cache's functional state: a load
+donates the cache and `connector.buffer` is the current one afterwards. Pass
+`buffer=` to `load`/`offload` when the cache was donated elsewhere since.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import OrderedDict
+
+import numpy as np
+
+from jaxkv import _pages
+from jaxkv._disk import BLOCK_HASH_BYTES, CorruptBlockError, DiskTier, DiskWriteError
+from jaxkv._engine import OffloadEngine
+from jaxkv._transfer import Transfer, completed
+
+
+class KVLoadRefused(Exception):
+    """A load cannot be served in full (a block is no longer held); no device page was written."""
+
+
+class KVLoadFailed(Exception):
+    """A load's copy failed; the pages it targeted hold undefined bytes (see `invalid_pages`)."""
+
+    def __init__(self, message: str, page_ids: list[int]):
+        super().__init__(message)
+        self.page_ids = page_ids
+
+
+@dataclasses.dataclass
+class ConnectorMetrics:
+    """Counters since construction or `reset()`."""
+
+    host_hits: int = 0
+    """Blocks `lookup` found in host memory."""
+    disk_hits: int = 0
+    """Blocks `lookup` found on disk only."""
+    misses: int = 0
+    """Lookups that stopped at an absent block (at most one per lookup)."""
+    blocks_loaded: int = 0
+    blocks_promoted: int = 0
+    """Blocks read from disk into host memory to serve a load."""
+    blocks_offloaded: int = 0
+    load_bytes: int = 0
+    load_seconds: float = 0.0
+    offload_bytes: int = 0
+    offload_seconds: float = 0.0
+    disk_write_bytes: int = 0
+    disk_write_seconds: float = 0.0
+    disk_read_bytes: int = 0
+    disk_read_seconds: float = 0.0
+    host_evictions: int = 0
+    disk_evictions: int = 0
+    refused_loads: int = 0
+    failed_loads: int = 0
+    dropped_offloads: int = 0
+    """Blocks an offload could not store (no room, or the disk write failed)."""
+    corrupt_blocks: int = 0
+    """Stored blocks that failed verification and were removed (counted as misses)."""
+
+
+def check_block_hashes(block_hashes, *, name: str = "block_hashes") -> list[bytes]:
+    """Validate hashes: a sequence of `bytes` of length 32; returns them as a list."""
+    if isinstance(block_hashes, (bytes, str)) or not hasattr(block_hashes, "__iter__"):
+        raise ValueError(
+            f"{name} must be a sequence of {BLOCK_HASH_BYTES}-byte hashes, got {type(block_hashes).__name__}"
+        )
+    hashes = list(block_hashes)
+    for i, h in enumerate(hashes):
+        if not isinstance(h, bytes):
+            raise ValueError(f"{name}[{i}] must be bytes, got {type(h).__name__}")
+        if len(h) != BLOCK_HASH_BYTES:
+            raise ValueError(f"{name}[{i}] must be {BLOCK_HASH_BYTES} bytes (a SHA-256 digest), got {len(h)}")
+    return hashes
+
+
+class KVConnector:
+    """The protocol. `NullConnector` is the trivial implementation."""
+
+    metrics: ConnectorMetrics
+
+    def lookup(self, block_hashes) -> int:
+        raise NotImplementedError
+
+    def load(self, device_page_ids, block_hashes, *, buffer=None) -> Transfer:
+        raise NotImplementedError
+
+    def offload(self, device_page_ids, block_hashes, *, buffer=None) -> Transfer:
+        raise NotImplementedError
+
+    def touch(self, block_hashes) -> None:
+        raise NotImplementedError
+
+    @property
+    def host_bytes(self) -> tuple[int, int]:
+        """(used, total) bytes of the host tier."""
+        return (0, 0)
+
+    @property
+    def disk_bytes(self) -> tuple[int, int]:
+        """(used, total) bytes of the disk tier."""
+        return (0, 0)
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class NullConnector(KVConnector):
+    """Holds nothing: every lookup is 0, every load is refused, offloads are no-ops."""
+
+    def __init__(self):
+        self.metrics = ConnectorMetrics()
+
+    def lookup(self, block_hashes) -> int:
+        if check_block_hashes(block_hashes):
+            self.metrics.misses += 1
+        return 0
+
+    def load(self, device_page_ids, block_hashes, *, buffer=None) -> Transfer:
+        if check_block_hashes(block_hashes):
+            self.metrics.refused_loads += 1
+            raise KVLoadRefused("NullConnector holds no blocks")
+        return completed("h2d", 0, 0)
+
+    def offload(self, device_page_ids, block_hashes, *, buffer=None) -> Transfer:
+        check_block_hashes(block_hashes)
+        return completed("d2h", 0, 0)
+
+    def touch(self, block_hashes) -> None:
+        check_block_hashes(block_hashes)
+
+    def reset(self) -> None:
+        self.metrics = ConnectorMetrics()
+
+
+class HostConnector(KVConnector):
+    """A host-memory tier on the offload engine's page pool, LRU-evicted.
+
+    `host_capacity_bytes` is divided into host slots of `row_bytes` (one page
+    of every shard; an MLA page stored once).
+    """
+
+    def __init__(self, buffer, host_capacity_bytes: int, *, host_memory_kind: str = "pinned_host"):
+        probe = OffloadEngine(buffer, 1, host_memory_kind=host_memory_kind)
+        if isinstance(host_capacity_bytes, bool) or not isinstance(host_capacity_bytes, int):
+            raise ValueError(f"host_capacity_bytes must be an int, got {host_capacity_bytes!r}")
+        slots = host_capacity_bytes // probe.row_bytes
+        if slots < 1:
+            raise ValueError(
+                f"host_capacity_bytes ({host_capacity_bytes}) holds no page: one host row is {probe.row_bytes} bytes"
+            )
+        self.engine = OffloadEngine(buffer, slots, host_memory_kind=host_memory_kind)
+        self.metrics = ConnectorMetrics()
+        self.invalid_pages: set[int] = set()
+        """Device pages whose load failed: their bytes are undefined until rewritten."""
+        self._host: OrderedDict[bytes, int] = OrderedDict()  # hash -> slot, LRU order (oldest first)
+        self._free = list(range(slots - 1, -1, -1))
+        self._closed = False
+
+    # -- state -------------------------------------------------------------
+    @property
+    def buffer(self):
+        """The current cache (after the last load, it is the returned one)."""
+        return self.engine.buffer
+
+    @property
+    def fingerprint(self) -> bytes:
+        return self.engine.layout_fingerprint
+
+    @property
+    def host_bytes(self) -> tuple[int, int]:
+        return (len(self._host) * self.engine.row_bytes, self.engine.num_host_pages * self.engine.row_bytes)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"{type(self).__name__} is closed")
+
+    # -- host tier ---------------------------------------------------------
+    def _host_slot(self, protect: set[int]) -> int | None:
+        """A free host slot, evicting the least recently used block not in `protect`."""
+        if self._free:
+            return self._free.pop()
+        for block_hash, slot in self._host.items():
+            if slot not in protect:
+                del self._host[block_hash]
+                self.metrics.host_evictions += 1
+                return slot
+        return None
+
+    def _holds(self, block_hash: bytes) -> str | None:
+        return "host" if block_hash in self._host else None
+
+    # -- protocol ----------------------------------------------------------
+    def lookup(self, block_hashes) -> int:
+        self._check_open()
+        n = 0
+        for h in check_block_hashes(block_hashes):
+            tier = self._holds(h)
+            if tier is None:
+                self.metrics.misses += 1
+                break
+            if tier == "host":
+                self.metrics.host_hits += 1
+            else:
+                self.metrics.disk_hits += 1
+            n += 1
+        return n
+
+    def touch(self, block_hashes) -> None:
+        self._check_open()
+        for h in check_block_hashes(block_hashes):
+            if h in self._host:
+                self._host.move_to_end(h)
+
+    def _check_pair(self, device_page_ids, block_hashes) -> tuple[np.ndarray, list[bytes]]:
+        ids = _pages.check_page_ids(device_page_ids, self.engine.num_device_pages, name="device_page_ids")
+        hashes = check_block_hashes(block_hashes)
+        if ids.size != len(hashes):
+            raise ValueError(
+                f"device_page_ids has {ids.size} entries but block_hashes has {len(hashes)}: they pair up one to one"
+            )
+        _pages.check_unique(ids, name="device_page_ids")
+        if len(set(hashes)) != len(hashes):
+            raise ValueError("block_hashes repeats a hash: each block goes to one device page")
+        return ids, hashes
+
+    def load(self, device_page_ids, block_hashes, *, buffer=None) -> Transfer:
+        self._check_open()
+        ids, hashes = self._check_pair(device_page_ids, block_hashes)
+        if buffer is not None:
+            self.engine._check_buffer(buffer)
+        if not hashes:
+            return completed("h2d", 0, 0)
+        t0 = time.perf_counter()
+        # Promoting a disk block may evict a host block: never one this load needs.
+        protect = {self._host[h] for h in hashes if h in self._host}
+        slots: list[int] = []
+        for i, h in enumerate(hashes):
+            slot = self._slot_for_load(h, protect)
+            if slot is None:
+                self.metrics.refused_loads += 1
+                raise KVLoadRefused(
+                    f"block_hashes[{i}] ({h.hex()[:16]}…) is no longer held; "
+                    f"no device page was written, recompute from block {i}"
+                )
+            slots.append(slot)
+            protect.add(slot)
+        try:
+            _, transfer = self.engine.h2d(buffer if buffer is not None else self.engine.buffer, slots, ids)
+        except Exception as e:
+            self.metrics.failed_loads += 1
+            self.invalid_pages.update(ids.tolist())
+            raise KVLoadFailed(f"loading {ids.size} pages failed: {e}", ids.tolist()) from e
+        self.invalid_pages.difference_update(ids.tolist())
+        for h in hashes:
+            self._host.move_to_end(h)
+        self.metrics.blocks_loaded += len(hashes)
+        self.metrics.load_bytes += transfer.nbytes
+        self.metrics.load_seconds += time.perf_counter() - t0
+        return transfer
+
+    def _slot_for_load(self, block_hash: bytes, protect: set[int]) -> int | None:
+        return self._host.get(block_hash)
+
+    def offload(self, device_page_ids, block_hashes, *, buffer=None) -> Transfer:
+        self._check_open()
+        ids, hashes = self._check_pair(device_page_ids, block_hashes)
+        if buffer is not None:
+            self.engine._check_buffer(buffer)
+        t0 = time.perf_counter()
+        new_ids, new_slots, new_hashes = [], [], []
+        for page, h in zip(ids.tolist(), hashes, strict=True):
+            if self._holds(h) is not None:
+                self._refresh(h)
+                continue
+            slot = self._host_slot(protect=set(new_slots))
+            if slot is None:
+                self.metrics.dropped_offloads += 1
+                continue
+            new_ids.append(page)
+            new_slots.append(slot)
+            new_hashes.append(h)
+        if not new_ids:
+            return completed("d2h", 0, 0)
+        transfer = self.engine.d2h(new_ids, new_slots, buffer=buffer)
+        for h, slot in zip(new_hashes, new_slots, strict=True):
+            self._host[h] = slot
+        self.metrics.blocks_offloaded += len(new_ids)
+        self.metrics.offload_bytes += transfer.nbytes
+        self._after_offload(new_hashes, new_slots)
+        self.metrics.offload_seconds += time.perf_counter() - t0
+        return transfer
+
+    def _refresh(self, block_hash: bytes) -> None:
+        if block_hash in self._host:
+            self._host.move_to_end(block_hash)
+
+    def _after_offload(self, hashes: list[bytes], slots: list[int]) -> None:
+        pass
+
+    def reset(self) -> None:
+        """Forget every stored block and zero the metrics."""
+        self.engine.flush()
+        self._host.clear()
+        self._free = list(range(self.engine.num_host_pages - 1, -1, -1))
+        self.invalid_pages.clear()
+        self.metrics = ConnectorMetrics()
+
+    def close(self) -> None:
+        """Finish pending transfers; later calls raise."""
+        if not self._closed:
+            self.engine.flush()
+            self._closed = True
+
+
+class TieredConnector(HostConnector):
+    """Host tier backed by a disk tier, write-through.
+
+    Offloaded blocks go to host memory and, at once, to disk. A lookup counts
+    blocks held on either; a disk hit is promoted (read, verified) into a host
+    slot and then loaded to the device. Blocks that fail verification are
+    absent: counted in `metrics.corrupt_blocks`, removed, and a load that
+    needed one is refused.
+    """
+
+    def __init__(
+        self,
+        buffer,
+        host_capacity_bytes: int,
+        disk_directory,
+        disk_capacity_bytes: int,
+        *,
+        host_memory_kind: str = "pinned_host",
+    ):
+        super().__init__(buffer, host_capacity_bytes, host_memory_kind=host_memory_kind)
+        self.disk = DiskTier(
+            disk_directory, disk_capacity_bytes, fingerprint=self.fingerprint, row_bytes=self.engine.row_bytes
+        )
+        self._disk_marks = (self.disk.evictions, self.disk.corrupt)
+
+    @property
+    def disk_bytes(self) -> tuple[int, int]:
+        return (self.disk.used_bytes, self.disk.capacity_bytes)
+
+    def _sync_disk_counters(self) -> None:
+        evictions, corrupt = self.disk.evictions, self.disk.corrupt
+        self.metrics.disk_evictions += evictions - self._disk_marks[0]
+        self.metrics.corrupt_blocks += corrupt - self._disk_marks[1]
+        self._disk_marks = (evictions, corrupt)
+
+    def _holds(self, block_hash: bytes) -> str | None:
+        if block_hash in self._host:
+            return "host"
+        return "disk" if block_hash in self.disk else None
+
+    def _refresh(self, block_hash: bytes) -> None:
+        super()._refresh(block_hash)
+        self.disk.touch(block_hash)
+
+    def touch(self, block_hashes) -> None:
+        super().touch(block_hashes)
+        for h in block_hashes:
+            self.disk.touch(h)
+
+    def _slot_for_load(self, block_hash: bytes, protect: set[int]) -> int | None:
+        slot = self._host.get(block_hash)
+        if slot is not None or block_hash not in self.disk:
+            return slot
+        slot = self._host_slot(protect)
+        if slot is None:
+            return None
+        t0 = time.perf_counter()
+        try:
+            row = self.disk.get(block_hash)
+        except CorruptBlockError:
+            self._free.append(slot)
+            self._sync_disk_counters()
+            return None
+        self.metrics.disk_read_bytes += row.nbytes
+        self.metrics.disk_read_seconds += time.perf_counter() - t0
+        self.engine.write_host([slot], row[None])
+        self._host[block_hash] = slot
+        self.metrics.blocks_promoted += 1
+        return slot
+
+    def _after_offload(self, hashes: list[bytes], slots: list[int]) -> None:
+        rows = self.engine.read_host(slots)  # completes the offload first
+        t0 = time.perf_counter()
+        for h, row in zip(hashes, rows, strict=True):
+            try:
+                if self.disk.put(h, row):
+                    self.metrics.disk_write_bytes += row.nbytes
+            except DiskWriteError:
+                self.metrics.dropped_offloads += 1  # the host copy stays; serving goes on
+        self.metrics.disk_write_seconds += time.perf_counter() - t0
+        self._sync_disk_counters()
+
+    def lookup(self, block_hashes) -> int:
+        n = super().lookup(block_hashes)
+        self._sync_disk_counters()
+        return n
+
+    def reset(self) -> None:
+        """Forget every block, in host memory and on disk, and zero the metrics."""
+        super().reset()
+        self.disk.clear()
+        self._disk_marks = (self.disk.evictions, self.disk.corrupt)

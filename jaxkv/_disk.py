@@ -1,0 +1,211 @@
+"""`DiskTier`: host page rows stored as one verified file per block hash.
+
+File layout (little-endian), written to a temporary name and renamed into
+place, so a crash never leaves a half-written block under a real name:
+
+```
+offset  size  field
+0       8     magic b"JAXKVBLK"
+8       4     format version (1)
+12      4     header length (96)
+16      32    layout fingerprint (which model/layout the bytes belong to)
+48      32    block hash (also the file name, in hex)
+80      8     payload length
+88      8     checksum: xxh3_64 of the payload
+96      n     payload: one host row, raw bytes
+```
+
+No pickle: the file is bytes and fixed-width integers. The checksum is
+verified on every read; a mismatch, a short file or a foreign header makes
+the block absent and the file is removed. On start the tier rebuilds its
+index from the directory (warm restart), checking headers and sizes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import xxhash
+
+MAGIC = b"JAXKVBLK"
+VERSION = 1
+_HEADER = struct.Struct("<8sII32s32sQQ")
+HEADER_BYTES = _HEADER.size  # 96
+SUFFIX = ".kvblock"
+BLOCK_HASH_BYTES = 32
+
+
+class CorruptBlockError(Exception):
+    """A stored block failed verification (and was removed)."""
+
+
+class DiskWriteError(Exception):
+    """A block could not be written (disk full, directory unwritable); nothing was stored."""
+
+
+def checksum(payload) -> int:
+    return xxhash.xxh3_64_intdigest(payload)
+
+
+class DiskTier:
+    """Blocks of `row_bytes` bytes in `directory`, at most `capacity_bytes` of files, LRU-evicted."""
+
+    def __init__(self, directory, capacity_bytes: int, *, fingerprint: bytes, row_bytes: int):
+        if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) or capacity_bytes < 0:
+            raise ValueError(f"disk capacity_bytes must be a non-negative int, got {capacity_bytes!r}")
+        if not isinstance(fingerprint, bytes) or len(fingerprint) != 32:
+            raise ValueError(f"fingerprint must be 32 bytes, got {fingerprint!r}")
+        self.directory = Path(directory)
+        self.capacity_bytes = capacity_bytes
+        self.fingerprint = fingerprint
+        self.row_bytes = row_bytes
+        self.file_bytes = HEADER_BYTES + row_bytes
+        """Bytes one block occupies on disk."""
+        self.evictions = 0
+        self.corrupt = 0
+        self._index: OrderedDict[bytes, None] = OrderedDict()  # LRU order, oldest first
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._rebuild()
+
+    # -- index -------------------------------------------------------------
+    def _path(self, block_hash: bytes) -> Path:
+        return self.directory / (block_hash.hex() + SUFFIX)
+
+    def _rebuild(self) -> None:
+        """Index the blocks already in the directory, oldest first; drop what cannot be verified."""
+        found = []
+        for entry in os.scandir(self.directory):
+            if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+                _unlink(entry.path)  # a write that never completed
+                continue
+            if not entry.name.endswith(SUFFIX):
+                continue
+            try:
+                block_hash = bytes.fromhex(entry.name[: -len(SUFFIX)])
+                with open(entry.path, "rb") as f:
+                    header = self._parse_header(f.read(HEADER_BYTES), block_hash)
+                size = entry.stat().st_size
+            except (ValueError, OSError, CorruptBlockError):
+                self.corrupt += 1
+                _unlink(entry.path)
+                continue
+            if header is None:
+                continue  # another model's or layout's block: not ours to load or delete
+            if size != self.file_bytes:
+                self.corrupt += 1
+                _unlink(entry.path)
+                continue
+            found.append((entry.stat().st_mtime_ns, block_hash))
+        for _, block_hash in sorted(found):
+            self._index[block_hash] = None
+        self._evict_to(self.capacity_bytes)
+
+    def _parse_header(self, raw: bytes, block_hash: bytes):
+        """The parsed header, None for a foreign fingerprint; raises CorruptBlockError otherwise."""
+        if len(raw) != HEADER_BYTES:
+            raise CorruptBlockError("short header")
+        magic, version, header_len, fingerprint, stored_hash, length, check = _HEADER.unpack(raw)
+        if magic != MAGIC or version != VERSION or header_len != HEADER_BYTES:
+            raise CorruptBlockError(f"bad magic/version {magic!r}/{version}")
+        if stored_hash != block_hash:
+            raise CorruptBlockError("file name and stored block hash differ")
+        if fingerprint != self.fingerprint:
+            return None
+        if length != self.row_bytes:
+            raise CorruptBlockError(f"payload length {length} != row_bytes {self.row_bytes}")
+        return check
+
+    # -- queries -----------------------------------------------------------
+    def __contains__(self, block_hash: bytes) -> bool:
+        return block_hash in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    @property
+    def used_bytes(self) -> int:
+        return len(self._index) * self.file_bytes
+
+    def touch(self, block_hash: bytes) -> None:
+        if block_hash in self._index:
+            self._index.move_to_end(block_hash)
+
+    # -- read / write ------------------------------------------------------
+    def get(self, block_hash: bytes, out: np.ndarray | None = None) -> np.ndarray:
+        """The verified row of `block_hash` (into `out` if given).
+
+        Raises KeyError if the tier does not hold it, CorruptBlockError if the
+        file fails verification (the file is then removed and the block is gone).
+        """
+        if block_hash not in self._index:
+            raise KeyError(block_hash)
+        row = np.empty(self.row_bytes, np.uint8) if out is None else out
+        path = self._path(block_hash)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                check = self._parse_header(f.read(HEADER_BYTES), block_hash)
+                if check is None:
+                    raise CorruptBlockError("fingerprint changed")
+                n = f.readinto(memoryview(row))
+                extra = f.read(1)
+            if n != self.row_bytes or extra:
+                raise CorruptBlockError(f"payload is {n}{'+' if extra else ''} bytes, expected {self.row_bytes}")
+            if checksum(row) != check:
+                raise CorruptBlockError("checksum mismatch")
+        except (OSError, CorruptBlockError) as e:
+            self.corrupt += 1
+            self._drop(block_hash)
+            raise CorruptBlockError(f"block {block_hash.hex()[:16]}: {e}") from e
+        self._index.move_to_end(block_hash)
+        return row
+
+    def put(self, block_hash: bytes, row: np.ndarray) -> bool:
+        """Store `row` under `block_hash`; False if already held (refreshed instead).
+
+        Evicts least recently used blocks to make room. Raises DiskWriteError
+        when the write fails; nothing already stored is lost.
+        """
+        if block_hash in self._index:
+            self._index.move_to_end(block_hash)
+            return False
+        if self.file_bytes > self.capacity_bytes:
+            raise DiskWriteError(f"one block ({self.file_bytes} B) exceeds the disk capacity ({self.capacity_bytes} B)")
+        header = _HEADER.pack(MAGIC, VERSION, HEADER_BYTES, self.fingerprint, block_hash, self.row_bytes, checksum(row))
+        path = self._path(block_hash)
+        tmp = self.directory / f".{path.name}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "wb", buffering=0) as f:
+                f.write(header)
+                f.write(memoryview(np.ascontiguousarray(row)))
+            self._evict_to(self.capacity_bytes - self.file_bytes)
+            os.replace(tmp, path)
+        except OSError as e:
+            _unlink(tmp)
+            raise DiskWriteError(f"writing block {block_hash.hex()[:16]} to {self.directory}: {e}") from e
+        self._index[block_hash] = None
+        return True
+
+    def _evict_to(self, budget: int) -> None:
+        while self._index and self.used_bytes > budget:
+            oldest = next(iter(self._index))
+            self._drop(oldest)
+            self.evictions += 1
+
+    def _drop(self, block_hash: bytes) -> None:
+        self._index.pop(block_hash, None)
+        _unlink(self._path(block_hash))
+
+    def clear(self) -> None:
+        """Remove every block of this tier."""
+        for block_hash in list(self._index):
+            self._drop(block_hash)
+
+
+def _unlink(path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
