@@ -30,7 +30,7 @@ import numpy as np
 from jaxkv import _pages
 from jaxkv._disk import BLOCK_HASH_BYTES, CorruptBlockError, DiskTier, DiskWriteError
 from jaxkv._engine import OffloadEngine
-from jaxkv._transfer import Transfer, completed
+from jaxkv._transfer import Transfer, combine, completed
 
 
 class KVLoadRefused(Exception):
@@ -252,6 +252,11 @@ class HostConnector(KVConnector):
             self.engine._check_buffer(buffer)
         if not hashes:
             return completed("h2d", 0, 0)
+        if len(hashes) > self.engine.num_host_pages:
+            raise ValueError(
+                f"a load of {len(hashes)} blocks exceeds the host tier's {self.engine.num_host_pages} slots "
+                f"(loads pass through host memory); load in smaller batches or raise host_capacity_bytes"
+            )
         t0 = time.perf_counter()
         # Promoting a disk block may evict a host block: never one this load needs.
         protect = {self._host[h] for h in hashes if h in self._host}
@@ -289,28 +294,40 @@ class HostConnector(KVConnector):
         if buffer is not None:
             self.engine._check_buffer(buffer)
         t0 = time.perf_counter()
-        new_ids, new_slots, new_hashes = [], [], []
+        todo = []
         for page, h in zip(ids.tolist(), hashes, strict=True):
             if self._holds(h) is not None:
                 self._refresh(h)
+            else:
+                todo.append((page, h))
+        chunk = max(1, self._offload_chunk(len(todo)))
+        parts = []
+        for start in range(0, len(todo), chunk):
+            new_ids, new_slots, new_hashes = [], [], []
+            for page, h in todo[start : start + chunk]:
+                slot = self._host_slot(protect=set(new_slots))
+                if slot is None:
+                    self.metrics.dropped_offloads += 1
+                    continue
+                new_ids.append(page)
+                new_slots.append(slot)
+                new_hashes.append(h)
+            if not new_ids:
                 continue
-            slot = self._host_slot(protect=set(new_slots))
-            if slot is None:
-                self.metrics.dropped_offloads += 1
-                continue
-            new_ids.append(page)
-            new_slots.append(slot)
-            new_hashes.append(h)
-        if not new_ids:
-            return completed("d2h", 0, 0)
-        transfer = self.engine.d2h(new_ids, new_slots, buffer=buffer)
-        for h, slot in zip(new_hashes, new_slots, strict=True):
-            self._host[h] = slot
-        self.metrics.blocks_offloaded += len(new_ids)
-        self.metrics.offload_bytes += transfer.nbytes
-        self._after_offload(new_hashes, new_slots)
+            transfer = self.engine.d2h(new_ids, new_slots, buffer=buffer)
+            buffer = None  # bound by the first d2h
+            for h, slot in zip(new_hashes, new_slots, strict=True):
+                self._host[h] = slot
+            self.metrics.blocks_offloaded += len(new_ids)
+            self.metrics.offload_bytes += transfer.nbytes
+            self._after_offload(new_hashes, new_slots)
+            parts.append(transfer)
         self.metrics.offload_seconds += time.perf_counter() - t0
-        return transfer
+        return combine("d2h", parts)
+
+    def _offload_chunk(self, n: int) -> int:
+        """Blocks per engine batch. Host only: one batch; what does not fit is dropped."""
+        return n
 
     def _refresh(self, block_hash: bytes) -> None:
         if block_hash in self._host:
@@ -403,6 +420,11 @@ class TieredConnector(HostConnector):
         self._host[block_hash] = slot
         self.metrics.blocks_promoted += 1
         return slot
+
+    def _offload_chunk(self, n: int) -> int:
+        # Write-through: a batch larger than the host tier goes to disk in
+        # host-sized chunks, each chunk's slots reusable by the next.
+        return self.engine.num_host_pages
 
     def _after_offload(self, hashes: list[bytes], slots: list[int]) -> None:
         rows = self.engine.read_host(slots)  # completes the offload first

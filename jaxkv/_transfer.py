@@ -55,3 +55,16 @@ class Transfer:
 def completed(direction: str, num_pages: int, nbytes: int) -> Transfer:
     """A transfer that finished synchronously."""
     return Transfer(direction, num_pages, nbytes)
+
+
+def combine(direction: str, parts: list[Transfer]) -> Transfer:
+    """One handle for several transfers: complete when all are."""
+    if len(parts) == 1:
+        return parts[0]
+    arrays = [a for t in parts for a in t._arrays]
+
+    def done():
+        for t in parts:
+            t.synchronize()
+
+    return Transfer(direction, sum(t.num_pages for t in parts), sum(t.nbytes for t in parts), arrays, done)
