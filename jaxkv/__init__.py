@@ -8,6 +8,7 @@ Public API (see docs/architecture.md):
 - `OffloadEngine`, `Transfer`: batched, async page moves between device and a host pool.
 - `NullConnector`, `HostConnector`, `TieredConnector` (+ `DiskTier`): block-hash keyed
   host and disk tiers for the scheduler (`lookup`, `load`, `offload`, `touch`).
+- `PagedKVCacheManager`, `BlockPool`, `hash_blocks`: pages per request and prefix caching.
 """
 
 from jaxkv._buffer import KVCacheBuffer, MultiKVCacheBuffer, allocate_buffer
@@ -22,16 +23,22 @@ from jaxkv._connector import (
 )
 from jaxkv._disk import DiskTier
 from jaxkv._engine import OffloadEngine
+from jaxkv._hashing import hash_blocks, root_hash
+from jaxkv._manager import ManagerMetrics, PagedKVCacheManager, Request
 from jaxkv._memory import KVCacheMemory, ReplicatedKVCacheMemory
 from jaxkv._params import KVCacheParams, KVCacheQuantConfig
+from jaxkv._pool import NULL_PAGE, BlockPool, InsufficientPagesError
 from jaxkv._transfer import Transfer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "NULL_PAGE",
+    "BlockPool",
     "ConnectorMetrics",
     "DiskTier",
     "HostConnector",
+    "InsufficientPagesError",
     "KVCacheBuffer",
     "KVCacheMemory",
     "KVCacheParams",
@@ -39,11 +46,16 @@ __all__ = [
     "KVConnector",
     "KVLoadFailed",
     "KVLoadRefused",
+    "ManagerMetrics",
     "MultiKVCacheBuffer",
     "NullConnector",
     "OffloadEngine",
+    "PagedKVCacheManager",
     "ReplicatedKVCacheMemory",
+    "Request",
     "TieredConnector",
     "Transfer",
     "allocate_buffer",
+    "hash_blocks",
+    "root_hash",
 ]
