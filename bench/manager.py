@@ -1,0 +1,339 @@
+"""Prefix-caching manager speed and hit rates on a synthetic multi-turn chat workload.
+
+    python bench/manager.py [--quick]
+
+Measures, in one run:
+- block hashing throughput (blocks/s) of `hash_blocks` against a plain-Python
+  reference that packs token by token;
+- scheduler cycles (add_request + commit + finish per request) per second of
+  `PagedKVCacheManager` against `ReferenceManager`, a plain-Python version of
+  the same policy (list-based LRU, per-token hashing), checked to make the
+  same decisions;
+- the hit rate per tier (device / host / disk / recomputed) for device caches
+  of several sizes, with a real `TieredConnector` (host tier + disk tier)
+  moving real pages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import struct
+import tempfile
+import time
+from pathlib import Path
+
+import _common
+import numpy as np
+
+_common.setup_devices()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import jaxkv  # noqa: E402
+
+PAGE = 16
+FP = hashlib.sha256(b"bench-layout").digest()
+
+
+# -- workload ----------------------------------------------------------------------
+def chat_workload(rng, *, systems: int, conversations: int, turns: int, sys_len: int, user_len: int, reply_len: int):
+    """(conversation id, prompt tokens, reply tokens) in arrival order.
+
+    Each conversation has a system prompt shared with others and grows by a
+    user message and a reply per turn; conversations interleave at random, so
+    a returning one often finds its prefix pushed out of device memory.
+    """
+    sys_prompts = [rng.integers(0, 32000, sys_len).tolist() for _ in range(systems)]
+    history = {c: list(sys_prompts[c % systems]) for c in range(conversations)}
+    remaining = {c: turns for c in range(conversations)}
+    events = []
+    while remaining:
+        c = int(rng.choice(sorted(remaining)))
+        prompt = history[c] + rng.integers(0, 32000, user_len).tolist()
+        reply = rng.integers(0, 32000, reply_len).tolist()
+        events.append((c, prompt, reply))
+        history[c] = prompt + reply
+        remaining[c] -= 1
+        if not remaining[c]:
+            del remaining[c]
+    return events
+
+
+def serve(manager, events, on_step=None) -> None:
+    """Admit each turn, 'compute' prompt and reply, commit, finish."""
+    for i, (c, prompt, reply) in enumerate(events):
+        rid = f"{c}:{i}"
+        req = manager.add_request(rid, prompt)
+        if req.load is not None:
+            req.load.synchronize()
+        manager.append_tokens(rid, reply)
+        manager.commit(rid, len(prompt) + len(reply))
+        manager.finish(rid)
+        if on_step:
+            on_step(i)
+
+
+# -- plain-Python reference of the same policy -----------------------------------
+def reference_hashes(tokens, page, parent):
+    out = []
+    for b in range(len(tokens) // page):
+        data = b"".join(struct.pack("<i", t) for t in tokens[b * page : (b + 1) * page])
+        parent = hashlib.sha256(parent + data).digest()
+        out.append(parent)
+    return out
+
+
+class ReferenceManager:
+    """The manager's policy in plain Python: list LRU (O(n) removal), per-token hashing."""
+
+    def __init__(self, num_pages: int, page: int, fingerprint: bytes):
+        self.page = page
+        self.root = jaxkv.root_hash(0, fingerprint)
+        self.free = list(range(1, num_pages))
+        self.refs = [0] * num_pages
+        self.page_hash = [None] * num_pages
+        self.index = {}
+        self.requests = {}
+        self.hit_tokens = 0
+
+    def add_request(self, rid, tokens):
+        hashes = reference_hashes(tokens[:-1], self.page, self.root)
+        hits = []
+        for h in hashes:
+            if h not in self.index:
+                break
+            hits.append(self.index[h])
+        for p in hits:
+            if self.refs[p] == 0:
+                self.free.remove(p)
+            self.refs[p] += 1
+        pages = list(hits)
+        for _ in range(-(-len(tokens) // self.page) - len(hits)):
+            p = self.free.pop(0)
+            if self.page_hash[p] is not None:
+                del self.index[self.page_hash[p]]
+                self.page_hash[p] = None
+            self.refs[p] = 1
+            pages.append(p)
+        self.requests[rid] = [list(tokens), pages, len(hits)]
+        self.hit_tokens += len(hits) * self.page
+
+    def append_tokens(self, rid, tokens):
+        r = self.requests[rid]
+        r[0].extend(tokens)
+        for _ in range(-(-len(r[0]) // self.page) - len(r[1])):
+            p = self.free.pop(0)
+            if self.page_hash[p] is not None:
+                del self.index[self.page_hash[p]]
+                self.page_hash[p] = None
+            self.refs[p] = 1
+            r[1].append(p)
+
+    def commit(self, rid, n):
+        tokens, pages, _ = self.requests[rid]
+        for b, h in enumerate(reference_hashes(tokens[:n], self.page, self.root)):
+            if h not in self.index and self.page_hash[pages[b]] is None:
+                self.index[h] = pages[b]
+                self.page_hash[pages[b]] = h
+
+    def finish(self, rid):
+        _, pages, _ = self.requests.pop(rid)
+        for p in reversed(pages):
+            self.refs[p] -= 1
+            if self.refs[p] == 0:
+                self.free.append(p)
+
+
+class _Req:
+    load = None
+
+
+def serve_reference(ref, events):
+    for i, (c, prompt, reply) in enumerate(events):
+        rid = f"{c}:{i}"
+        ref.add_request(rid, prompt)
+        ref.append_tokens(rid, reply)
+        ref.commit(rid, len(prompt) + len(reply))
+        ref.finish(rid)
+
+
+# -- measurements --------------------------------------------------------------------
+def bench_hashing(quick: bool) -> dict:
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 32000, (2_000 if quick else 20_000) * PAGE)
+    root = jaxkv.root_hash(0, FP)
+    fast = _common.median_seconds(lambda: jaxkv.hash_blocks(tokens, PAGE, root), repeats=5, warmup=1)
+    listed = tokens.tolist()
+    slow = _common.median_seconds(lambda: reference_hashes(listed, PAGE, root), repeats=3, warmup=1)
+    assert jaxkv.hash_blocks(tokens, PAGE, root) == reference_hashes(listed, PAGE, root)
+    n = tokens.size // PAGE
+    return dict(blocks=n, page_tokens=PAGE, blocks_per_s=n / fast, reference_blocks_per_s=n / slow, speedup=slow / fast)
+
+
+def bench_cycles(events, num_pages: int) -> dict:
+    def ours():
+        m = jaxkv.PagedKVCacheManager(jaxkv.KVCacheParams("bfloat16", 8, 128, 1, PAGE), num_pages=num_pages)
+        serve(m, events)
+        return m
+
+    def reference():
+        r = ReferenceManager(
+            num_pages,
+            PAGE,
+            jaxkv.PagedKVCacheManager(
+                jaxkv.KVCacheParams("bfloat16", 8, 128, 1, PAGE), num_pages=num_pages
+            ).fingerprint,
+        )
+        serve_reference(r, events)
+        return r
+
+    m, r = ours(), reference()
+    assert m.metrics.tokens_from_device == r.hit_tokens, (m.metrics.tokens_from_device, r.hit_tokens)
+    t_ours = _common.median_seconds(ours, repeats=3, warmup=0)
+    t_ref = _common.median_seconds(reference, repeats=3, warmup=0)
+    tokens = sum(len(p) + len(r_) for _, p, r_ in events)
+    return dict(
+        requests=len(events),
+        tokens=tokens,
+        device_pages=num_pages,
+        cycles_per_s=len(events) / t_ours,
+        reference_cycles_per_s=len(events) / t_ref,
+        speedup=t_ref / t_ours,
+        device_hit_rate=m.metrics.tokens_from_device / m.metrics.prompt_tokens,
+    )
+
+
+def bench_hit_rates(events, device_pages: list[int], host_pages: int, quick: bool) -> list[dict]:
+    params = jaxkv.KVCacheParams(jnp.bfloat16, n_kv_heads=4, head_dim=64, num_layers=2, page_size=PAGE)
+    mesh = jax.make_mesh((4,), ("tp",), devices=jax.devices()[:4])
+    rows = []
+    for n in device_pages:
+        with tempfile.TemporaryDirectory(dir=_common.RESULTS.parent) as tmp:
+            cache = jaxkv.allocate_buffer(params, mesh, n)
+            row = params.host_bytes_per_page(4)
+            conn = jaxkv.TieredConnector(cache, host_pages * row, Path(tmp) / "disk", 1 << 34)
+            m = jaxkv.PagedKVCacheManager(cache, conn)
+            t0 = time.perf_counter()
+            serve(m, events)
+            seconds = time.perf_counter() - t0
+            mt = m.metrics
+            total = mt.prompt_tokens
+            rows.append(
+                dict(
+                    device_pages=n,
+                    host_pages=host_pages,
+                    device=mt.tokens_from_device / total,
+                    host=mt.tokens_from_host / total,
+                    disk=mt.tokens_from_disk / total,
+                    recomputed=mt.tokens_recomputed / total,
+                    hit_rate=mt.hit_rate,
+                    evictions=m.pool.evictions,
+                    blocks_offloaded=conn.metrics.blocks_offloaded,
+                    blocks_promoted=conn.metrics.blocks_promoted,
+                    seconds=seconds,
+                )
+            )
+            conn.close()
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    bottom = np.zeros(len(rows))
+    for key, color in (("device", "C0"), ("host", "C1"), ("disk", "C2"), ("recomputed", "0.75")):
+        vals = np.array([r[key] for r in rows])
+        ax.bar(x, vals, bottom=bottom, label=key, color=color)
+        bottom += vals
+    ax.set_xticks(x, [f"{r['device_pages']} pages" for r in rows])
+    ax.set_ylabel("fraction of prompt tokens")
+    ax.set_title(f"where prompt tokens came from (host tier {rows[0]['host_pages']} pages, disk unbounded)")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller workload (smoke run)")
+    args = parser.parse_args()
+    rng = np.random.default_rng(1)
+    shape = dict(systems=4, conversations=12 if args.quick else 40, turns=3 if args.quick else 5)
+    events = chat_workload(rng, sys_len=512, user_len=48, reply_len=64, **shape)
+    cond = _common.conditions() | {
+        "page_size": PAGE,
+        **shape,
+        "system_tokens": 512,
+        "user_tokens": 48,
+        "reply_tokens": 64,
+    }
+    print("conditions:", ", ".join(f"{k}={v}" for k, v in cond.items()))
+    t0 = time.perf_counter()
+
+    hashing = bench_hashing(args.quick)
+    _common.print_table(
+        "block hashing (chained SHA-256, 16-token blocks)",
+        [hashing],
+        [
+            ("blocks", "blocks", "d"),
+            ("blocks_per_s", "jaxkv blocks/s", ",.0f"),
+            ("reference_blocks_per_s", "reference blocks/s", ",.0f"),
+            ("speedup", "speedup", ".1f"),
+        ],
+    )
+    cycles = [bench_cycles(events, n) for n in (256, 4096)]
+    _common.print_table(
+        "scheduler cycles: add_request + append + commit + finish per request (NullConnector)",
+        cycles,
+        [
+            ("requests", "requests", "d"),
+            ("device_pages", "device pages", "d"),
+            ("cycles_per_s", "jaxkv cycles/s", ",.0f"),
+            ("reference_cycles_per_s", "reference cycles/s", ",.0f"),
+            ("speedup", "speedup", ".1f"),
+            ("device_hit_rate", "device hit rate", ".2f"),
+        ],
+    )
+    device_pages = [128, 512] if args.quick else [128, 256, 512, 1024, 2048]
+    hits = bench_hit_rates(events, device_pages, host_pages=256, quick=args.quick)
+    _common.print_table(
+        "hit rate per tier, TieredConnector (host 256 pages, disk unbounded), real page moves",
+        hits,
+        [
+            ("device_pages", "device pages", "d"),
+            ("device", "device", ".2f"),
+            ("host", "host", ".2f"),
+            ("disk", "disk", ".2f"),
+            ("recomputed", "recomputed", ".2f"),
+            ("hit_rate", "hit rate", ".2f"),
+            ("evictions", "evictions", "d"),
+            ("blocks_promoted", "promoted", "d"),
+            ("seconds", "s", ".1f"),
+        ],
+    )
+    name = "manager_quick" if args.quick else "manager"
+    path = _common.write_json(
+        name,
+        {
+            "conditions": cond,
+            "hashing": hashing,
+            "cycles": cycles,
+            "hit_rates": hits,
+            "seconds": time.perf_counter() - t0,
+        },
+    )
+    png = _common.RESULTS.parent.parent / "docs" / f"{name.replace('manager', 'hit_rates')}.png"
+    plot(hits, png)
+    print(f"\nwrote {path} and {png} ({time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
