@@ -28,7 +28,7 @@ from collections import OrderedDict
 import numpy as np
 
 from jaxkv import _pages
-from jaxkv._disk import BLOCK_HASH_BYTES, CorruptBlockError, DiskTier, DiskWriteError
+from jaxkv._disk import BLOCK_HASH_BYTES, CorruptBlockError, DiskReadError, DiskTier, DiskWriteError
 from jaxkv._engine import OffloadEngine
 from jaxkv._transfer import Transfer, combine, completed
 
@@ -396,8 +396,9 @@ class TieredConnector(HostConnector):
         self.disk.touch(block_hash)
 
     def touch(self, block_hashes) -> None:
-        super().touch(block_hashes)
-        for h in block_hashes:
+        hashes = check_block_hashes(block_hashes)
+        super().touch(hashes)
+        for h in hashes:
             self.disk.touch(h)
 
     def _slot_for_load(self, block_hash: bytes, protect: set[int]) -> int | None:
@@ -408,15 +409,16 @@ class TieredConnector(HostConnector):
         if slot is None:
             return None
         t0 = time.perf_counter()
+        self.engine.flush()  # nothing in flight may read or write the pool row we fill
         try:
-            row = self.disk.get(block_hash)
-        except CorruptBlockError:
+            # Straight into the pool row: no staging copy.
+            self.disk.get(block_hash, out=self.engine.host_pool[slot])
+        except (CorruptBlockError, DiskReadError):
             self._free.append(slot)
             self._sync_disk_counters()
             return None
-        self.metrics.disk_read_bytes += row.nbytes
+        self.metrics.disk_read_bytes += self.engine.row_bytes
         self.metrics.disk_read_seconds += time.perf_counter() - t0
-        self.engine.write_host([slot], row[None])
         self._host[block_hash] = slot
         self.metrics.blocks_promoted += 1
         return slot
@@ -427,9 +429,10 @@ class TieredConnector(HostConnector):
         return self.engine.num_host_pages
 
     def _after_offload(self, hashes: list[bytes], slots: list[int]) -> None:
-        rows = self.engine.read_host(slots)  # completes the offload first
+        self.engine.flush()  # the offload lands in the pool; then write from the rows in place
         t0 = time.perf_counter()
-        for h, row in zip(hashes, rows, strict=True):
+        for h, slot in zip(hashes, slots, strict=True):
+            row = self.engine.host_pool[slot]
             try:
                 if self.disk.put(h, row):
                     self.metrics.disk_write_bytes += row.nbytes

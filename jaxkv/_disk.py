@@ -1,7 +1,9 @@
 """`DiskTier`: host page rows stored as one verified file per block hash.
 
 File layout (little-endian), written to a temporary name and renamed into
-place, so a crash never leaves a half-written block under a real name:
+place, so a crashed process never leaves a half-written block under a real
+name (files are not fsynced: after a power loss a renamed file may be short
+or zeroed, which the size check and the checksum then catch):
 
 ```
 offset  size  field
@@ -48,6 +50,10 @@ class DiskWriteError(Exception):
     """A block could not be written (disk full, directory unwritable); nothing was stored."""
 
 
+class DiskReadError(Exception):
+    """A stored block could not be read right now (an I/O error, not a verification failure); it was kept."""
+
+
 def checksum(payload) -> int:
     return xxhash.xxh3_64_intdigest(payload)
 
@@ -81,7 +87,8 @@ class DiskTier:
         found = []
         for entry in os.scandir(self.directory):
             if entry.name.startswith(".") and entry.name.endswith(".tmp"):
-                _unlink(entry.path)  # a write that never completed
+                if not _writer_alive(entry.name):
+                    _unlink(entry.path)  # a write whose process died before the rename
                 continue
             if not entry.name.endswith(SUFFIX):
                 continue
@@ -137,11 +144,17 @@ class DiskTier:
 
     # -- read / write ------------------------------------------------------
     def get(self, block_hash: bytes, out: np.ndarray | None = None) -> np.ndarray:
-        """The verified row of `block_hash` (into `out` if given).
+        """The verified row of `block_hash` (read into `out` if given).
 
-        Raises KeyError if the tier does not hold it, CorruptBlockError if the
-        file fails verification (the file is then removed and the block is gone).
+        Raises KeyError if the tier does not hold it; CorruptBlockError if the
+        file fails verification (the file is then removed and the block is
+        gone); DiskReadError for an I/O error (the block is kept). On any
+        error the contents of `out` are undefined.
         """
+        if out is not None and (out.dtype != np.uint8 or out.shape != (self.row_bytes,) or not out.flags.c_contiguous):
+            raise ValueError(
+                f"out must be a contiguous uint8 array of shape ({self.row_bytes},), got {out.dtype} {out.shape}"
+            )
         if block_hash not in self._index:
             raise KeyError(block_hash)
         row = np.empty(self.row_bytes, np.uint8) if out is None else out
@@ -151,16 +164,21 @@ class DiskTier:
                 check = self._parse_header(f.read(HEADER_BYTES), block_hash)
                 if check is None:
                     raise CorruptBlockError("fingerprint changed")
-                n = f.readinto(memoryview(row))
+                n = _read_full(f, memoryview(row))
                 extra = f.read(1)
             if n != self.row_bytes or extra:
                 raise CorruptBlockError(f"payload is {n}{'+' if extra else ''} bytes, expected {self.row_bytes}")
             if checksum(row) != check:
                 raise CorruptBlockError("checksum mismatch")
-        except (OSError, CorruptBlockError) as e:
+        except FileNotFoundError as e:  # removed behind our back: simply gone
+            self._index.pop(block_hash, None)
+            raise CorruptBlockError(f"block {block_hash.hex()[:16]}: file missing") from e
+        except CorruptBlockError as e:
             self.corrupt += 1
             self._drop(block_hash)
             raise CorruptBlockError(f"block {block_hash.hex()[:16]}: {e}") from e
+        except OSError as e:
+            raise DiskReadError(f"reading block {block_hash.hex()[:16]}: {e}") from e
         self._index.move_to_end(block_hash)
         return row
 
@@ -180,8 +198,8 @@ class DiskTier:
         tmp = self.directory / f".{path.name}.{os.getpid()}.tmp"
         try:
             with open(tmp, "wb", buffering=0) as f:
-                f.write(header)
-                f.write(memoryview(np.ascontiguousarray(row)))
+                _write_full(f, memoryview(header))
+                _write_full(f, memoryview(np.ascontiguousarray(row)).cast("B"))
             self._evict_to(self.capacity_bytes - self.file_bytes)
             os.replace(tmp, path)
         except OSError as e:
@@ -204,6 +222,38 @@ class DiskTier:
         """Remove every block of this tier."""
         for block_hash in list(self._index):
             self._drop(block_hash)
+
+
+def _write_full(f, data: memoryview) -> None:
+    """Write all of `data`: an unbuffered write may be short (disk filling up, file size limit)."""
+    while data:
+        n = f.write(data)
+        if not n:
+            raise OSError(28, "short write: no progress")  # ENOSPC-like
+        data = data[n:]
+
+
+def _read_full(f, buf: memoryview) -> int:
+    """Read until `buf` is full or the file ends; returns the bytes read."""
+    total = 0
+    while total < len(buf):
+        n = f.readinto(buf[total:])
+        if not n:
+            break
+        total += n
+    return total
+
+
+def _writer_alive(tmp_name: str) -> bool:
+    """Whether the process that owns a temporary file (".<name>.<pid>.tmp") still runs."""
+    try:
+        pid = int(tmp_name[: -len(".tmp")].rsplit(".", 1)[1])
+        os.kill(pid, 0)
+    except (ValueError, IndexError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return pid != os.getpid()
 
 
 def _unlink(path) -> None:

@@ -349,3 +349,74 @@ def test_disk_tier_warm_restart_keeps_lru_order(tmp_path):
     assert h(0) not in again and h(1) in again
     chex.assert_trees_all_equal(again.get(h(2)), np.full(64, 2, np.uint8))
     jax.block_until_ready(jnp.zeros(1))
+
+
+def test_disk_get_rejects_a_bad_out_buffer_and_keeps_the_block(tmp_path):
+    fp = hashlib.sha256(b"layout").digest()
+    tier = DiskTier(tmp_path, 1 << 20, fingerprint=fp, row_bytes=64)
+    tier.put(h(0), np.arange(64, dtype=np.uint8))
+    for bad in (np.empty(128, np.uint8), np.empty(32, np.uint8), np.empty(64, np.int8)):
+        with pytest.raises(ValueError, match=r"out must be a contiguous uint8 array of shape \(64,\)"):
+            tier.get(h(0), out=bad)
+    assert h(0) in tier and tier.corrupt == 0
+    chex.assert_trees_all_equal(tier.get(h(0)), np.arange(64, dtype=np.uint8))
+
+
+def test_transient_read_error_keeps_the_block(tmp_path, monkeypatch):
+    from jaxkv._disk import DiskReadError
+
+    fp = hashlib.sha256(b"layout").digest()
+    tier = DiskTier(tmp_path, 1 << 20, fingerprint=fp, row_bytes=64)
+    tier.put(h(0), np.arange(64, dtype=np.uint8))
+
+    def emfile(*args, **kwargs):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr("jaxkv._disk.open", emfile, raising=False)
+    with pytest.raises(DiskReadError, match="Too many open files"):
+        tier.get(h(0))
+    monkeypatch.undo()
+    assert h(0) in tier and tier.corrupt == 0
+    chex.assert_trees_all_equal(tier.get(h(0)), np.arange(64, dtype=np.uint8))
+
+
+def test_short_write_is_a_failed_write(tmp_path, monkeypatch):
+    from jaxkv._disk import DiskWriteError
+
+    fp = hashlib.sha256(b"layout").digest()
+    tier = DiskTier(tmp_path, 1 << 20, fingerprint=fp, row_bytes=4096)
+    real_open = open
+
+    class Short:
+        """A file that accepts 1000 bytes, then makes no progress (a file size limit)."""
+
+        def __init__(self, f):
+            self.f, self.left = f, 1000
+
+        def write(self, data):
+            n = self.f.write(data[: self.left])
+            self.left -= n
+            return n
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr("jaxkv._disk.open", lambda *a, **k: Short(real_open(*a, **k)), raising=False)
+    with pytest.raises(DiskWriteError, match="short write"):
+        tier.put(h(0), np.ones(4096, np.uint8))
+    monkeypatch.undo()
+    assert h(0) not in tier and os.listdir(tmp_path) == []
+
+
+def test_tiered_touch_accepts_any_iterable_and_refreshes_disk(tmp_path):
+    src, _, _ = random_buffer(BF16_MHA, 2, 8)
+    row = BF16_MHA.host_bytes_per_page(2)
+    c = TieredConnector(src, row, tmp_path, 2 * (row + HEADER_BYTES))
+    c.offload([0], [h(0)])
+    c.offload([1], [h(1)])
+    c.touch(x for x in [h(0)])  # a generator: host and disk both see it
+    c.offload([2], [h(2)])  # the disk evicts h1, not the touched h0
+    assert h(0) in c.disk and h(1) not in c.disk
