@@ -372,7 +372,7 @@ def test_transient_read_error_keeps_the_block(tmp_path, monkeypatch):
     def emfile(*args, **kwargs):
         raise OSError(errno.EMFILE, "Too many open files")
 
-    monkeypatch.setattr("jaxkv._disk.open", emfile, raising=False)
+    monkeypatch.setattr("jaxkv._disk.os.open", emfile)
     with pytest.raises(DiskReadError, match="Too many open files"):
         tier.get(h(0))
     monkeypatch.undo()
@@ -385,26 +385,18 @@ def test_short_write_is_a_failed_write(tmp_path, monkeypatch):
 
     fp = hashlib.sha256(b"layout").digest()
     tier = DiskTier(tmp_path, 1 << 20, fingerprint=fp, row_bytes=4096)
-    real_open = open
+    real_writev, budget = os.writev, [1000]
 
-    class Short:
-        """A file that accepts 1000 bytes, then makes no progress (a file size limit)."""
+    def short_writev(fd, parts):
+        """Accepts 1000 bytes, then makes no progress (a file size limit)."""
+        take = []
+        for p in parts:
+            take.append(p[: max(0, budget[0] - sum(len(t) for t in take))])
+        n = real_writev(fd, [t for t in take if len(t)]) if any(len(t) for t in take) else 0
+        budget[0] -= n
+        return n
 
-        def __init__(self, f):
-            self.f, self.left = f, 1000
-
-        def write(self, data):
-            n = self.f.write(data[: self.left])
-            self.left -= n
-            return n
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-    monkeypatch.setattr("jaxkv._disk.open", lambda *a, **k: Short(real_open(*a, **k)), raising=False)
+    monkeypatch.setattr("jaxkv._disk.os.writev", short_writev)
     with pytest.raises(DiskWriteError, match="short write"):
         tier.put(h(0), np.ones(4096, np.uint8))
     monkeypatch.undo()
