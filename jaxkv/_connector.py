@@ -119,6 +119,9 @@ class KVConnector:
         """(used, total) bytes of the disk tier."""
         return (0, 0)
 
+    def bind(self, buffer) -> None:
+        """Hand over the current cache after a computation (attention) donated the old one."""
+
     def reset(self) -> None:
         raise NotImplementedError
 
@@ -187,6 +190,10 @@ class HostConnector(KVConnector):
     @property
     def fingerprint(self) -> bytes:
         return self.engine.layout_fingerprint
+
+    def bind(self, buffer) -> None:
+        self._check_open()
+        self.engine.bind(buffer)
 
     @property
     def host_bytes(self) -> tuple[int, int]:

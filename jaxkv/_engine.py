@@ -253,6 +253,10 @@ class OffloadEngine:
             raise ValueError(f"buffer has {len(layout)} units, the engine was built for {len(self._layout)}")
         return units
 
+    def bind(self, buffer) -> None:
+        """Track `buffer` as the current cache (after another computation donated the old one)."""
+        self._bind(buffer)
+
     def _bind(self, buffer) -> list[KVCacheMemory]:
         self._units = self._check_buffer(buffer)
         self._buffer = buffer
