@@ -573,10 +573,7 @@ def plot(disk: list[dict], path: Path, fs: str) -> None:
         ax.set_title(f"{title}: {disk[0]['mib']:.0f} MiB per size, {fs}", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _common.save_figure(fig, path)
 
 
 # -- main ------------------------------------------------------------------------

@@ -32,35 +32,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import jaxkv  # noqa: E402
+from jaxkv._workload import chat_workload  # noqa: E402
 
 PAGE = 16
 FP = hashlib.sha256(b"bench-layout").digest()
 
 
 # -- workload ----------------------------------------------------------------------
-def chat_workload(rng, *, systems: int, conversations: int, turns: int, sys_len: int, user_len: int, reply_len: int):
-    """(conversation id, prompt tokens, reply tokens) in arrival order.
-
-    Each conversation has a system prompt shared with others and grows by a
-    user message and a reply per turn; conversations interleave at random, so
-    a returning one often finds its prefix pushed out of device memory.
-    """
-    sys_prompts = [rng.integers(0, 32000, sys_len).tolist() for _ in range(systems)]
-    history = {c: list(sys_prompts[c % systems]) for c in range(conversations)}
-    remaining = {c: turns for c in range(conversations)}
-    events = []
-    while remaining:
-        c = int(rng.choice(sorted(remaining)))
-        prompt = history[c] + rng.integers(0, 32000, user_len).tolist()
-        reply = rng.integers(0, 32000, reply_len).tolist()
-        events.append((c, prompt, reply))
-        history[c] = prompt + reply
-        remaining[c] -= 1
-        if not remaining[c]:
-            del remaining[c]
-    return events
-
-
 def serve(manager, events, on_step=None) -> None:
     """Admit each turn, 'compute' prompt and reply, commit, finish."""
     for i, (c, prompt, reply) in enumerate(events):
@@ -256,9 +234,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("fraction of prompt tokens")
     ax.set_title(f"where prompt tokens came from (host tier {rows[0]['host_pages']} pages, disk unbounded)")
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _common.save_figure(fig, path)
 
 
 def main() -> None:
@@ -266,15 +242,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller workload (smoke run)")
     args = parser.parse_args()
     rng = np.random.default_rng(1)
-    shape = dict(systems=4, conversations=12 if args.quick else 40, turns=3 if args.quick else 5)
-    events = chat_workload(rng, sys_len=512, user_len=48, reply_len=64, **shape)
-    cond = _common.conditions() | {
-        "page_size": PAGE,
-        **shape,
-        "system_tokens": 512,
-        "user_tokens": 48,
-        "reply_tokens": 64,
-    }
+    shape = dict(
+        system_prompts=4,
+        conversations=12 if args.quick else 40,
+        turns=3 if args.quick else 5,
+        system_tokens=512,
+        user_tokens=48,
+        reply_tokens=64,
+    )
+    events = chat_workload(rng, vocab=32000, **shape)
+    cond = _common.conditions() | {"page_size": PAGE, **shape}
     print("conditions:", ", ".join(f"{k}={v}" for k, v in cond.items()))
     t0 = time.perf_counter()
 

@@ -433,10 +433,7 @@ def plot(rows: list[dict], layouts: list[str], path: Path, platform: str) -> Non
         ax.set_title(f"{layout}: batch of {'/'.join(map(str, batches))} pages ({platform})")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _common.save_figure(fig, path)
 
 
 def native_kernels() -> str:
