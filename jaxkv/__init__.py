@@ -9,8 +9,10 @@ Public API (see docs/architecture.md):
 - `NullConnector`, `HostConnector`, `TieredConnector` (+ `DiskTier`): block-hash keyed
   host and disk tiers for the scheduler (`lookup`, `load`, `offload`, `touch`).
 - `PagedKVCacheManager`, `BlockPool`, `hash_blocks`: pages per request and prefix caching.
+- `paged_attention` (+ `paged_attention_shard`): write K/V into pages and attend through a page table.
 """
 
+from jaxkv._attention import paged_attention, paged_attention_shard
 from jaxkv._buffer import KVCacheBuffer, MultiKVCacheBuffer, allocate_buffer
 from jaxkv._connector import (
     ConnectorMetrics,
@@ -57,5 +59,7 @@ __all__ = [
     "Transfer",
     "allocate_buffer",
     "hash_blocks",
+    "paged_attention",
+    "paged_attention_shard",
     "root_hash",
 ]

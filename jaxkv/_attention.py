@@ -1,0 +1,326 @@
+"""Paged attention on jaxkv's cache layout: write the new tokens' K/V into their pages, then attend through the page table.
+
+One function serves prefill, chunked prefill and decode: every sequence of a
+ragged batch brings `q_lens[b]` new tokens (padded to `T`) at positions
+`[start_pos[b], start_pos[b] + q_lens[b])`. For one layer it
+
+1. writes their K/V (MLA: their latent) into page `page_table[b, pos // page_size]`,
+   slot `pos % page_size`, quantizing on the way for FP8/int8 caches;
+   padded tokens are dropped, never written (not even to the null page);
+2. reads every slot the page table names back from the cache, dequantized,
+   and attends causally: the query at `pos` sees positions `[0, pos]`.
+
+Reading the new tokens back from the cache, instead of using the fresh K/V,
+means a prompt prefilled at once and the same prompt prefilled in chunks see
+the same (rounded) keys. Slots past the end of a sequence (a page's unused
+tail, the null page behind table padding) may hold anything, NaN bit patterns
+included: they are masked out of the scores *and* zeroed in the values, since
+`0 * NaN` would otherwise poison `p @ v`.
+
+Sharding: `paged_attention` runs `paged_attention_shard` under `jax.shard_map`.
+MHA/GQA shards hold `n_kv_heads / tp` KV heads and the matching
+`n_heads / tp` query heads (query head j uses KV head j // group); an MLA
+latent cache is replicated and each shard attends with its `n_heads / tp`
+query heads (every shard writes the same latent into its replica).
+
+Portable XLA throughout (gather, einsum, scatter), float32 scores and softmax.
+A fused kernel (Pallas, FlashAttention) can replace `_attend` reading the
+same layout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxkv._buffer import HEADS_AXIS, KVCacheBuffer
+from jaxkv._pages import word_dtype
+
+_F32 = jnp.float32
+_HIGHEST = lax.Precision.HIGHEST  # full float32 matmuls: no TF32 on GPUs, same numbers on every backend
+
+
+# -- quantization -------------------------------------------------------------
+
+
+def _max_value(dtype) -> float:
+    """Largest finite magnitude a quantized value may take (symmetric: int8 uses ±127)."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.integer):
+        return float(jnp.iinfo(dtype).max)
+    return float(jnp.finfo(dtype).max)
+
+
+def _saturate(x: jax.Array, dtype) -> jax.Array:
+    """Cast float32 `x` to `dtype`, rounding to nearest and clipping to the finite range.
+
+    float8_e4m3fn has no infinity: an unclipped overflow would become NaN.
+    """
+    dtype = jnp.dtype(dtype)
+    limit = _max_value(dtype)
+    if jnp.issubdtype(dtype, jnp.integer):
+        x = jnp.round(x)
+    return jnp.clip(x, -limit, limit).astype(dtype)
+
+
+def _pow2_ceil(x: jax.Array) -> jax.Array:
+    """The smallest power of two >= x (x > 0): float8_e8m0fnu stores exponents only,
+    and rounding a scale down would push values past the dtype's range."""
+    mantissa, exponent = jnp.frexp(x)  # x = mantissa * 2**exponent, mantissa in [0.5, 1)
+    return jnp.ldexp(jnp.ones_like(x), jnp.where(mantissa == 0.5, exponent - 1, exponent))
+
+
+def quantize(x: jax.Array, dtype, scale_dtype, granularity: int) -> tuple[jax.Array, jax.Array]:
+    """Quantize `x` [..., D] in groups of `granularity` consecutive elements.
+
+    scale = amax(|group|) / max(dtype), stored in `scale_dtype`: an all-zero
+    group gets scale 1, and scales are clipped to the normal range of
+    `scale_dtype` (float8_e8m0fnu: rounded up to a power of two). The values
+    are divided by the *stored* scale, so `dequantize` inverts exactly what was
+    kept. Returns (values [..., D] dtype, scales [..., D // granularity] scale_dtype).
+    """
+    x = x.astype(_F32)
+    groups = x.reshape(*x.shape[:-1], x.shape[-1] // granularity, granularity)
+    scale = jnp.max(jnp.abs(groups), axis=-1) / _max_value(dtype)
+    scale = jnp.where(scale > 0, scale, 1.0)
+    # Keep the scale a normal number of its dtype: a float16 scale of a tiny group would underflow to 0.
+    limits = jnp.finfo(scale_dtype)
+    scale = jnp.clip(scale, float(limits.tiny), float(limits.max))
+    if jnp.dtype(scale_dtype) == jnp.float8_e8m0fnu:
+        scale = _pow2_ceil(scale)
+    stored = scale.astype(scale_dtype)
+    return _saturate(groups / stored.astype(_F32)[..., None], dtype).reshape(x.shape), stored
+
+
+def dequantize(values: jax.Array, scales: jax.Array) -> jax.Array:
+    """float32 `values * scale`, the inverse of `quantize` (scales: [..., D // granularity])."""
+    n = scales.shape[-1]
+    groups = values.astype(_F32).reshape(*values.shape[:-1], n, values.shape[-1] // n)
+    return (groups * scales.astype(_F32)[..., None]).reshape(values.shape)
+
+
+# -- cache writes and reads (one shard) ------------------------------------------
+
+
+def _set_tokens(array: jax.Array, pages, layer, slots, tokens: jax.Array) -> jax.Array:
+    """`array` [pages, kv, layers, page_size, heads, d] with tokens[i] ([kv, heads, d]) at
+    (pages[i], :, layer, slots[i]). Page ids past the end are dropped.
+
+    Scatters words, not floats: XLA:CPU computes a bfloat16/float8 scatter
+    through float32, which would rewrite NaN payloads in every other page.
+    """
+    word = word_dtype(array.dtype)
+    words = lax.bitcast_convert_type(array, word)
+    tokens = lax.bitcast_convert_type(tokens, word)
+    words = words.at[pages, :, layer, slots].set(tokens, mode="drop")
+    return lax.bitcast_convert_type(words, array.dtype)
+
+
+def _write(cache: KVCacheBuffer, layer, new: jax.Array, page_table, start_pos, q_lens) -> KVCacheBuffer:
+    """Store `new` [B, T, kv, heads, d] at the positions its sequences own; padding is dropped."""
+    values, scales = cache.values, cache.scales
+    num_pages, page_size = values.shape[0], values.shape[3]
+    b, t = new.shape[:2]
+    pos = start_pos[:, None] + jnp.arange(t)  # [B, T]
+    blocks = jnp.minimum(pos // page_size, page_table.shape[1] - 1)  # padding may run past the table
+    pages = jnp.take_along_axis(page_table, blocks, axis=1)
+    pages = jnp.where(jnp.arange(t) < q_lens[:, None], pages, num_pages)  # padding: past the end, dropped
+    pages, slots = pages.reshape(-1), (pos % page_size).reshape(-1)
+    new = new.reshape(b * t, *new.shape[2:])
+    if scales is None:
+        # bf16/f16/f32 round; an unscaled int8/fp8 cache saturates rather than wrap or turn NaN.
+        stored = _saturate(new.astype(_F32), values.dtype) if values.dtype.itemsize == 1 else new.astype(values.dtype)
+        return _with_arrays(cache, _set_tokens(values, pages, layer, slots, stored), None)
+    granularity = values.shape[-1] // scales.shape[-1]
+    stored, stored_scales = quantize(new, values.dtype, scales.dtype, granularity)
+    return _with_arrays(
+        cache,
+        _set_tokens(values, pages, layer, slots, stored),
+        _set_tokens(scales, pages, layer, slots, stored_scales),
+    )
+
+
+def _with_arrays(cache: KVCacheBuffer, values, scales) -> KVCacheBuffer:
+    # The constructor validates shardings, which traced arrays do not carry.
+    return KVCacheBuffer.tree_unflatten(cache.replicates_kv_across_tp, (values, scales))
+
+
+def _read(cache: KVCacheBuffer, layer, page_table) -> jax.Array:
+    """Every slot the page table names, dequantized: [B, kv, pages * page_size, heads, d] float32."""
+    x = cache.values[page_table, :, layer]  # [B, pages, kv, page_size, heads, d]
+    x = x.astype(_F32) if cache.scales is None else dequantize(x, cache.scales[page_table, :, layer])
+    b, n, kv, page_size, heads, d = x.shape
+    return jnp.moveaxis(x, 2, 1).reshape(b, kv, n * page_size, heads, d)
+
+
+def _attend(q, keys, vals, pos, seq_end, softmax_scale: float) -> jax.Array:
+    """Causal attention over cache slots. q [B, T, H, d]; keys [B, S, h, d]; vals [B, S, h, dv];
+    pos [B, T] query positions; seq_end [B] = slots a sequence has written. Returns [B, T, H, dv] float32."""
+    b, t, n_heads, d = q.shape
+    s, h = keys.shape[1:3]
+    slot = jnp.arange(s)
+    live = slot[None, :] < seq_end[:, None]  # [B, S]
+    vals = jnp.where(live[:, :, None, None], vals, 0.0)
+    mask = live[:, None, :] & (slot[None, None, :] <= pos[:, :, None])  # [B, T, S]
+    q = q.astype(_F32).reshape(b, t, h, n_heads // h, d)
+    scores = jnp.einsum("bthgd,bshd->bhgts", q, keys, precision=_HIGHEST) * softmax_scale
+    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    top = jnp.max(scores, axis=-1, keepdims=True)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)  # a padded query of an empty sequence sees no key
+    p = jnp.exp(scores - top)
+    total = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(total > 0, total, 1.0)
+    out = jnp.einsum("bhgts,bshd->bthgd", p, vals, precision=_HIGHEST)
+    return out.reshape(b, t, n_heads, -1)
+
+
+def paged_attention_shard(
+    cache: KVCacheBuffer,
+    layer,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array | None,
+    page_table: jax.Array,
+    start_pos: jax.Array,
+    q_lens: jax.Array,
+    *,
+    softmax_scale: float | None = None,
+    value_dim: int | None = None,
+) -> tuple[jax.Array, KVCacheBuffer]:
+    """`paged_attention` on one shard: local arrays, no collectives.
+
+    For models that already run inside `jax.shard_map`: `cache` holds this
+    shard's values/scales, `q` its query heads, `k`/`v` its KV heads (MLA: the
+    full latent, `v=None`). Returns (out [B, T, heads, dv] in q's dtype, new cache).
+    """
+    page_table = jnp.asarray(page_table, jnp.int32)
+    start_pos, q_lens = jnp.asarray(start_pos, jnp.int32), jnp.asarray(q_lens, jnp.int32)
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    new = k[:, :, None] if v is None else jnp.stack([k, v], axis=2)  # [B, T, kv, heads, d]
+    cache = _write(cache, layer, new, page_table, start_pos, q_lens)
+    kv = _read(cache, layer, page_table)
+    keys = kv[:, 0]
+    vals = keys[..., :value_dim] if v is None else kv[:, 1]
+    pos = start_pos[:, None] + jnp.arange(q.shape[1])
+    out = _attend(q, keys, vals, pos, start_pos + q_lens, softmax_scale)
+    return out.astype(q.dtype), cache
+
+
+# -- the sharded entry point ------------------------------------------------------
+
+
+def _check(cache: KVCacheBuffer, q, k, v, page_table, start_pos, q_lens, value_dim, tp: int) -> None:
+    """Shape checks, at trace time; raise ValueError naming what disagrees."""
+    kv_dim, heads, head_dim = cache.values.shape[1], cache.values.shape[HEADS_AXIS], cache.values.shape[-1]
+    if q.ndim != 4 or k.ndim != 4:
+        raise ValueError(
+            f"q and k must be [batch, tokens, heads, head_dim], got shapes {tuple(q.shape)} and {tuple(k.shape)}"
+        )
+    b, t, n_heads, _ = q.shape
+    if k.shape != (b, t, heads, head_dim):
+        raise ValueError(
+            f"k has shape {tuple(k.shape)}, expected {(b, t, heads, head_dim)} (batch, tokens of q; cache heads, head_dim)"
+        )
+    if q.shape[-1] != head_dim:
+        raise ValueError(f"q head_dim ({q.shape[-1]}) must equal the cache head_dim ({head_dim})")
+    if kv_dim == 2:
+        if v is None or v.shape != k.shape:
+            raise ValueError(
+                f"v must have k's shape {tuple(k.shape)} for a K/V cache, got {None if v is None else tuple(v.shape)}"
+            )
+        if value_dim is not None:
+            raise ValueError(f"value_dim ({value_dim}) applies to MLA latent caches only; this cache has kv_dim 2")
+    else:
+        if v is not None:
+            raise ValueError("v must be None for an MLA cache (kv_dim 1): the value is read from the latent")
+        if value_dim is None or not 0 < value_dim <= head_dim:
+            raise ValueError(f"value_dim must be in [1, {head_dim}] for an MLA cache, got {value_dim!r}")
+    if n_heads % heads:
+        raise ValueError(
+            f"q heads ({n_heads}) must be a multiple of KV heads ({heads}), but {n_heads} % {heads} = {n_heads % heads}"
+        )
+    if n_heads % tp:
+        raise ValueError(
+            f"q heads ({n_heads}) must be divisible by the TP degree ({tp}), but {n_heads} % {tp} = {n_heads % tp}"
+        )
+    if len(jnp.shape(page_table)) != 2 or jnp.shape(page_table)[0] != b:
+        raise ValueError(f"page_table must be [batch={b}, pages], got shape {jnp.shape(page_table)}")
+    for name, x in (("start_pos", start_pos), ("q_lens", q_lens)):
+        if jnp.shape(x) != (b,):
+            raise ValueError(f"{name} must have shape ({b},) (one per sequence), got {jnp.shape(x)}")
+
+
+def paged_attention(
+    cache: KVCacheBuffer,
+    layer,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array | None,
+    page_table: jax.Array,
+    start_pos: jax.Array,
+    q_lens: jax.Array,
+    *,
+    mesh: Mesh,
+    tp_axis: str = "tp",
+    softmax_scale: float | None = None,
+    value_dim: int | None = None,
+) -> tuple[jax.Array, KVCacheBuffer]:
+    """Write one layer's new K/V into the paged cache and attend through the page table.
+
+    Args:
+      cache: the cache, laid out by `allocate_buffer(params, mesh, ...)` on
+        `mesh` / `tp_axis`. Call this inside a `jax.jit` that donates it: the
+        returned cache then reuses its memory.
+      layer: int (or traced int32 scalar) layer index.
+      q: [B, T, n_heads, head_dim] queries, RoPE applied. MLA: absorbed
+        queries `[q_nope @ W_UK | q_rope]`, head_dim = the latent width.
+      k, v: [B, T, n_kv_heads, head_dim] new keys/values. MLA: k is the latent
+        `[c_kv | k_rope]` [B, T, 1, head_dim] and v is None.
+      page_table: [B, pages] int32; page `page_table[b, p]` holds positions
+        `[p * page_size, (p + 1) * page_size)` of sequence b. Pad with 0 (the null page).
+      start_pos, q_lens: [B] int32; sequence b brings `q_lens[b]` tokens
+        (q_lens[b] <= T) at positions `start_pos[b] + i`.
+      softmax_scale: defaults to 1/sqrt(head_dim).
+      value_dim: MLA only: the value is the first `value_dim` elements of
+        the latent (`kv_lora_rank`).
+
+    Returns:
+      (out [B, T, n_heads, head_dim or value_dim] in q's dtype, new cache).
+      Rows of padded tokens (i >= q_lens[b]) are unspecified.
+    """
+    if tp_axis not in mesh.axis_names:
+        raise ValueError(f"tp_axis {tp_axis!r} is not an axis of the mesh, whose axes are {mesh.axis_names}")
+    tp = mesh.shape[tp_axis]
+    _check(cache, q, k, v, page_table, start_pos, q_lens, value_dim, tp)
+    cache_spec = P() if cache.replicates_kv_across_tp else P(None, None, None, None, tp_axis, None)
+    cache_specs = jax.tree.map(lambda _: cache_spec, cache)
+    heads = P(None, None, tp_axis, None)
+    kv_spec = P() if cache.replicates_kv_across_tp else heads
+    scalars = (P(), P(), P(), P())  # layer, page_table, start_pos, q_lens
+
+    def body(cache, layer, page_table, start_pos, q_lens, q, *kv):
+        k, v = kv if len(kv) == 2 else (kv[0], None)
+        return paged_attention_shard(
+            cache, layer, q, k, v, page_table, start_pos, q_lens, softmax_scale=softmax_scale, value_dim=value_dim
+        )
+
+    kvs = (k,) if v is None else (k, v)
+    specs = (cache_specs, *scalars, heads, *(kv_spec for _ in kvs))
+    sharded = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=specs,
+        out_specs=(heads, cache_specs),
+        check_vma=False,
+    )
+    args = (cache, jnp.asarray(layer, jnp.int32), page_table, start_pos, q_lens, q, *kvs)
+    if dict(zip(mesh.axis_names, mesh.axis_types, strict=True))[tp_axis] == AxisType.Explicit:
+        # shard_map over Explicit axes takes inputs only as already laid out like in_specs.
+        args = jax.tree.map(lambda x, spec: jax.reshard(x, NamedSharding(mesh, spec)), args, specs)
+    return sharded(*args)

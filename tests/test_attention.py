@@ -1,0 +1,258 @@
+"""Paged attention against a dense reference: ragged batches, MHA/GQA and MLA, bf16/FP8/int8 caches, TP 1-4."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from cachegen import as_bytes, random_buffer, tp_mesh
+
+from jaxkv import KVCacheParams, KVCacheQuantConfig, allocate_buffer, paged_attention
+from jaxkv._attention import dequantize, quantize
+
+PAGE_SIZE, LAYERS, LAYER = 4, 2, 1
+T = 8  # tokens per sequence in a batch, padded
+# Three sequences: a fresh prefill, a decode step, a chunk crossing pages. A first
+# call writes their prefixes (sequence 0 brings no token), a second the new tokens.
+PREFIX = np.array([0, 6, 8], np.int32)
+NEW = np.array([8, 1, 5], np.int32)
+PAGE_TABLE = np.array([[3, 7, 0, 0], [9, 2, 0, 0], [5, 1, 8, 4]], np.int32)  # shuffled, null-padded
+NUM_PAGES = 10
+N_HEADS = {"mha": 8, "mla": 4}
+HEAD_DIM = {"mha": 16, "mla": 24}  # MLA: latent 16 + rope 8
+MLA_VALUE_DIM = 16
+SCALE = 0.3
+QUANT = KVCacheQuantConfig(granularity=8)
+DTYPES = ("bfloat16", "float8_e4m3fn", "int8")
+
+
+def cache_params(kind: str, dtype: str) -> KVCacheParams:
+    quant = None if dtype == "bfloat16" else QUANT
+    if kind == "mla":
+        return KVCacheParams(dtype, 1, HEAD_DIM["mla"], LAYERS, PAGE_SIZE, is_mla=True, quant=quant)
+    return KVCacheParams(dtype, 4, HEAD_DIM["mha"], LAYERS, PAGE_SIZE, quant=quant)
+
+
+@functools.cache
+def attention_step(params: KVCacheParams, tp: int):
+    """One jitted, donating program per layout; both calls of a test share it."""
+    value_dim = MLA_VALUE_DIM if params.is_mla else None
+    step = functools.partial(paged_attention, mesh=tp_mesh(tp), softmax_scale=SCALE, value_dim=value_dim)
+    return jax.jit(step, donate_argnums=0)
+
+
+def inputs(params: KVCacheParams, seed: int = 0):
+    """Queries and per-position K/V for every sequence: q [B, 16, H, d], k/v [B, 16, h, d] float32."""
+    rng = np.random.default_rng(seed)
+    b, n = len(PREFIX), 16
+    heads = N_HEADS["mla" if params.is_mla else "mha"]
+    q = rng.standard_normal((b, n, heads, params.head_dim), np.float32)
+    k = rng.standard_normal((b, n, params.n_kv_heads, params.head_dim), np.float32)
+    v = None if params.is_mla else rng.standard_normal(k.shape, np.float32)
+    return q, k, v
+
+
+def window(x, start, lens):
+    """x[b, start[b] : start[b] + lens[b]] padded to T with NaN: padded tokens must be dropped."""
+    out = np.full((x.shape[0], T, *x.shape[2:]), np.nan, np.float32)
+    for b, (s, n) in enumerate(zip(start, lens, strict=True)):
+        out[b, :n] = x[b, s : s + n]
+    return out
+
+
+def run_both_calls(step, cache, q, k, v):
+    """Write the prefixes, then the new tokens; returns (out of the second call, cache)."""
+    zero = np.zeros_like(PREFIX)
+    for start, lens in ((zero, PREFIX), (PREFIX, NEW)):
+        kv = (window(k, start, lens), None if v is None else window(v, start, lens))
+        out, cache = step(cache, LAYER, window(q, start, lens), *kv, PAGE_TABLE, start, lens)
+    return out, cache
+
+
+def fake_quant(x: np.ndarray, params: KVCacheParams) -> np.ndarray:
+    """What the cache keeps of x, written independently of jaxkv: round to the cache dtype per scale group."""
+    dtype = np.dtype(params.dtype)
+    if params.quant is None:
+        return x.astype(dtype).astype(np.float32)
+    groups = x.reshape(*x.shape[:-1], -1, params.quant.granularity)
+    qmax = np.float32(127 if dtype == np.int8 else float(ml_dtypes.finfo(dtype).max))
+    scale = np.abs(groups).max(-1) / qmax
+    scale = np.where(scale > 0, scale, np.float32(1))
+    scaled = groups / scale[..., None]
+    if dtype == np.int8:
+        scaled = np.round(scaled)
+    scaled = np.clip(scaled, -qmax, qmax).astype(dtype).astype(np.float32)
+    return (scaled * scale[..., None]).reshape(x.shape)
+
+
+def dense_attention(q, k, v, value_dim=None):
+    """Plain causal attention of one sequence over all its K/V. q [n, H, d] at the last n of
+    k/v's positions; k [s, h, d]; v [s, h, dv] (MLA: v = k[..., :value_dim])."""
+    if v is None:
+        v = k[..., :value_dim]
+    n, heads, s = q.shape[0], q.shape[1], k.shape[0]
+    group = heads // k.shape[1]
+    k, v = np.repeat(k, group, axis=1).astype(np.float64), np.repeat(v, group, axis=1).astype(np.float64)
+    scores = np.einsum("thd,shd->hts", q.astype(np.float64), k) * SCALE
+    causal = np.arange(s)[None, :] <= (s - n + np.arange(n))[:, None]
+    scores = np.where(causal, scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("hts,shd->thd", p, v)
+
+
+def written_slots() -> set[tuple[int, int]]:
+    """(page, slot) of every position the two calls write."""
+    return {
+        (int(PAGE_TABLE[b, pos // PAGE_SIZE]), pos % PAGE_SIZE)
+        for b in range(len(PREFIX))
+        for pos in range(PREFIX[b] + NEW[b])
+    }
+
+
+def host_copies(array: jax.Array) -> np.ndarray:
+    """The global array on the host; a replicated array's shards must be identical."""
+    shards = [np.asarray(s.data) for s in array.addressable_shards]
+    if array.sharding.is_fully_replicated and len(shards) > 1:
+        for s in shards[1:]:
+            np.testing.assert_array_equal(as_bytes(s), as_bytes(shards[0]))
+    return np.asarray(array)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["mha", "mla"])
+def test_matches_dense_reference(kind, dtype, tp):
+    params = cache_params(kind, dtype)
+    step = attention_step(params, tp)
+    q, k, v = inputs(params)
+    # Start from random bit patterns (NaN, Inf) everywhere, the null page included.
+    garbage, values0, scales0 = random_buffer(params, tp, NUM_PAGES, seed=1)
+    out, cache = run_both_calls(step, garbage, q, k, v)
+    out = np.asarray(out)
+    chex.assert_shape(out, (3, T, N_HEADS[kind], MLA_VALUE_DIM if v is None else params.head_dim))
+
+    kq = fake_quant(k, params)
+    vq = None if v is None else fake_quant(v, params)
+    tol = {"bfloat16": 1e-5, "float8_e4m3fn": 1e-4, "int8": 1e-4}[dtype]
+    for b, (start, n) in enumerate(zip(PREFIX, NEW, strict=True)):
+        end = start + n
+        want = dense_attention(q[b, start:end], kq[b, :end], None if v is None else vq[b, :end], MLA_VALUE_DIM)
+        np.testing.assert_allclose(out[b, :n], want, atol=tol, rtol=tol, err_msg=f"sequence {b}")
+        # Quantization error itself stays small: compare with attention on exact K/V.
+        exact = dense_attention(q[b, start:end], k[b, :end], None if v is None else v[b, :end], MLA_VALUE_DIM)
+        np.testing.assert_allclose(out[b, :n], exact, atol=0.15)
+
+    # Layout: K (and V) of position pos of sequence b sit at [page, kv, LAYER, slot, heads, :].
+    values = host_copies(cache.values)
+    stored = values.astype(np.float32)
+    if params.quant is not None:
+        stored = np.asarray(dequantize(jnp.asarray(values), jnp.asarray(host_copies(cache.scales))))
+    new = np.stack([kq] if v is None else [kq, vq], axis=2)  # [B, 16, kv, h, d]
+    for b in range(3):
+        for pos in range(PREFIX[b] + NEW[b]):
+            page, slot = PAGE_TABLE[b, pos // PAGE_SIZE], pos % PAGE_SIZE
+            np.testing.assert_allclose(stored[page, :, LAYER, slot], new[b, pos], rtol=1e-6, atol=0)
+
+    # Every other byte, padded tokens' targets and the null page included, is untouched.
+    untouched = np.ones(values.shape[:4], bool)
+    for page, slot in written_slots():
+        untouched[page, :, LAYER, slot] = False
+    chex.assert_trees_all_equal(as_bytes(values[untouched]), as_bytes(values0[untouched]))
+    if params.quant is not None:
+        chex.assert_trees_all_equal(as_bytes(host_copies(cache.scales)[untouched]), as_bytes(scales0[untouched]))
+
+    # Garbage in unwritten slots changes nothing: a zeroed cache gives the same bits.
+    out_zeroed, zeroed = run_both_calls(step, allocate_buffer(params, tp_mesh(tp), NUM_PAGES), q, k, v)
+    valid = np.arange(T)[None, :] < NEW[:, None]
+    chex.assert_trees_all_equal(np.asarray(out_zeroed)[valid], out[valid])
+    written = ~untouched
+    chex.assert_trees_all_equal(as_bytes(np.asarray(zeroed.values)[written]), as_bytes(values[written]))
+
+
+@pytest.mark.parametrize(
+    ("kind", "dtype", "tp"), [("mha", "bfloat16", 2), ("mha", "int8", 4), ("mla", "float8_e4m3fn", 2)]
+)
+def test_written_bytes_are_deterministic(kind, dtype, tp):
+    params = cache_params(kind, dtype)
+    step = attention_step(params, tp)
+    runs = []
+    for _ in range(2):
+        out, cache = run_both_calls(step, allocate_buffer(params, tp_mesh(tp), NUM_PAGES), *inputs(params))
+        runs.append((as_bytes(out), as_bytes(cache.values), None if cache.scales is None else as_bytes(cache.scales)))
+    chex.assert_trees_all_equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize(("kind", "dtype"), [("mha", "float8_e4m3fn"), ("mla", "bfloat16")])
+def test_cache_is_donated(kind, dtype):
+    params = cache_params(kind, dtype)
+    step = attention_step(params, 2)
+    cache = allocate_buffer(params, tp_mesh(2), NUM_PAGES)
+    q, k, v = inputs(params)
+    start, lens = np.zeros_like(PREFIX), NEW
+    new_cache = step(cache, 0, q[:, :T], k[:, :T], None if v is None else v[:, :T], PAGE_TABLE, start, lens)[1]
+    assert cache.values.is_deleted()
+    assert cache.scales is None or cache.scales.is_deleted()
+    assert new_cache.values.sharding.is_equivalent_to(allocate_buffer(params, tp_mesh(2), 1).values.sharding, 6)
+
+
+def test_traced_layer_index():
+    """The layer may be a traced scalar (a lax.scan / fori_loop over layers)."""
+    params = cache_params("mha", "bfloat16")
+    step = attention_step(params, 1)
+    q, k, v = inputs(params)
+    cache = allocate_buffer(params, tp_mesh(1), NUM_PAGES)
+    _, cache = step(cache, jnp.int32(0), q[:, :T], k[:, :T], v[:, :T], PAGE_TABLE, np.zeros(3, np.int32), NEW)
+    values = np.asarray(cache.values)
+    assert values[:, :, 0].any() and not values[:, :, 1].any()
+
+
+@pytest.mark.parametrize("scale_dtype", ["float32", "float16", "float8_e8m0fnu"])
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e5m2", "int8"])
+def test_quantize_round_trip(dtype, scale_dtype):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 32), np.float32) * np.float32(30)
+    x[0] = 0  # all-zero groups: scale 1, no NaN
+    x[1, :8] = 1e-3
+    values, scales = quantize(jnp.asarray(x), dtype, scale_dtype, granularity=8)
+    chex.assert_type(values, jnp.dtype(dtype))
+    chex.assert_type(scales, jnp.dtype(scale_dtype))
+    chex.assert_shape(scales, (5, 4))
+    back = np.asarray(dequantize(values, scales))
+    assert np.isfinite(back).all()
+    assert not back[0].any()
+    amax = np.abs(x.reshape(5, 4, 8)).max(-1, keepdims=True)
+    rel = {"float8_e4m3fn": 2**-3, "float8_e5m2": 2**-2, "int8": 1 / 127}[dtype]  # one step of the value grid
+    # A tiny group's scale is clipped up to the smallest normal scale, which then sets the step.
+    step = np.maximum(rel * amax, np.asarray(scales, np.float32)[..., None])
+    err = np.abs(back - x).reshape(5, 4, 8)
+    assert (err <= step * 1.01).all(), float((err / step).max())
+
+
+def test_rejects_bad_shapes():
+    params = cache_params("mha", "bfloat16")
+    mesh = tp_mesh(2)
+    cache = allocate_buffer(params, mesh, NUM_PAGES)
+    q, k, v = (x[:, :T] for x in inputs(params))
+    start, lens = np.zeros(3, np.int32), NEW
+    call = functools.partial(paged_attention, cache, 0, mesh=mesh)
+    with pytest.raises(ValueError, match=r"k has shape \(3, 8, 2, 16\), expected \(3, 8, 4, 16\)"):
+        call(q, k[:, :, :2], v[:, :, :2], PAGE_TABLE, start, lens)
+    with pytest.raises(ValueError, match=r"q heads \(6\) must be a multiple of KV heads \(4\)"):
+        call(q[:, :, :6], k, v, PAGE_TABLE, start, lens)
+    with pytest.raises(ValueError, match=r"page_table must be \[batch=3, pages\]"):
+        call(q, k, v, PAGE_TABLE[0], start, lens)
+    with pytest.raises(ValueError, match=r"q_lens must have shape \(3,\)"):
+        call(q, k, v, PAGE_TABLE, start, lens[:2])
+    with pytest.raises(ValueError, match=r"value_dim \(8\) applies to MLA"):
+        call(q, k, v, PAGE_TABLE, start, lens, value_dim=8)
+    with pytest.raises(ValueError, match="tp_axis 'x' is not an axis"):
+        call(q, k, v, PAGE_TABLE, start, lens, tp_axis="x")
+    mla = cache_params("mla", "bfloat16")
+    q, k, _ = inputs(mla)
+    q, k = q[:, :T], k[:, :T]
+    with pytest.raises(ValueError, match=r"value_dim must be in \[1, 24\] for an MLA cache, got None"):
+        paged_attention(allocate_buffer(mla, mesh, 2), 0, q, k, None, PAGE_TABLE, start, lens, mesh=mesh)
