@@ -10,8 +10,10 @@ Public API (see docs/architecture.md):
   host and disk tiers for the scheduler (`lookup`, `load`, `offload`, `touch`).
 - `PagedKVCacheManager`, `BlockPool`, `hash_blocks`: pages per request and prefix caching.
 - `paged_attention` (+ `paged_attention_shard`): write K/V into pages and attend through a page table.
+- `jaxkv.models`: `TinyConfig`, `TinyModel`, tiny random-weight MHA/MLA decoders on the paged cache.
 """
 
+from jaxkv import models
 from jaxkv._attention import paged_attention, paged_attention_shard
 from jaxkv._buffer import KVCacheBuffer, MultiKVCacheBuffer, allocate_buffer
 from jaxkv._connector import (
@@ -59,6 +61,7 @@ __all__ = [
     "Transfer",
     "allocate_buffer",
     "hash_blocks",
+    "models",
     "paged_attention",
     "paged_attention_shard",
     "root_hash",

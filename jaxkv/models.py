@@ -1,0 +1,440 @@
+"""Tiny decoder models with random weights: something real to drive the paged cache with, no downloads.
+
+Two kinds, both RMSNorm + RoPE + SwiGLU decoders with separate embedding and
+unembedding matrices:
+
+- `"mha"`: Llama-style grouped-query attention. The cache holds K and V per
+  KV head (`kv_dim=2`), heads split over the TP axis.
+- `"mla"`: DeepSeek-style multi-head latent attention. Each token's hidden
+  state is projected down to a latent `c_kv` (`kv_lora_rank`, RMS-normed) and
+  one decoupled RoPE key (`rope_dim`) shared by all heads; the cache stores
+  `[c_kv | k_rope]` as one vector (`kv_dim=1`, `n_kv_heads=1`), replicated
+  over TP. Attention runs in the *absorbed* form: each head's no-RoPE query
+  is multiplied by its key up-projection `W_UK` into latent space, so scores
+  are `[q_nope W_UK | q_rope] . [c_kv | k_rope]` against the cache as is,
+  and the attention-weighted latent is up-projected by `W_UV` afterwards.
+  Nothing is decompressed per cached token. Queries are projected directly
+  (no query LoRA); `head_dim` is both the no-RoPE query/key width and the
+  value width per head.
+
+Numerics: weights and activations are float32 (XLA:CPU runs float32 matmuls
+faster than bfloat16 ones, and the tests compare logits closely); only the
+cache is bfloat16 / FP8 / int8. Attention reads the new tokens' K/V back from
+the cache, so a prompt prefilled at once and in chunks sees the same rounded
+keys.
+
+Tensor parallelism is Megatron-style inside one `jax.shard_map`: query/KV
+heads and the MLP hidden units are split over the TP axis, the attention
+output and MLP down projections are summed with `psum`, everything else
+(embeddings, norms, the MLA down projection) is replicated. Weights are drawn
+from `config.seed` on the host as the same global arrays for every TP degree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxkv._attention import paged_attention_shard
+from jaxkv._buffer import KVCacheBuffer, allocate_buffer
+from jaxkv._pages import check_page_ids, check_unique
+from jaxkv._params import KVCacheParams, KVCacheQuantConfig
+from jaxkv._pool import NULL_PAGE
+
+KINDS = ("mha", "mla")
+UNQUANTIZED_CACHE_DTYPES = ("bfloat16", "float16", "float32")
+QUANTIZED_CACHE_DTYPES = ("float8_e4m3fn", "float8_e5m2", "int8")
+
+MLP_EXPANSION = 2
+"""SwiGLU hidden width in units of d_model (Llama uses about 8/3; 2 keeps the
+model tiny and the width divisible by small TP degrees)."""
+
+QUANT_GROUP = 32
+"""Largest scale group of a quantized cache; the granularity used is its gcd
+with the cached widths, so an MLA group never straddles latent and RoPE key."""
+
+ROPE_THETA = 10_000.0
+"""RoPE base frequency (Llama 2)."""
+
+NORM_EPS = 1e-6
+_HIGHEST = lax.Precision.HIGHEST  # full float32 matmuls on every backend
+
+
+_einsum = functools.partial(jnp.einsum, precision=_HIGHEST)
+_matmul = functools.partial(jnp.matmul, precision=_HIGHEST)
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyConfig:
+    """Shape of a `TinyModel`. Validated once, in `__post_init__`."""
+
+    kind: str = "mha"
+    """"mha": Llama-style GQA decoder; "mla": DeepSeek-style MLA decoder."""
+
+    vocab: int = 256
+    """Token ids are in [0, vocab)."""
+
+    d_model: int = 128
+    """Width of the residual stream."""
+
+    n_layers: int = 2
+    """Decoder layers; every cache page holds all of them."""
+
+    n_heads: int = 8
+    """Query heads. Must be divisible by the TP degree."""
+
+    n_kv_heads: int = 4
+    """KV heads (mha only; MLA caches one latent). Must divide n_heads and be divisible by the TP degree."""
+
+    head_dim: int = 32
+    """Per-head width. mha: of q, k, v (even: RoPE rotates pairs). mla: of the no-RoPE query/key part and of v."""
+
+    kv_lora_rank: int = 96
+    """mla: latent width. The cached vector is kv_lora_rank + rope_dim wide."""
+
+    rope_dim: int = 32
+    """mla: width of the decoupled RoPE query/key part (even)."""
+
+    page_size: int = 16
+    """Tokens per cache page."""
+
+    cache_dtype: str = "bfloat16"
+    """bfloat16 / float16 / float32, or float8_e4m3fn / float8_e5m2 / int8: a quantized cache with float32 scales."""
+
+    seed: int = 0
+    """Seed of the random weights: the same config gives the same model."""
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        for field in ("vocab", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "kv_lora_rank"):
+            _check_positive(field, getattr(self, field))
+        for field in ("rope_dim", "page_size"):
+            _check_positive(field, getattr(self, field))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        if self.kind == "mha":
+            if self.n_heads % self.n_kv_heads:
+                raise ValueError(
+                    f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads}), "
+                    f"but {self.n_heads} % {self.n_kv_heads} = {self.n_heads % self.n_kv_heads}"
+                )
+            if self.head_dim % 2:
+                raise ValueError(f"head_dim ({self.head_dim}) must be even: RoPE rotates pairs of dimensions")
+        elif self.rope_dim % 2:
+            raise ValueError(f"rope_dim ({self.rope_dim}) must be even: RoPE rotates pairs of dimensions")
+        dtypes = UNQUANTIZED_CACHE_DTYPES + QUANTIZED_CACHE_DTYPES
+        if self.cache_dtype not in dtypes:
+            raise ValueError(f"cache_dtype must be one of {', '.join(dtypes)}, got {self.cache_dtype!r}")
+
+    @property
+    def cache_head_dim(self) -> int:
+        """Width of one cached vector: head_dim (mha) or kv_lora_rank + rope_dim (mla)."""
+        return self.head_dim if self.kind == "mha" else self.kv_lora_rank + self.rope_dim
+
+    @property
+    def mlp_dim(self) -> int:
+        """Hidden width of the SwiGLU MLP."""
+        return MLP_EXPANSION * self.d_model
+
+
+def _check_positive(field: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{field} must be a positive int, got {value!r}")
+
+
+def _cache_params(config: TinyConfig) -> KVCacheParams:
+    mla = config.kind == "mla"
+    quant = None
+    if config.cache_dtype in QUANTIZED_CACHE_DTYPES:
+        widths = (config.kv_lora_rank, config.rope_dim) if mla else (config.head_dim,)
+        quant = KVCacheQuantConfig(jnp.float32, granularity=math.gcd(QUANT_GROUP, *widths))
+    return KVCacheParams(
+        dtype=config.cache_dtype,
+        n_kv_heads=1 if mla else config.n_kv_heads,
+        head_dim=config.cache_head_dim,
+        num_layers=config.n_layers,
+        page_size=config.page_size,
+        is_mla=mla,
+        quant=quant,
+    )
+
+
+# -- weights ----------------------------------------------------------------------
+
+
+def _weight_shapes(c: TinyConfig, tp_axis: str) -> dict:
+    """{name: (global shape, PartitionSpec)}, the per-layer weights under "layers", stacked on a leading layer axis."""
+    L, d, H = c.n_layers, c.d_model, c.n_heads
+    heads_out = P(None, None, tp_axis, None)  # [L, d, heads, k]: column-parallel
+    heads_in = P(None, tp_axis, None, None)  # [L, heads, k, ...]: row-parallel, psum after
+    layers = {
+        "attn_norm": ((L, d), P()),
+        "mlp_norm": ((L, d), P()),
+        "w_gate": ((L, d, c.mlp_dim), P(None, None, tp_axis)),
+        "w_up": ((L, d, c.mlp_dim), P(None, None, tp_axis)),
+        "w_down": ((L, c.mlp_dim, d), P(None, tp_axis, None)),
+        "wo": ((L, H, c.head_dim, d), heads_in),
+    }
+    if c.kind == "mha":
+        layers |= {
+            "wq": ((L, d, H, c.head_dim), heads_out),
+            "wk": ((L, d, c.n_kv_heads, c.head_dim), heads_out),
+            "wv": ((L, d, c.n_kv_heads, c.head_dim), heads_out),
+        }
+    else:
+        layers |= {
+            "wq": ((L, d, H, c.head_dim + c.rope_dim), heads_out),
+            "w_dkv": ((L, d, c.kv_lora_rank + c.rope_dim), P()),
+            "kv_norm": ((L, c.kv_lora_rank), P()),
+            "w_uk": ((L, H, c.head_dim, c.kv_lora_rank), heads_in),
+            "w_uv": ((L, H, c.kv_lora_rank, c.head_dim), heads_in),
+        }
+    return {
+        "embed": ((c.vocab, d), P()),
+        "final_norm": ((d,), P()),
+        "unembed": ((d, c.vocab), P()),
+        "layers": layers,
+    }
+
+
+def _init_weights(c: TinyConfig, shapes: dict, rng: np.random.Generator) -> dict:
+    """Random float32 weights shaped like `shapes`: norms 1, embeddings N(0, 1), matrices N(0, 1/fan_in)."""
+    fan_in = {"wo": c.n_heads * c.head_dim, "w_down": c.mlp_dim, "w_uk": c.head_dim, "w_uv": c.kv_lora_rank}
+    weights = {}
+    for name, entry in shapes.items():
+        if isinstance(entry, dict):
+            weights[name] = _init_weights(c, entry, rng)
+            continue
+        shape = entry[0]
+        if name.endswith("norm"):
+            weights[name] = np.ones(shape, np.float32)
+        elif name == "embed":
+            weights[name] = rng.standard_normal(shape, np.float32)
+        else:
+            std = np.float32(1 / math.sqrt(fan_in.get(name, c.d_model)))
+            weights[name] = rng.standard_normal(shape, np.float32) * std
+    return weights
+
+
+# -- the per-shard forward pass -------------------------------------------------------
+
+
+def _rms_norm(x: jax.Array, weight: jax.Array) -> jax.Array:
+    return x * lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + NORM_EPS) * weight
+
+
+def _rope(x: jax.Array, pos: jax.Array) -> jax.Array:
+    """Rotate x [T, heads, d] by its positions pos [T] (rotate-half convention)."""
+    half = x.shape[-1] // 2
+    freqs = ROPE_THETA ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = pos.astype(jnp.float32)[:, None] * freqs  # [T, half]
+    cos, sin = jnp.cos(angles)[:, None], jnp.sin(angles)[:, None]
+    x1, x2 = x[..., :half], x[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _gqa(c: TinyConfig, w: dict, h: jax.Array, pos, cache, attend) -> tuple[jax.Array, KVCacheBuffer]:
+    """This shard's heads of Llama-style attention; returns its partial output [T, d] and the cache."""
+    q = _rope(_einsum("td,dhk->thk", h, w["wq"]), pos)
+    k = _rope(_einsum("td,dhk->thk", h, w["wk"]), pos)
+    v = _einsum("td,dhk->thk", h, w["wv"])
+    out, cache = attend(cache, q, k, v, softmax_scale=1 / math.sqrt(c.head_dim), value_dim=None)
+    return _einsum("thk,hkd->td", out, w["wo"]), cache
+
+
+def _mla(c: TinyConfig, w: dict, h: jax.Array, pos, cache, attend) -> tuple[jax.Array, KVCacheBuffer]:
+    """This shard's heads of absorbed multi-head latent attention; the latent is computed on every shard."""
+    q = _einsum("td,dhk->thk", h, w["wq"])
+    q_nope, q_rope = q[..., : c.head_dim], _rope(q[..., c.head_dim :], pos)
+    latent = _matmul(h, w["w_dkv"])  # replicated weights: every shard computes the same latent
+    c_kv = _rms_norm(latent[:, : c.kv_lora_rank], w["kv_norm"])
+    k_rope = _rope(latent[:, None, c.kv_lora_rank :], pos)  # one RoPE key shared by all heads
+    cached = jnp.concatenate([c_kv[:, None], k_rope], axis=-1)  # [T, 1, kv_lora_rank + rope_dim]
+    q_absorbed = jnp.concatenate([_einsum("thk,hkr->thr", q_nope, w["w_uk"]), q_rope], axis=-1)
+    scale = 1 / math.sqrt(c.head_dim + c.rope_dim)  # of the un-absorbed query/key width
+    out, cache = attend(cache, q_absorbed, cached, None, softmax_scale=scale, value_dim=c.kv_lora_rank)
+    return _einsum("thk,hkd->td", _einsum("thr,hrk->thk", out, w["w_uv"]), w["wo"]), cache
+
+
+def _attend_one(cache, q, k, v, *, layer: int, page_table, start_pos, q_len, **kw):
+    """`paged_attention_shard` for one sequence: a batch of 1 in, [T, heads, dv] out."""
+    v = None if v is None else v[None]
+    out, cache = paged_attention_shard(
+        cache, layer, q[None], k[None], v, page_table[None], start_pos[None], q_len[None], **kw
+    )
+    return out[0], cache
+
+
+def _forward(c: TinyConfig, tp_axis: str, weights, cache, tokens, start_pos, q_len, page_table):
+    """One sequence on one shard: tokens [T] (padded) at start_pos..; returns (logits [T, vocab], cache)."""
+    pos = start_pos + jnp.arange(tokens.shape[0])
+    attention = _mla if c.kind == "mla" else _gqa
+    x = weights["embed"][tokens]
+    for layer in range(c.n_layers):
+        w = {name: a[layer] for name, a in weights["layers"].items()}
+        attend = functools.partial(_attend_one, layer=layer, page_table=page_table, start_pos=start_pos, q_len=q_len)
+        out, cache = attention(c, w, _rms_norm(x, w["attn_norm"]), pos, cache, attend)
+        x = x + lax.psum(out, tp_axis)
+        h = _rms_norm(x, w["mlp_norm"])
+        mlp = jax.nn.silu(_matmul(h, w["w_gate"])) * _matmul(h, w["w_up"])
+        x = x + lax.psum(_matmul(mlp, w["w_down"]), tp_axis)
+    return _matmul(_rms_norm(x, weights["final_norm"]), weights["unembed"]), cache
+
+
+def _bucket(n: int) -> int:
+    """The power of two >= n: padded shapes, so a server compiles few programs."""
+    return 1 << (n - 1).bit_length()
+
+
+class TinyModel:
+    """A `TinyConfig` decoder with random weights, sharded over `mesh`'s `tp_axis`.
+
+    Reads and writes a paged cache laid out by `cache_params`; `prefill` runs
+    any number of new tokens of one sequence (a prompt, a chunk of it, or one
+    decode step).
+    """
+
+    def __init__(self, config: TinyConfig, mesh: Mesh, tp_axis: str = "tp"):
+        if not isinstance(config, TinyConfig):
+            raise ValueError(f"config must be a TinyConfig, got {type(config).__name__}")
+        if not isinstance(mesh, Mesh):
+            raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+        if tp_axis not in mesh.axis_names:
+            raise ValueError(f"tp_axis {tp_axis!r} is not an axis of the mesh, whose axes are {mesh.axis_names}")
+        tp = mesh.shape[tp_axis]
+        if mesh.size != tp:
+            raise ValueError(
+                f"mesh {dict(mesh.shape)} has {mesh.size} devices but TP axis {tp_axis!r} has {tp}: "
+                f"every mesh axis other than TP must have size 1"
+            )
+        split = [("n_heads", config.n_heads), ("mlp_dim (MLP_EXPANSION * d_model)", config.mlp_dim)]
+        if config.kind == "mha":
+            split.insert(0, ("n_kv_heads", config.n_kv_heads))
+        for field, n in split:
+            if n % tp:
+                raise ValueError(
+                    f"{field} ({n}) must be divisible by the TP degree ({tp}) of mesh axis {tp_axis!r}, "
+                    f"but {n} % {tp} = {n % tp}"
+                )
+        self.config = config
+        """The model's shape and seed."""
+        self.mesh = mesh
+        self.tp_axis = tp_axis
+        self.cache_params = _cache_params(config)
+        """Layout of the cache this model reads and writes."""
+
+        shapes = _weight_shapes(config, tp_axis)
+        is_entry = lambda x: isinstance(x, tuple)  # noqa: E731
+        specs = jax.tree.map(lambda entry: entry[1], shapes, is_leaf=is_entry)
+        weights = _init_weights(config, shapes, np.random.default_rng(config.seed))
+        self.weights = jax.tree.map(lambda w, spec: jax.device_put(w, NamedSharding(mesh, spec)), weights, specs)
+        """Global float32 weights, sharded as Megatron-style TP."""
+
+        replicated = self.cache_params.replicated(tp)
+        cache_spec = P() if replicated else P(None, None, None, None, tp_axis, None)
+        self._cache_sharding = NamedSharding(mesh, cache_spec)
+        scale_spec = cache_spec if self.cache_params.quant is not None else None
+        cache_specs = KVCacheBuffer.tree_unflatten(replicated, (cache_spec, scale_spec))
+        step = jax.shard_map(
+            functools.partial(_forward, config, tp_axis),
+            mesh=mesh,
+            in_specs=(specs, cache_specs, P(), P(), P(), P()),
+            out_specs=(P(), cache_specs),
+            check_vma=False,
+        )
+        # Pin the returned cache to allocate_buffer's sharding: shard_map would spell a replicated
+        # spec P() as P(None, ...), a different jit cache key on the next call.
+        cache_shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), cache_specs)
+        self._step = jax.jit(step, donate_argnums=1, out_shardings=(NamedSharding(mesh, P()), cache_shardings))
+
+    def allocate_cache(self, num_pages: int) -> KVCacheBuffer:
+        """A zeroed cache of `num_pages` pages (page 0 is the null page) for this model."""
+        return allocate_buffer(self.cache_params, self.mesh, num_pages, tp_axis=self.tp_axis)
+
+    def prefill(self, cache: KVCacheBuffer, token_ids, start_pos: int, page_table) -> tuple[jax.Array, KVCacheBuffer]:
+        """Run token_ids (1-D ints, length T >= 1) at positions [start_pos, start_pos+T) for ONE sequence,
+        attending to the cached positions [0, start_pos) through page_table (1-D int32 page ids covering at least
+        ceil((start_pos+T)/page_size) pages; may be longer/padded with 0). Writes their K/V into the pages, cache
+        donated. Returns (logits float32 [T, vocab] as a jax.Array, new cache).
+
+        Internally T is padded to a power-of-two bucket and the page table to
+        the power-of-two width >= its length (entries past the pages in use
+        become the null page): one compiled program per (token bucket, table
+        width bucket). A server that passes tables of one fixed width compiles
+        one program per token bucket, and attention then spans that width.
+        Returns once the step has run: the logits are cut to T on the host.
+        """
+        tokens = self._check_tokens(token_ids)
+        if isinstance(start_pos, bool) or not isinstance(start_pos, (int, np.integer)) or start_pos < 0:
+            raise ValueError(f"start_pos must be a non-negative int, got {start_pos!r}")
+        self._check_cache(cache)
+        table = check_page_ids(page_table, cache.total_num_pages, name="page_table")
+        n, page_size = tokens.size, self.config.page_size
+        end = int(start_pos) + n
+        used = -(-end // page_size)
+        if table.size < used:
+            raise ValueError(
+                f"page_table has {table.size} pages but positions [0, {end}) need ceil({end} / {page_size}) = {used}"
+            )
+        in_use = table[:used]
+        if (in_use == NULL_PAGE).any():
+            i = int(np.argmax(in_use == NULL_PAGE))
+            raise ValueError(
+                f"page_table[{i}] is the null page {NULL_PAGE}, but positions [{i * page_size}, "
+                f"{(i + 1) * page_size}) need a real page: pad with {NULL_PAGE} only past entry {used - 1}"
+            )
+        check_unique(in_use, name="page_table")
+        padded_tokens = np.zeros(_bucket(n), np.int32)
+        padded_tokens[:n] = tokens
+        padded_table = np.full(_bucket(table.size), NULL_PAGE, np.int32)
+        padded_table[:used] = in_use
+        logits, cache = self._step(self.weights, cache, padded_tokens, np.int32(start_pos), np.int32(n), padded_table)
+        # Cut the padding on the host: slicing on device compiles one program per distinct T
+        # (about 30 ms each on XLA:CPU). The copy waits for the step, so prefill returns when it is done.
+        return jax.device_put(np.asarray(logits)[:n], self.mesh.devices.flat[0]), cache
+
+    def _check_tokens(self, token_ids) -> np.ndarray:
+        tokens = np.asarray(token_ids)
+        if tokens.ndim != 1 or tokens.size == 0 or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(
+                f"token_ids must be a non-empty 1-D sequence of ints, got shape {tokens.shape} dtype {tokens.dtype}"
+            )
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.config.vocab:
+            raise ValueError(f"token_ids contains {lo if lo < 0 else hi}, outside [0, vocab={self.config.vocab})")
+        return tokens.astype(np.int32)
+
+    def _check_cache(self, cache) -> None:
+        if not isinstance(cache, KVCacheBuffer):
+            raise ValueError(f"cache must be a KVCacheBuffer, got {type(cache).__name__}")
+        arrays = [cache.values] + ([] if cache.scales is None else [cache.scales])
+        if any(a.is_deleted() for a in arrays):
+            raise ValueError(
+                "cache has been donated (its arrays are deleted); pass the cache the last prefill returned"
+            )
+        p = self.cache_params
+        want = (p.kv_dim, p.num_layers, p.page_size, p.n_kv_heads, p.head_dim)
+        got = tuple(cache.values.shape[1:])
+        if got != want or cache.values.dtype != p.dtype or (cache.scales is None) != (p.quant is None):
+            raise ValueError(
+                f"cache {cache!r} does not match this model's cache_params: expected values "
+                f"{p.dtype.name}[pages, {', '.join(map(str, want))}]"
+                f"{'' if p.quant is None else ' with scales'}; allocate it with model.allocate_cache(num_pages)"
+            )
+        if not all(a.sharding.is_equivalent_to(self._cache_sharding, a.ndim) for a in arrays):
+            raise ValueError(
+                f"cache is placed as {cache.values.sharding}, but this model runs on {self._cache_sharding}; "
+                f"allocate it with model.allocate_cache(num_pages)"
+            )
+
+    def __repr__(self) -> str:
+        return f"TinyModel({self.config}, TP {self.mesh.shape[self.tp_axis]} on {self.tp_axis!r})"
