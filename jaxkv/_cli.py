@@ -1,8 +1,10 @@
 """The `jaxkv` command line.
 
-`jaxkv layout` allocates a TP-sharded cache on the devices it finds (8
-simulated CPU devices when there is no accelerator) and prints its layout and
-its `to_memory()` units.
+`jaxkv demo` serves a synthetic multi-turn chat workload through the whole
+stack (manager, tiered connector, offload engine, a tiny model) and reports
+where every token came from. `jaxkv layout` allocates a TP-sharded cache and
+prints its layout and `to_memory()` units. Both run on the devices they find:
+8 simulated CPU devices when there is no accelerator.
 """
 
 from __future__ import annotations
@@ -65,9 +67,70 @@ def _layout(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad options get one line on stderr and exit status 2, no usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _demo(args) -> int:
+    from jaxkv._demo import DemoConfig, DemoError, format_report, run_demo
+
+    cfg = DemoConfig(
+        model=args.model,
+        dtype=args.dtype,
+        tp=args.tp,
+        system_prompts=args.system_prompts,
+        conversations=args.conversations,
+        turns=args.turns,
+        device_pages=args.device_pages,
+        host_pages=args.host_pages,
+        disk_mib=args.disk_mib,
+        out=args.out,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    try:
+        report = run_demo(cfg)
+    except DemoError as e:
+        return _fail(str(e))
+    print(format_report(report))
+    print(f"\nwrote {args.out}/report.json and {args.out}/demo.png")
+    bi = report["bit_identity"]
+    return 0 if bi["identical"] == bi["turns_compared"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jaxkv", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="jaxkv", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    demo = sub.add_parser(
+        "demo",
+        help="serve a multi-turn chat workload through manager, tiers and a tiny model",
+        description="Serve a synthetic multi-turn chat workload (shared system prompts, conversations that "
+        "come back after others pushed them out of device memory) through manager -> tiered connector -> "
+        "offload engine -> tiny model, with a device cache too small on purpose. Prints where every prompt "
+        "token came from, prefill time with reuse vs full recomputation, bytes moved per direction, and checks "
+        "that logits computed from pages that went to host/disk and back are bit-identical to logits from "
+        "pages that never left the device. Writes report.json and demo.png to --out. Exit status 1 if the "
+        "bit-identity check fails.",
+    )
+    demo.add_argument(
+        "--model", choices=["mha", "mla"], default="mha", help="mha: Llama-style GQA; mla: DeepSeek-style latent"
+    )
+    demo.add_argument("--dtype", choices=["bf16", "fp8"], default="bf16", help="cache dtype (fp8: e4m3 with scales)")
+    demo.add_argument("--tp", type=int, default=4, help="TP degree (default 4)")
+    demo.add_argument("--system-prompts", type=int, default=3, help="shared system prompts (default 3)")
+    demo.add_argument("--conversations", type=int, default=12, help="conversations (default 12)")
+    demo.add_argument("--turns", type=int, default=4, help="turns per conversation (default 4)")
+    demo.add_argument(
+        "--device-pages", type=int, default=48, help="device cache pages, too few on purpose (default 48)"
+    )
+    demo.add_argument("--host-pages", type=int, default=32, help="host tier pages (default 32)")
+    demo.add_argument("--disk-mib", type=int, default=512, help="disk tier MiB (default 512)")
+    demo.add_argument("--out", default="jaxkv-demo", help="output directory (default ./jaxkv-demo)")
+    demo.add_argument("--seed", type=int, default=0, help="workload and weights seed (default 0)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     layout = sub.add_parser("layout", help="allocate a sharded cache and print its layout and units")
     layout.add_argument("--tp", type=int, default=4, help="TP degree (default 4)")
     layout.add_argument("--mla", action="store_true", help="MLA latent cache, replicated over TP")
@@ -83,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Only the CPU backend reads this; on GPUs/TPUs the real devices are used.
     jax.config.update("jax_num_cpu_devices", SIMULATED_CPU_DEVICES)
-    return {"layout": _layout}[args.command](args)
+    return {"layout": _layout, "demo": _demo}[args.command](args)
 
 
 if __name__ == "__main__":
