@@ -45,8 +45,9 @@ from jax.sharding import PartitionSpec as P
 
 from jaxkv._attention import paged_attention_shard
 from jaxkv._buffer import KVCacheBuffer, allocate_buffer
+from jaxkv._engine import bucket
 from jaxkv._pages import check_page_ids, check_unique
-from jaxkv._params import KVCacheParams, KVCacheQuantConfig
+from jaxkv._params import KVCacheParams, KVCacheQuantConfig, _positive_int
 from jaxkv._pool import NULL_PAGE
 
 KINDS = ("mha", "mla")
@@ -115,10 +116,19 @@ class TinyConfig:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
-        for field in ("vocab", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "kv_lora_rank"):
-            _check_positive(field, getattr(self, field))
-        for field in ("rope_dim", "page_size"):
-            _check_positive(field, getattr(self, field))
+        sizes = (
+            "vocab",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "head_dim",
+            "kv_lora_rank",
+            "rope_dim",
+            "page_size",
+        )
+        for field in sizes:
+            _positive_int(field, getattr(self, field))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
         if self.kind == "mha":
@@ -144,11 +154,6 @@ class TinyConfig:
     def mlp_dim(self) -> int:
         """Hidden width of the SwiGLU MLP."""
         return MLP_EXPANSION * self.d_model
-
-
-def _check_positive(field: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{field} must be a positive int, got {value!r}")
 
 
 def _cache_params(config: TinyConfig) -> KVCacheParams:
@@ -290,11 +295,6 @@ def _forward(c: TinyConfig, tp_axis: str, weights, cache, tokens, start_pos, q_l
     return _matmul(_rms_norm(x, weights["final_norm"]), weights["unembed"]), cache
 
 
-def _bucket(n: int) -> int:
-    """The power of two >= n: padded shapes, so a server compiles few programs."""
-    return 1 << (n - 1).bit_length()
-
-
 class TinyModel:
     """A `TinyConfig` decoder with random weights, sharded over `mesh`'s `tp_axis`.
 
@@ -393,9 +393,9 @@ class TinyModel:
                 f"{(i + 1) * page_size}) need a real page: pad with {NULL_PAGE} only past entry {used - 1}"
             )
         check_unique(in_use, name="page_table")
-        padded_tokens = np.zeros(_bucket(n), np.int32)
+        padded_tokens = np.zeros(bucket(n), np.int32)
         padded_tokens[:n] = tokens
-        padded_table = np.full(_bucket(table.size), NULL_PAGE, np.int32)
+        padded_table = np.full(bucket(table.size), NULL_PAGE, np.int32)
         padded_table[:used] = in_use
         logits, cache = self._step(self.weights, cache, padded_tokens, np.int32(start_pos), np.int32(n), padded_table)
         # Cut the padding on the host: slicing on device compiles one program per distinct T
