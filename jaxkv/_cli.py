@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "--model", choices=["mha", "mla"], default="mha", help="mha: Llama-style GQA; mla: DeepSeek-style latent"
     )
     demo.add_argument("--dtype", choices=["bf16", "fp8"], default="bf16", help="cache dtype (fp8: e4m3 with scales)")
-    demo.add_argument("--tp", type=int, default=4, help="TP degree (default 4)")
+    demo.add_argument("--tp", type=int, default=None, help="TP degree (default 4, or fewer if fewer devices)")
     demo.add_argument("--system-prompts", type=int, default=3, help="shared system prompts (default 3)")
     demo.add_argument("--conversations", type=int, default=12, help="conversations (default 12)")
     demo.add_argument("--turns", type=int, default=4, help="turns per conversation (default 4)")

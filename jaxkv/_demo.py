@@ -31,8 +31,8 @@ class DemoConfig:
     """'mha' (Llama-style GQA) or 'mla' (DeepSeek-style latent attention)."""
     dtype: str = "bf16"
     """Cache dtype: 'bf16' or 'fp8' (float8_e4m3fn with float32 scales)."""
-    tp: int = 4
-    """TP degree (devices in the mesh)."""
+    tp: int | None = None
+    """TP degree (devices in the mesh); None: 4, or as many devices as there are if fewer."""
     system_prompts: int = 3
     conversations: int = 12
     turns: int = 4
@@ -140,6 +140,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     _check(cfg, page_size)
     _prepare_out(out)
     devices = jax.devices()
+    if cfg.tp is None:
+        cfg = dataclasses.replace(cfg, tp=max(t for t in (4, 2, 1) if t <= len(devices)))
     if cfg.tp > len(devices):
         raise DemoError(f"--tp ({cfg.tp}) exceeds the {len(devices)} available devices")
     mesh = jax.make_mesh((cfg.tp,), ("tp",), devices=devices[: cfg.tp])
