@@ -200,6 +200,10 @@ class KVCacheBuffer:
 
         Sharded: one `KVCacheMemory` per shard per kind. Replicated: one
         `ReplicatedKVCacheMemory` per kind, rooted at TP shard 0.
+
+        Only this process's shards: when the mesh spans processes each process
+        gets units for the shards it can address, and a replicated unit is
+        rooted at its first shard in mesh order, its peers the other local ones.
         """
         units: list[KVCacheMemory] = []
         for kind, array in (("values", self.values), ("scales", self.scales)):

@@ -17,6 +17,12 @@ digests, defined by the prefix-caching manager):
 Connectors own an `OffloadEngine` and so the cache's functional state: a load
 donates the cache and `connector.buffer` is the current one afterwards. Pass
 `buffer=` to `load`/`offload` when the cache was donated elsewhere since.
+
+When the cache spans processes (`jax.distributed`), each process's connector
+holds its own shards' bytes, and answers for the whole TP group: `lookup`
+returns the minimum over the group, and a load is refused (or fails) in every
+process when it is refused (or fails) in one, so page tables stay identical.
+See `jaxkv._multihost` and docs/multihost.md.
 """
 
 from __future__ import annotations
@@ -24,12 +30,15 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import OrderedDict
+from pathlib import Path
 
+import jax
 import numpy as np
 
 from jaxkv import _pages
 from jaxkv._disk import BLOCK_HASH_BYTES, CorruptBlockError, DiskReadError, DiskTier, DiskWriteError
 from jaxkv._engine import OffloadEngine
+from jaxkv._multihost import GroupAgreement, spans_processes
 from jaxkv._transfer import Transfer, combine, completed
 
 
@@ -161,10 +170,21 @@ class HostConnector(KVConnector):
     """A host-memory tier on the offload engine's page pool, LRU-evicted.
 
     `host_capacity_bytes` is divided into host slots of `row_bytes` (one page
-    of every shard; an MLA page stored once).
+    of every shard; an MLA page stored once). When the cache spans processes,
+    of every shard this process holds, and `agreement` keeps the group's
+    answers identical: "auto" builds a `GroupAgreement` over the processes the
+    cache spans (none, and no cost, when it spans one); pass one to choose its
+    timeout or mechanism, or None to answer for this process alone.
     """
 
-    def __init__(self, buffer, host_capacity_bytes: int, *, host_memory_kind: str = "pinned_host"):
+    def __init__(
+        self,
+        buffer,
+        host_capacity_bytes: int,
+        *,
+        host_memory_kind: str = "pinned_host",
+        agreement: GroupAgreement | str | None = "auto",
+    ):
         probe = OffloadEngine(buffer, 1, host_memory_kind=host_memory_kind)
         if isinstance(host_capacity_bytes, bool) or not isinstance(host_capacity_bytes, int):
             raise ValueError(f"host_capacity_bytes must be an int, got {host_capacity_bytes!r}")
@@ -173,7 +193,13 @@ class HostConnector(KVConnector):
             raise ValueError(
                 f"host_capacity_bytes ({host_capacity_bytes}) holds no page: one host row is {probe.row_bytes} bytes"
             )
+        if isinstance(agreement, str) and agreement == "auto":
+            agreement = GroupAgreement.for_cache(buffer)
+        elif agreement is not None and not isinstance(agreement, GroupAgreement):
+            raise ValueError(f"agreement must be 'auto', None or a GroupAgreement, got {agreement!r}")
         self.engine = OffloadEngine(buffer, slots, host_memory_kind=host_memory_kind)
+        self.agreement: GroupAgreement | None = agreement
+        """Agrees lookups and loads across the processes of the TP group; None in one process."""
         self.metrics = ConnectorMetrics()
         self.invalid_pages: set[int] = set()
         """Device pages whose load failed: their bytes are undefined until rewritten."""
@@ -221,17 +247,20 @@ class HostConnector(KVConnector):
     # -- protocol ----------------------------------------------------------
     def lookup(self, block_hashes) -> int:
         self._check_open()
-        n = 0
-        for h in check_block_hashes(block_hashes):
+        hashes = check_block_hashes(block_hashes)
+        tiers = []
+        for h in hashes:
             tier = self._holds(h)
             if tier is None:
-                self.metrics.misses += 1
                 break
-            if tier == "host":
-                self.metrics.host_hits += 1
-            else:
-                self.metrics.disk_hits += 1
-            n += 1
+            tiers.append(tier)
+        n = len(tiers)
+        if self.agreement is not None:
+            n = self.agreement.min(n)  # a block counts only if every process holds its shards
+        self.metrics.host_hits += tiers[:n].count("host")
+        self.metrics.disk_hits += tiers[:n].count("disk")
+        if n < len(hashes):
+            self.metrics.misses += 1
         return n
 
     def touch(self, block_hashes) -> None:
@@ -268,22 +297,33 @@ class HostConnector(KVConnector):
         # Promoting a disk block may evict a host block: never one this load needs.
         protect = {self._host[h] for h in hashes if h in self._host}
         slots: list[int] = []
-        for i, h in enumerate(hashes):
+        for h in hashes:
             slot = self._slot_for_load(h, protect)
             if slot is None:
-                self.metrics.refused_loads += 1
-                raise KVLoadRefused(
-                    f"block_hashes[{i}] ({h.hex()[:16]}…) is no longer held; "
-                    f"no device page was written, recompute from block {i}"
-                )
+                break
             slots.append(slot)
             protect.add(slot)
+        held = len(slots)
+        if self.agreement is not None:
+            held = self.agreement.min(held)  # refused in one process: refused in all, before any write
+        if held < len(hashes):
+            self.metrics.refused_loads += 1
+            where = " by another process of the TP group" if held < len(slots) else ""
+            raise KVLoadRefused(
+                f"block_hashes[{held}] ({hashes[held].hex()[:16]}…) is no longer held{where}; "
+                f"no device page was written, recompute from block {held}"
+            )
+        error = None
         try:
             _, transfer = self.engine.h2d(buffer if buffer is not None else self.engine.buffer, slots, ids)
         except Exception as e:
+            error = e
+        if self.agreement is not None and self.agreement.min(error is None) == 0 and error is None:
+            error = RuntimeError("another process of the TP group failed its part of the load")
+        if error is not None:
             self.metrics.failed_loads += 1
             self.invalid_pages.update(ids.tolist())
-            raise KVLoadFailed(f"loading {ids.size} pages failed: {e}", ids.tolist()) from e
+            raise KVLoadFailed(f"loading {ids.size} pages failed: {error}", ids.tolist()) from error
         self.invalid_pages.difference_update(ids.tolist())
         for h in hashes:
             self._host.move_to_end(h)
@@ -365,7 +405,8 @@ class TieredConnector(HostConnector):
     blocks held on either; a disk hit is promoted (read, verified) into a host
     slot and then loaded to the device. Blocks that fail verification are
     absent: counted in `metrics.corrupt_blocks`, removed, and a load that
-    needed one is refused.
+    needed one is refused. When the cache spans processes each process keeps
+    its blocks in `disk_directory/process-<index>`.
     """
 
     def __init__(
@@ -376,8 +417,13 @@ class TieredConnector(HostConnector):
         disk_capacity_bytes: int,
         *,
         host_memory_kind: str = "pinned_host",
+        agreement: GroupAgreement | str | None = "auto",
     ):
-        super().__init__(buffer, host_capacity_bytes, host_memory_kind=host_memory_kind)
+        super().__init__(buffer, host_capacity_bytes, host_memory_kind=host_memory_kind, agreement=agreement)
+        if spans_processes(buffer):
+            # Each process stores its own shards' rows; processes sharing a
+            # file system must never write or evict each other's files.
+            disk_directory = Path(disk_directory) / f"process-{jax.process_index()}"
         self.disk = DiskTier(
             disk_directory, disk_capacity_bytes, fingerprint=self.fingerprint, row_bytes=self.engine.row_bytes
         )

@@ -27,6 +27,12 @@ array): the cache is updated in place and the old buffer is dead afterwards.
 
 Batches are padded to power-of-two buckets, so each cache layout compiles at
 most 1 + log2(N) programs per direction for batches of 1..N pages.
+
+Under `jax.distributed` (a mesh spanning processes) an engine moves only the
+shards its process owns: its units, host rows and layout are this process's.
+`d2h` is local. `h2d` is one program over the global mesh, so every process of
+the group calls it with the same device page ids (SPMD); host slots are each
+process's own and may differ. Neither moves a byte between processes.
 """
 
 from __future__ import annotations
@@ -124,6 +130,7 @@ class OffloadEngine:
         self._pending: list[Transfer] = []
         self.h2d_path = "pool" if _pages.native_enabled([d for u in units for d in u.devices]) else "staged"
         """The host-to-device path: 'pool' (native, straight from the pool rows) or 'staged'."""
+        self._owned_shards = _owned_shards(self._buffer)
         self._pool_arrays = None
         self._h2d_fn = None
         self._gather_fns: dict[jax.Device, object] = {}
@@ -144,9 +151,13 @@ class OffloadEngine:
 
         Stored with every block outside the device, so bytes written for
         another model or layout are never loaded. A replicated (MLA) row does
-        not depend on the TP degree, and neither does its fingerprint.
+        not depend on the TP degree, and neither does its fingerprint. When
+        the cache spans processes, a sharded row holds only this process's
+        shards: which ones (and of how many) is part of the fingerprint.
         """
         desc = [(u.kind, u.dtype.name, u.page_shape, u.bytes_per_page) for u in self._units]
+        if self._owned_shards:
+            desc.append(("owned TP shards", self._owned_shards))
         return hashlib.sha256(b"jaxkv-layout-v1" + repr(desc).encode()).digest()
 
     def d2h(self, device_page_ids, host_slots, *, buffer=None) -> Transfer:
@@ -174,6 +185,10 @@ class OffloadEngine:
         `buffer` is donated: the update is in place and `buffer` must not be
         used afterwards. Returns the new cache and the transfer. Replicated
         units are written to every shard. Bit-exact.
+
+        When the cache spans processes this is one SPMD program: every
+        process calls it with the same `device_page_ids` and its own
+        `host_slots`, and writes only its own shards.
         """
         self._check_buffer(buffer)
         ids, slots = self._check_batch(device_page_ids, host_slots)
@@ -189,10 +204,13 @@ class OffloadEngine:
         if self._h2d_fn is None:
             self._h2d_fn = _build_h2d(leaves, self.h2d_path)
         if self.h2d_path == "pool":
-            sources = self._pool_sources(leaves, groups)
+            sources = [
+                (*src, _slots_arg(a, padded_slots))
+                for src, (_, a) in zip(self._pool_sources(leaves, groups), leaves, strict=True)
+            ]
         else:
             sources = [self._stage_rows(c, a, g, padded_slots) for (c, a), g in zip(leaves, groups, strict=True)]
-        new_arrays = self._h2d_fn([a for _, a in leaves], sources, padded_ids, padded_slots)
+        new_arrays = self._h2d_fn([a for _, a in leaves], sources, padded_ids)
         new_buffer = jax.tree.unflatten(jax.tree.structure(buffer), new_arrays)
         self._buffer = new_buffer
         self._units = new_buffer.to_memory()
@@ -303,16 +321,22 @@ class OffloadEngine:
 
     # -- host to device ----------------------------------------------------
     def _leaf_groups(self, leaves) -> list[list[tuple[KVCacheMemory, int]]]:
-        """(unit, host-row offset) pairs of each cache array, in to_memory() order."""
+        """(unit, host-row offset) pairs of each cache array, in to_memory() order.
+
+        A sharded array has one unit per shard this process holds, a replicated one unit.
+        """
         pairs = iter(zip(self._units, self.unit_offsets, strict=True))
-        return [[next(pairs) for _ in range(1 if c.replicates_kv_across_tp else c.tp_degree)] for c, _ in leaves]
+        counts = [1 if c.replicates_kv_across_tp else len(a.addressable_shards) for c, a in leaves]
+        return [[next(pairs) for _ in range(n)] for n in counts]
 
     def _pool_sources(self, leaves, groups) -> list[tuple[jax.Array, jax.Array]]:
         """Per cache array: (the pool on every device, each shard's row offset), zero-copy.
 
         On CPU an aligned numpy array is placed on a device without a copy, so
         the native scatter reads page bytes straight out of the pool rows.
-        Built once; the arrays alias `host_pool`.
+        Built once; the arrays alias `host_pool`. Global arrays over the TP
+        group assembled from this process's devices only (the global shape
+        counts every shard of the group).
         """
         if self._pool_arrays is None:
             self._pool_arrays = []
@@ -324,7 +348,7 @@ class OffloadEngine:
                     raise RuntimeError("host pool was copied onto a device; the 'pool' h2d path needs zero-copy")
                 offsets = [np.array([off], np.int32) for unit, off in group for _ in unit.devices]
                 offsets = [jax.device_put(o, d) for o, d in zip(offsets, devices, strict=True)]
-                n = len(devices) if not cache.replicates_kv_across_tp else 1
+                n = 1 if cache.replicates_kv_across_tp else cache.tp_degree
                 spec = P() if cache.replicates_kv_across_tp else P(cache.tp_axis, None)
                 off_spec = P() if cache.replicates_kv_across_tp else P(cache.tp_axis)
                 pool = jax.make_array_from_single_device_arrays(
@@ -337,9 +361,10 @@ class OffloadEngine:
     def _stage_rows(self, cache: KVCacheBuffer, array: jax.Array, group, slots) -> jax.Array:
         """Rows of `group` ((unit, offset) pairs) for host `slots`, as one global array.
 
-        Sharded: [len(group) * k, bytes_per_page] split over the TP axis, shard
+        Sharded: [tp_degree * k, bytes_per_page] split over the TP axis, shard
         i's rows on device i. Replicated: [k, bytes_per_page] on every device,
-        staged once.
+        staged once. Only this process's pieces are staged: `group` holds its
+        units, the global shape counts the whole group.
         """
         pieces = []
         for unit, offset in group:
@@ -356,7 +381,7 @@ class OffloadEngine:
             sharding = NamedSharding(array.sharding.mesh, P())
             return jax.make_array_from_single_device_arrays((slots.size, width), sharding, pieces)
         sharding = NamedSharding(array.sharding.mesh, P(cache.tp_axis, None))
-        return jax.make_array_from_single_device_arrays((slots.size * len(group), width), sharding, pieces)
+        return jax.make_array_from_single_device_arrays((slots.size * cache.tp_degree, width), sharding, pieces)
 
 
 # XLA:CPU places a host array on a device without copying only when its data
@@ -380,6 +405,39 @@ def _aligned_zeros(shape) -> np.ndarray:
     return raw[start : start + n].reshape(shape)
 
 
+def _owned_shards(buffer) -> tuple:
+    """Per sharded cache array this process holds only part of: (TP degree, its TP positions)."""
+    if buffer is None:
+        return ()
+    owned = []
+    for cache, array in _cache_leaves(buffer):
+        if not cache.replicates_kv_across_tp and not array.is_fully_addressable:
+            owned.append((cache.tp_degree, tuple(i for i, _ in cache._indexed_shards(array))))
+    return tuple(owned)
+
+
+def _slots_spec(array: jax.Array) -> P:
+    """How host slots enter the h2d program for `array`.
+
+    Host slots are per-process state (each process has its own pool), so when
+    the cache spans processes each device gets its process's slots as its own
+    block; JAX would take a replicated argument to be the same everywhere. In
+    one process a replicated numpy argument is cheaper (measured: the
+    per-device layout added 20-60 µs to a 1-page h2d on 8 CPU devices).
+    """
+    return P() if array.is_fully_addressable else P(tuple(array.sharding.mesh.axis_names))
+
+
+def _slots_arg(array: jax.Array, slots: np.ndarray):
+    """`slots` laid out as `_slots_spec(array)` says."""
+    spec = _slots_spec(array)
+    if spec == P():
+        return slots
+    mesh = array.sharding.mesh
+    # The callback runs for this process's devices only and returns their block.
+    return jax.make_array_from_callback((mesh.size * slots.size,), NamedSharding(mesh, spec), lambda _: slots)
+
+
 def _copy_rows(dst: np.ndarray, dst_rows: np.ndarray, src: np.ndarray, src_rows: np.ndarray) -> None:
     """dst[dst_rows[i]] = src[src_rows[i]]: one memcpy per row, natively when the kernels are built."""
     if native.available():
@@ -394,9 +452,11 @@ def _copy_rows(dst: np.ndarray, dst_rows: np.ndarray, src: np.ndarray, src_rows:
 def _build_h2d(leaves: list[tuple[KVCacheBuffer, jax.Array]], path: str):
     """One jitted, donated computation that writes page bytes into every cache array.
 
-    path 'pool': sources are (host pool, row offsets) per array and the native
-    kernel copies rows straight from the pool. path 'staged': sources are
-    staged rows per array and the backend's scatter kernel writes them.
+    path 'pool': sources are (host pool, row offsets, host slots per device)
+    per array and the native kernel copies rows straight from the pool. path
+    'staged': sources are staged rows per array and the backend's scatter
+    kernel writes them. Page ids are replicated: the group writes the same
+    pages everywhere.
     """
     devices = [d for _, a in leaves for d in a.sharding.device_set]
     _, scatter = _pages.kernels(devices)
@@ -407,23 +467,23 @@ def _build_h2d(leaves: list[tuple[KVCacheBuffer, jax.Array]], path: str):
         off_spec = P() if cache.replicates_kv_across_tp else P(cache.tp_axis)
         if path == "pool":
             body = jax.shard_map(
-                lambda shard, ids, src, slots: _pages.scatter_page_bytes_from_pool(shard, ids, src[0], slots, src[1]),
+                lambda shard, ids, src: _pages.scatter_page_bytes_from_pool(shard, ids, src[0], src[2], src[1]),
                 mesh=array.sharding.mesh,
-                in_specs=(spec, P(), (rows_spec, off_spec), P()),
+                in_specs=(spec, P(), (rows_spec, off_spec, _slots_spec(array))),
                 out_specs=spec,
                 check_vma=False,
             )
         else:
             body = jax.shard_map(
-                lambda shard, ids, rows, slots: scatter(shard, ids, rows),
+                lambda shard, ids, rows: scatter(shard, ids, rows),
                 mesh=array.sharding.mesh,
-                in_specs=(spec, P(), rows_spec, P()),
+                in_specs=(spec, P(), rows_spec),
                 out_specs=spec,
                 check_vma=False,
             )
         bodies.append(body)
 
-    def write_all(arrays, sources, ids, slots):
-        return [body(a, ids, src, slots) for body, a, src in zip(bodies, arrays, sources, strict=True)]
+    def write_all(arrays, sources, ids):
+        return [body(a, ids, src) for body, a, src in zip(bodies, arrays, sources, strict=True)]
 
     return jax.jit(write_all, donate_argnums=0)

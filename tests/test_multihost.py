@@ -1,0 +1,267 @@
+"""jaxkv under jax.distributed: 2 processes x 4 CPU devices, one 8-way TP mesh.
+
+Each test launches tests/multihost_worker.py twice (process 0 holds TP shards
+0-3, process 1 shards 4-7), joined by `jax.distributed.initialize` on a free
+127.0.0.1 port, and compares what the workers report. Every launch has a hard
+deadline: stragglers are killed and the test fails with their logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cachegen import random_buffer, tp_mesh
+from multihost_worker import (
+    NUM_PROCESSES,
+    TP,
+    block_hash,
+    digest,
+    expected_row,
+    layouts,
+    placed,
+    shard_slice,
+    source_arrays,
+)
+from test_connectors import BF16_MHA, BF16_MLA, FP8_MHA
+
+from jaxkv import HostConnector, OffloadEngine, native
+from jaxkv._disk import DiskTier
+from jaxkv._multihost import GroupAgreement
+
+WORKER = Path(__file__).with_name("multihost_worker.py")
+LAUNCH_DEADLINE_S = 240  # normally 15-40 s; only a broken runtime gets near this
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(scenario: str, out: Path) -> tuple[list[int], list[dict], float]:
+    """Run both processes of `scenario`; return their exit codes, JSON reports and the wall time."""
+    native.available()  # build the native kernels once, before two workers race to
+    port = free_port()
+    env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
+    logs = [out / f"{scenario}-{i}.log" for i in range(NUM_PROCESSES)]
+    t0 = time.perf_counter()
+    procs = []
+    for i, log in enumerate(logs):
+        with open(log, "w") as f:
+            cmd = [sys.executable, str(WORKER), scenario, str(i), str(port), str(out)]
+            procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env))
+    codes = []
+    try:
+        for p in procs:
+            codes.append(p.wait(timeout=max(1.0, LAUNCH_DEADLINE_S - (time.perf_counter() - t0))))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{scenario} workers still running after {LAUNCH_DEADLINE_S} s:\n{tails(logs)}")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    elapsed = time.perf_counter() - t0
+    reports = []
+    for i in range(NUM_PROCESSES):
+        path = out / f"{scenario}-{i}.json"
+        reports.append(json.loads(path.read_text()) if path.exists() else {})
+    return codes, reports, elapsed
+
+
+def tails(logs) -> str:
+    return "\n".join(f"--- {log.name}\n" + "\n".join(log.read_text().splitlines()[-40:]) for log in logs)
+
+
+def failure(reports, out: Path, scenario: str) -> str:
+    errors = [r.get("traceback") or r.get("error") or "no report" for r in reports]
+    return "\n".join(errors) + "\n" + tails([out / f"{scenario}-{i}.log" for i in range(NUM_PROCESSES)])
+
+
+@pytest.fixture(scope="module")
+def roundtrip(tmp_path_factory):
+    out = tmp_path_factory.mktemp("multihost-roundtrip")
+    codes, reports, elapsed = launch("roundtrip", out)
+    assert codes == [0, 0] and all(r.get("ok") for r in reports), failure(reports, out, "roundtrip")
+    return out, reports, elapsed
+
+
+def expected_digests(name: str, seed: int, src_pages, dst_pages) -> dict[str, str]:
+    """Digest of every shard, by kind and TP position, of a fresh cache after the given placement."""
+    params = layouts()[name]
+    replicated = params.replicated(TP)
+    want = placed(source_arrays(params, seed), src_pages, dst_pages)
+    return {
+        f"{kind}/{i}": digest(np.ascontiguousarray(shard_slice(a, i, replicated)).tobytes())
+        for kind, a in zip(("values", "scales"), want, strict=False)
+        for i in range(TP)
+    }
+
+
+def merged(reports, key) -> dict:
+    """One process's shards plus the other's: they must not overlap."""
+    a, b = (r[key] for r in reports)
+    assert not set(a) & set(b), sorted(set(a) & set(b))
+    return {**a, **b}
+
+
+@pytest.mark.parametrize("kernels", ["native", "xla"])
+@pytest.mark.parametrize("name", ["mha-bf16", "mha-fp8", "mla-bf16"])
+def test_engine_round_trip_is_bit_exact_on_every_shard(roundtrip, name, kernels):
+    """d2h then h2d of pages, each process moving only its own shards: all 8 shards bit-exact."""
+    _, reports, _ = roundtrip
+    if kernels == "native" and not native.available():
+        pytest.skip("native CPU kernels unavailable")
+    seed = list(layouts()).index(name)
+    want = expected_digests(name, seed, [5, 0, 7], [1, 6, 3])
+    # MHA: TP positions 0-3 in process 0, 4-7 in process 1. MLA: mesh positions,
+    # each process writing its own four replicas from its one host copy.
+    got = merged([r["engine"] for r in reports], f"{kernels}/{name}")
+    assert got == want
+
+
+@pytest.mark.parametrize("name", ["mha-fp8", "mla-bf16"])
+def test_tiered_connector_reloads_every_shard_bit_exact(roundtrip, name):
+    """Offload to each process's host and disk tier, reload (host hits and disk promotions)."""
+    out, reports, _ = roundtrip
+    seed = 10 + ["mha-fp8", "mla-bf16"].index(name)
+    want = expected_digests(name, seed, list(range(6)), [7, 6, 5, 4, 3, 2])
+    got = merged([r["connector"][name] for r in reports], "reload")
+    assert got == want
+    # One disk directory per process, each with its own shards' rows.
+    assert sorted(p.name for p in (out / f"tiers-{name}").iterdir()) == ["process-0", "process-1"]
+    # Every process made the same agreement calls (the workers also checked refusals and failures).
+    calls = [r["connector"][name]["agreement_calls"] for r in reports]
+    assert calls[0] == calls[1] > 0
+
+
+def test_fingerprints_name_the_shards_a_row_holds(roundtrip):
+    """An MHA row holds different shards in each process; an MLA row is the same latent page
+    everywhere, so its blocks are interchangeable, with a single-process TP 8 cache too."""
+    _, reports, _ = roundtrip
+    mha, mla = ([r["connector"][name]["fingerprint"] for r in reports] for name in ("mha-fp8", "mla-bf16"))
+    assert mha[0] != mha[1]
+    single, _, _ = random_buffer(layouts()["mla-bf16"], TP, 4)
+    assert mla[0] == mla[1] == OffloadEngine(single, 1).layout_fingerprint.hex()
+
+
+def test_disk_rows_hold_each_process_own_shards(roundtrip):
+    out, _, _ = roundtrip
+    params = layouts()["mha-fp8"]
+    arrays = source_arrays(params, 10)
+    for process in range(NUM_PROCESSES):
+        directory = out / "tiers-mha-fp8" / f"process-{process}"
+        raw = (directory / (block_hash(3).hex() + ".kvblock")).read_bytes()
+        assert raw.endswith(expected_row(arrays, 3, process, replicated=False))
+
+
+@pytest.mark.parametrize("name", ["mha-bf16", "mla-bf16"])
+def test_manager_decides_the_same_in_every_process(roundtrip, name):
+    """Same workload, different tiers (process 1 loses its disk halfway): identical page tables."""
+    _, reports, _ = roundtrip
+    first, second = (r["manager"][name] for r in reports)
+    assert first["decisions"] == second["decisions"]
+    totals = first["decisions"][-1]
+    assert totals[2] > 0  # some prompts were served from host or disk
+    # Process 1 held less than process 0 after losing its disk: the agreement
+    # overruled process 0's own answer at least once, and no process acted alone.
+    assert first["overruled"] > 0 and second["overruled"] == 0
+    assert first["refused"] == second["refused"]
+
+
+def test_lookup_agreement_cost(roundtrip):
+    _, reports, elapsed = roundtrip
+    for r in reports:
+        cost = r["cost"]
+        assert cost["auto_mechanism"] == "store"
+        assert 0 < cost["store_median_s"] < 0.25
+    print(
+        "\nagreement cost per call (median, 2 processes on 127.0.0.1):",
+        {k: f"{v * 1e6:.0f} us" for k, v in reports[0]["cost"].items() if k.endswith("_s")},
+        f"roundtrip launch {elapsed:.1f} s",
+    )
+
+
+def test_killed_process_neither_hangs_nor_corrupts(tmp_path):
+    """Process 1 dies mid-offload (SIGKILL inside a disk write). Process 0 finishes its
+    offload, gets a timeout error from the next lookup instead of a hang, and both
+    processes' tiers hold only whole, verified blocks."""
+    codes, reports, elapsed = launch("kill", tmp_path)
+    assert codes[1] == -9, failure(reports, tmp_path, "kill")
+    assert codes[0] == 0 and reports[0].get("ok"), failure(reports, tmp_path, "kill")
+    survivor = reports[0]
+    assert "did not agree" in survivor["error"]
+    assert survivor["waited_s"] < 3.0 + 5.0  # the agreement timeout (3 s) plus slack
+    assert "failed earlier" in survivor["again"] and survivor["again_s"] < 0.5
+    assert survivor["verified_disk_blocks"] == 8 and survivor["leftover_tmp"] == []
+    assert elapsed < 60
+    # The dead process's directory: its half-written temporary file is removed
+    # on restart and every block left is whole and verifies.
+    info = json.loads((tmp_path / "kill-1.info.json").read_text())
+    directory = Path(info["directory"])
+    assert any(p.name.endswith(".tmp") for p in directory.iterdir())  # died mid-write
+    tier = DiskTier(directory, 1 << 20, fingerprint=bytes.fromhex(info["fingerprint"]), row_bytes=info["row_bytes"])
+    assert not any(p.name.endswith(".tmp") for p in directory.iterdir())
+    arrays = source_arrays(layouts()["mha-bf16"], 3)
+    held = [i for i in range(8) if block_hash(i) in tier]
+    assert held == [0, 1, 2, 3, 4, 5]  # the two writes that completed before the third
+    for i in held:
+        assert tier.get(block_hash(i)).tobytes() == expected_row(arrays, i, 1, replicated=False)
+    assert tier.corrupt == 0
+
+
+# -- one process: what the multi-process code costs and checks there ---------
+
+
+def test_one_process_agrees_with_nobody():
+    """A cache on one process builds no agreement: lookups cost what they did."""
+    src, _, _ = random_buffer(BF16_MHA, 8, 4)
+    assert GroupAgreement.for_cache(src) is None
+    assert HostConnector(src, 1 << 20).agreement is None
+
+
+# Fingerprints of single-process caches at TP 4, as before multi-process support:
+# blocks already on disk stay loadable.
+PINNED_FINGERPRINTS = [
+    (BF16_MHA, "4be63ad6c5a2f5045b28f6af4663f34d778b6dbbbbdaf19ca0a88aa1acd8dfd5"),
+    (FP8_MHA, "e645399c960238aa2e857e82d326baea26d96321a82810fde5c8904b51ffc0bb"),
+    (BF16_MLA, "3be9e4e2ddc55ada9d9253a120a3ad22bdc7e411c03f466e8230212010b6c8df"),
+]
+
+
+@pytest.mark.parametrize(("params", "fingerprint"), PINNED_FINGERPRINTS)
+def test_single_process_fingerprints_are_unchanged(params, fingerprint):
+    src, _, _ = random_buffer(params, 4, 4)
+    assert OffloadEngine(src, 1).layout_fingerprint.hex() == fingerprint
+
+
+def test_agreement_arguments_are_validated():
+    mesh = tp_mesh(8)
+    with pytest.raises(ValueError, match=r"needs the jax.distributed coordination service"):
+        GroupAgreement([0], mesh=mesh, mechanism="store")
+    with pytest.raises(ValueError, match=r"mechanism must be one of"):
+        GroupAgreement([0], mesh=mesh, mechanism="gossip")
+    with pytest.raises(ValueError, match=r"timeout_s must be a positive number"):
+        GroupAgreement([0], mesh=mesh, timeout_s=0)
+    with pytest.raises(ValueError, match=r"this process \(0\) is not in processes \[1\]"):
+        GroupAgreement([1], mesh=mesh)
+    with pytest.raises(ValueError, match=r"needs the mesh"):
+        GroupAgreement([0])
+    src, _, _ = random_buffer(BF16_MHA, 2, 4)
+    with pytest.raises(ValueError, match=r"agreement must be 'auto', None or a GroupAgreement"):
+        HostConnector(src, 1 << 20, agreement="always")
+
+
+def test_collective_agreement_in_one_process():
+    """Without a coordination service "auto" falls back to a jitted min over the mesh."""
+    agreement = GroupAgreement([0], mesh=tp_mesh(8))
+    assert agreement.mechanism == "collective"
+    assert [agreement.min(v) for v in (7, 3)] == [7, 3] and agreement.calls == 2
