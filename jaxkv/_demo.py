@@ -92,8 +92,9 @@ def _check(cfg: DemoConfig, page_size: int) -> None:
         raise DemoError(f"--model must be 'mha' or 'mla', got {cfg.model!r}")
     if cfg.dtype not in ("bf16", "fp8"):
         raise DemoError(f"--dtype must be 'bf16' or 'fp8', got {cfg.dtype!r}")
+    if cfg.tp is not None and cfg.tp < 1:
+        raise DemoError(f"--tp must be >= 1, got {cfg.tp}")
     for name in (
-        "tp",
         "system_prompts",
         "conversations",
         "turns",
