@@ -11,6 +11,8 @@ Public API (see docs/architecture.md):
 - `PagedKVCacheManager`, `BlockPool`, `hash_blocks`: pages per request and prefix caching.
 - `paged_attention` (+ `paged_attention_shard`): write K/V into pages and attend through a page table.
 - `jaxkv.models`: `TinyConfig`, `TinyModel`, tiny random-weight MHA/MLA decoders on the paged cache.
+- `GroupAgreement`, `GroupAgreementError`: how the processes of a multi-host TP group agree
+  on lookups and loads (docs/multihost.md).
 """
 
 from jaxkv import models
@@ -30,6 +32,7 @@ from jaxkv._engine import OffloadEngine
 from jaxkv._hashing import hash_blocks, root_hash
 from jaxkv._manager import ManagerMetrics, PagedKVCacheManager, Request
 from jaxkv._memory import KVCacheMemory, ReplicatedKVCacheMemory
+from jaxkv._multihost import GroupAgreement, GroupAgreementError
 from jaxkv._params import KVCacheParams, KVCacheQuantConfig
 from jaxkv._pool import NULL_PAGE, BlockPool, InsufficientPagesError
 from jaxkv._transfer import Transfer
@@ -41,6 +44,8 @@ __all__ = [
     "BlockPool",
     "ConnectorMetrics",
     "DiskTier",
+    "GroupAgreement",
+    "GroupAgreementError",
     "HostConnector",
     "InsufficientPagesError",
     "KVCacheBuffer",
