@@ -291,6 +291,21 @@ class MultiKVCacheBuffer:
 jax.tree_util.register_pytree_node_class(MultiKVCacheBuffer)
 
 
+def check_tp_mesh(mesh, tp_axis: str) -> int:
+    """Validate a TP mesh (a `Mesh` with axis `tp_axis`, every other axis of size 1); returns the TP degree."""
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    if tp_axis not in mesh.axis_names:
+        raise ValueError(f"tp_axis {tp_axis!r} is not an axis of the mesh, whose axes are {mesh.axis_names}")
+    tp = mesh.shape[tp_axis]
+    if mesh.size != tp:
+        raise ValueError(
+            f"mesh {dict(mesh.shape)} has {mesh.size} devices but TP axis {tp_axis!r} has {tp}: "
+            f"every mesh axis other than TP must have size 1"
+        )
+    return tp
+
+
 def allocate_buffer(params: KVCacheParams, mesh: Mesh, num_pages: int, tp_axis: str = "tp") -> KVCacheBuffer:
     """A zero-filled cache of `num_pages` pages, created directly on the mesh devices.
 
@@ -299,18 +314,9 @@ def allocate_buffer(params: KVCacheParams, mesh: Mesh, num_pages: int, tp_axis: 
     """
     if not isinstance(params, KVCacheParams):
         raise ValueError(f"params must be a KVCacheParams, got {type(params).__name__}")
-    if not isinstance(mesh, Mesh):
-        raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
-    if tp_axis not in mesh.axis_names:
-        raise ValueError(f"tp_axis {tp_axis!r} is not an axis of the mesh, whose axes are {mesh.axis_names}")
+    tp = check_tp_mesh(mesh, tp_axis)
     if isinstance(num_pages, bool) or not isinstance(num_pages, int) or num_pages < 1:
         raise ValueError(f"num_pages must be a positive int, got {num_pages!r}")
-    tp = mesh.shape[tp_axis]
-    if mesh.size != tp:
-        raise ValueError(
-            f"mesh {dict(mesh.shape)} has {mesh.size} devices but TP axis {tp_axis!r} has {tp}: "
-            f"every mesh axis other than TP must have size 1"
-        )
     params.heads_per_shard(tp)  # raises when the heads do not split evenly
     replicated = params.replicated(tp)
     spec = P() if replicated else P(None, None, None, None, tp_axis, None)

@@ -44,7 +44,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxkv._attention import paged_attention_shard
-from jaxkv._buffer import KVCacheBuffer, allocate_buffer
+from jaxkv._buffer import KVCacheBuffer, allocate_buffer, check_tp_mesh
 from jaxkv._engine import bucket
 from jaxkv._pages import check_page_ids, check_unique
 from jaxkv._params import KVCacheParams, KVCacheQuantConfig, _positive_int
@@ -306,16 +306,7 @@ class TinyModel:
     def __init__(self, config: TinyConfig, mesh: Mesh, tp_axis: str = "tp"):
         if not isinstance(config, TinyConfig):
             raise ValueError(f"config must be a TinyConfig, got {type(config).__name__}")
-        if not isinstance(mesh, Mesh):
-            raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
-        if tp_axis not in mesh.axis_names:
-            raise ValueError(f"tp_axis {tp_axis!r} is not an axis of the mesh, whose axes are {mesh.axis_names}")
-        tp = mesh.shape[tp_axis]
-        if mesh.size != tp:
-            raise ValueError(
-                f"mesh {dict(mesh.shape)} has {mesh.size} devices but TP axis {tp_axis!r} has {tp}: "
-                f"every mesh axis other than TP must have size 1"
-            )
+        tp = check_tp_mesh(mesh, tp_axis)
         split = [("n_heads", config.n_heads), ("mlp_dim (MLP_EXPANSION * d_model)", config.mlp_dim)]
         if config.kind == "mha":
             split.insert(0, ("n_kv_heads", config.n_kv_heads))
