@@ -184,6 +184,12 @@ class PagedKVCacheManager:
             except KVLoadFailed:
                 self.metrics.loads_failed += 1
                 n_ext = from_host = from_disk = 0
+            except BaseException:
+                # Anything else (a TP group out of step, an interrupt): undo the
+                # allocation so the pool is as it was, then let it propagate.
+                for p in reversed(hit_pages + new_pages):
+                    self.pool.release(p)
+                raise
             else:
                 for p, h in zip(ext_pages, ext_hashes, strict=True):
                     self.pool.commit(p, h)

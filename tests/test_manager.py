@@ -148,6 +148,27 @@ def test_manager_with_a_real_connector_serves_host_hits_bit_exact():
     assert m.metrics.tokens_from_host == 12 and filler.num_cached_tokens == 0
 
 
+def test_unexpected_connector_error_rolls_back_the_allocation():
+    class Broken(FakeConnector):
+        def load(self, device_page_ids, block_hashes, *, buffer=None):
+            raise RuntimeError("TP group out of step")
+
+    pages: dict = {}
+    conn = Broken(pages)
+    m = PagedKVCacheManager(PARAMS, conn, num_pages=16)
+    prompt = list(range(13))
+    req = m.add_request("a", prompt)
+    pages.update((p, ("bytes of", p)) for p in req.pages)  # the model wrote the pages
+    m.commit("a", 13)  # offloads the 3 full blocks to the connector
+    assert len(conn.store) == 3
+    m.finish("a")
+    m.reset_prefix_cache()  # force the next request to the connector
+    before = (m.pool.num_free, list(m.pool.ref_counts))
+    with pytest.raises(RuntimeError, match="TP group out of step"):
+        m.add_request("b", prompt)
+    assert (m.pool.num_free, list(m.pool.ref_counts)) == before and "b" not in m.requests
+
+
 # -- property-based: random interleavings against a reference model ------------------
 
 
