@@ -36,7 +36,7 @@ import jax
 import numpy as np
 
 from jaxkv import _pages
-from jaxkv._disk import BLOCK_HASH_BYTES, CorruptBlockError, DiskReadError, DiskTier, DiskWriteError
+from jaxkv._disk import BLOCK_HASH_BYTES, DiskTier, DiskWriteError
 from jaxkv._engine import OffloadEngine
 from jaxkv._multihost import GroupAgreement, spans_processes
 from jaxkv._transfer import Transfer, combine, completed
@@ -296,13 +296,7 @@ class HostConnector(KVConnector):
         t0 = time.perf_counter()
         # Promoting a disk block may evict a host block: never one this load needs.
         protect = {self._host[h] for h in hashes if h in self._host}
-        slots: list[int] = []
-        for h in hashes:
-            slot = self._slot_for_load(h, protect)
-            if slot is None:
-                break
-            slots.append(slot)
-            protect.add(slot)
+        slots = self._slots_for_load(hashes, protect)
         held = len(slots)
         if self.agreement is not None:
             held = self.agreement.min(held)  # refused in one process: refused in all, before any write
@@ -332,8 +326,15 @@ class HostConnector(KVConnector):
         self.metrics.load_seconds += time.perf_counter() - t0
         return transfer
 
-    def _slot_for_load(self, block_hash: bytes, protect: set[int]) -> int | None:
-        return self._host.get(block_hash)
+    def _slots_for_load(self, hashes: list[bytes], protect: set[int]) -> list[int]:
+        """Host slots holding the leading `hashes` (stops at the first absent block)."""
+        slots = []
+        for h in hashes:
+            slot = self._host.get(h)
+            if slot is None:
+                break
+            slots.append(slot)
+        return slots
 
     def offload(self, device_page_ids, block_hashes, *, buffer=None) -> Transfer:
         self._check_open()
@@ -454,27 +455,43 @@ class TieredConnector(HostConnector):
         for h in hashes:
             self.disk.touch(h)
 
-    def _slot_for_load(self, block_hash: bytes, protect: set[int]) -> int | None:
-        slot = self._host.get(block_hash)
-        if slot is not None or block_hash not in self.disk:
-            return slot
-        slot = self._host_slot(protect)
-        if slot is None:
-            return None
+    def _slots_for_load(self, hashes: list[bytes], protect: set[int]) -> list[int]:
+        """Host slots for the leading held `hashes`, promoting disk blocks into free slots.
+
+        Disk blocks are read in parallel straight into their pool rows. A
+        block that fails to read ends the held prefix; blocks after it that
+        did read stay promoted (they are valid), the failed ones free their slot.
+        """
+        slots: list[int] = []
+        reads: list[tuple[int, bytes, int]] = []  # (position, hash, slot)
+        for i, h in enumerate(hashes):
+            slot = self._host.get(h)
+            if slot is None:
+                if h not in self.disk:
+                    break
+                slot = self._host_slot(protect)
+                if slot is None:
+                    break
+                protect.add(slot)
+                reads.append((i, h, slot))
+            slots.append(slot)
+        if not reads:
+            return slots
+        self.engine.flush()  # nothing in flight may read or write the pool rows we fill
         t0 = time.perf_counter()
-        self.engine.flush()  # nothing in flight may read or write the pool row we fill
-        try:
-            # Straight into the pool row: no staging copy.
-            self.disk.get(block_hash, out=self.engine.host_pool[slot])
-        except (CorruptBlockError, DiskReadError):
-            self._free.append(slot)
-            self._sync_disk_counters()
-            return None
-        self.metrics.disk_read_bytes += self.engine.row_bytes
+        errors = self.disk.get_many([(h, self.engine.host_pool[slot]) for _, h, slot in reads])
+        first_bad = len(slots)
+        for (i, h, slot), error in zip(reads, errors, strict=True):
+            if error is None:
+                self._host[h] = slot
+                self.metrics.blocks_promoted += 1
+                self.metrics.disk_read_bytes += self.engine.row_bytes
+            else:
+                self._free.append(slot)
+                first_bad = min(first_bad, i)
         self.metrics.disk_read_seconds += time.perf_counter() - t0
-        self._host[block_hash] = slot
-        self.metrics.blocks_promoted += 1
-        return slot
+        self._sync_disk_counters()
+        return slots[:first_bad]
 
     def _offload_chunk(self, n: int) -> int:
         # Write-through: a batch larger than the host tier goes to disk in
@@ -484,13 +501,12 @@ class TieredConnector(HostConnector):
     def _after_offload(self, hashes: list[bytes], slots: list[int]) -> None:
         self.engine.flush()  # the offload lands in the pool; then write from the rows in place
         t0 = time.perf_counter()
-        for h, slot in zip(hashes, slots, strict=True):
-            row = self.engine.host_pool[slot]
-            try:
-                if self.disk.put(h, row):
-                    self.metrics.disk_write_bytes += row.nbytes
-            except DiskWriteError:
+        results = self.disk.put_many([(h, self.engine.host_pool[slot]) for h, slot in zip(hashes, slots, strict=True)])
+        for stored in results:
+            if isinstance(stored, DiskWriteError):
                 self.metrics.dropped_offloads += 1  # the host copy stays; serving goes on
+            elif stored:
+                self.metrics.disk_write_bytes += self.engine.row_bytes
         self.metrics.disk_write_seconds += time.perf_counter() - t0
         self._sync_disk_counters()
 
@@ -504,3 +520,8 @@ class TieredConnector(HostConnector):
         super().reset()
         self.disk.clear()
         self._disk_marks = (self.disk.evictions, self.disk.corrupt)
+
+    def close(self) -> None:
+        """Finish pending transfers and stop the disk writer threads; later calls raise."""
+        super().close()
+        self.disk.close()

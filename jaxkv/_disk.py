@@ -25,7 +25,9 @@ index from the directory (warm restart), checking headers and sizes.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import itertools
 import os
 import struct
 from collections import OrderedDict
@@ -74,6 +76,10 @@ class DiskTier:
         """Bytes one block occupies on disk."""
         self.evictions = 0
         self.corrupt = 0
+        self.writers = max(1, min(4, os.cpu_count() or 1))
+        """Threads that write and read block files in parallel in `put_many` / `get_many`."""
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._tmp_ids = itertools.count()
         self._index: OrderedDict[bytes, None] = OrderedDict()  # LRU order, oldest first
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._rebuild()
@@ -151,13 +157,40 @@ class DiskTier:
         gone); DiskReadError for an I/O error (the block is kept). On any
         error the contents of `out` are undefined.
         """
-        if out is not None and (out.dtype != np.uint8 or out.shape != (self.row_bytes,) or not out.flags.c_contiguous):
-            raise ValueError(
-                f"out must be a contiguous uint8 array of shape ({self.row_bytes},), got {out.dtype} {out.shape}"
-            )
+        if out is not None:
+            self._check_out(out)
         if block_hash not in self._index:
             raise KeyError(block_hash)
         row = np.empty(self.row_bytes, np.uint8) if out is None else out
+        error = self._settle(block_hash, self._read(block_hash, row))
+        if error is not None:
+            raise error
+        return row
+
+    def get_many(self, items: list[tuple[bytes, np.ndarray]]) -> list[Exception | None]:
+        """Read several held blocks into their `out` rows, in parallel; per block None or the error.
+
+        Errors are those of `get` (CorruptBlockError removes the block,
+        DiskReadError keeps it); every block must be in the tier.
+        """
+        for block_hash, out in items:
+            self._check_out(out)
+            if block_hash not in self._index:
+                raise KeyError(block_hash)
+        if len(items) > 1 and self.writers > 1:
+            raw = list(self._threads().map(lambda item: self._read(*item), items))
+        else:
+            raw = [self._read(h, out) for h, out in items]
+        return [self._settle(h, r) for (h, _), r in zip(items, raw, strict=True)]
+
+    def _check_out(self, out) -> None:
+        if out.dtype != np.uint8 or out.shape != (self.row_bytes,) or not out.flags.c_contiguous:
+            raise ValueError(
+                f"out must be a contiguous uint8 array of shape ({self.row_bytes},), got {out.dtype} {out.shape}"
+            )
+
+    def _read(self, block_hash: bytes, row: np.ndarray) -> Exception | None:
+        """Read and verify one block into `row` (thread-safe: no index access); the failure, if any."""
         path = self._path(block_hash)
         header = bytearray(HEADER_BYTES)
         try:
@@ -177,17 +210,29 @@ class DiskTier:
                 raise CorruptBlockError("fingerprint changed")
             if checksum(row) != check:
                 raise CorruptBlockError("checksum mismatch")
-        except FileNotFoundError as e:  # removed behind our back: simply gone
+        except (CorruptBlockError, OSError) as e:
+            return e
+        return None
+
+    def _settle(self, block_hash: bytes, error: Exception | None) -> Exception | None:
+        """Apply a read's outcome to the index (calling thread only); the error to raise, if any."""
+        name = block_hash.hex()[:16]
+        if error is None:
+            self._index.move_to_end(block_hash)
+            return None
+        if isinstance(error, FileNotFoundError):  # removed behind our back: simply gone
             self._index.pop(block_hash, None)
-            raise CorruptBlockError(f"block {block_hash.hex()[:16]}: file missing") from e
-        except CorruptBlockError as e:
+            return CorruptBlockError(f"block {name}: file missing")
+        if isinstance(error, CorruptBlockError):
             self.corrupt += 1
             self._drop(block_hash)
-            raise CorruptBlockError(f"block {block_hash.hex()[:16]}: {e}") from e
-        except OSError as e:
-            raise DiskReadError(f"reading block {block_hash.hex()[:16]}: {e}") from e
-        self._index.move_to_end(block_hash)
-        return row
+            return CorruptBlockError(f"block {name}: {error}")
+        return DiskReadError(f"reading block {name}: {error}")
+
+    def _threads(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.writers, thread_name_prefix="jaxkv-disk")
+        return self._pool
 
     def put(self, block_hash: bytes, row: np.ndarray) -> bool:
         """Store `row` under `block_hash`; False if already held (refreshed instead).
@@ -195,27 +240,72 @@ class DiskTier:
         Evicts least recently used blocks to make room. Raises DiskWriteError
         when the write fails; nothing already stored is lost.
         """
-        if block_hash in self._index:
-            self._index.move_to_end(block_hash)
-            return False
-        if self.file_bytes > self.capacity_bytes:
-            raise DiskWriteError(f"one block ({self.file_bytes} B) exceeds the disk capacity ({self.capacity_bytes} B)")
+        (result,) = self.put_many([(block_hash, row)])
+        if isinstance(result, DiskWriteError):
+            raise result
+        return result
+
+    def put_many(self, items: list[tuple[bytes, np.ndarray]]) -> list[bool | DiskWriteError]:
+        """`put` for several blocks; per block: True (stored), False (already held) or the error.
+
+        The files are written to temporary names in parallel (`writers`
+        threads: the kernel copies and checksums overlap), then renamed into
+        place one by one, in order, evicting as needed: the index and the LRU
+        order are only touched by the calling thread.
+        """
+        results: list[bool | DiskWriteError] = []
+        todo = []
+        for i, (block_hash, row) in enumerate(items):
+            if block_hash in self._index:
+                self._index.move_to_end(block_hash)
+                results.append(False)
+            elif self.file_bytes > self.capacity_bytes:
+                results.append(
+                    DiskWriteError(
+                        f"one block ({self.file_bytes} B) exceeds the disk capacity ({self.capacity_bytes} B)"
+                    )
+                )
+            else:
+                results.append(True)
+                todo.append((i, block_hash, row))
+        if len(todo) > 1 and self.writers > 1:
+            written = list(self._threads().map(lambda t: self._write_tmp(t[1], t[2]), todo))
+        else:
+            written = [self._write_tmp(h, row) for _, h, row in todo]
+        for (i, block_hash, _), tmp in zip(todo, written, strict=True):
+            if isinstance(tmp, DiskWriteError):
+                results[i] = tmp
+                continue
+            try:
+                self._evict_to(self.capacity_bytes - self.file_bytes)
+                os.replace(tmp, self._path(block_hash))
+            except OSError as e:
+                _unlink(tmp)
+                results[i] = DiskWriteError(f"writing block {block_hash.hex()[:16]} to {self.directory}: {e}")
+                continue
+            self._index[block_hash] = None
+        return results
+
+    def _write_tmp(self, block_hash: bytes, row: np.ndarray):
+        """Write one block to a fresh temporary file; its path, or the DiskWriteError (thread-safe)."""
         header = _HEADER.pack(MAGIC, VERSION, HEADER_BYTES, self.fingerprint, block_hash, self.row_bytes, checksum(row))
-        path = self._path(block_hash)
-        tmp = self.directory / f".{path.name}.{os.getpid()}.tmp"
+        tmp = self.directory / f".{block_hash.hex()}{SUFFIX}.{os.getpid()}-{next(self._tmp_ids)}.tmp"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 _writev_full(fd, [memoryview(header), memoryview(np.ascontiguousarray(row)).cast("B")])
             finally:
                 os.close(fd)
-            self._evict_to(self.capacity_bytes - self.file_bytes)
-            os.replace(tmp, path)
         except OSError as e:
             _unlink(tmp)
-            raise DiskWriteError(f"writing block {block_hash.hex()[:16]} to {self.directory}: {e}") from e
-        self._index[block_hash] = None
-        return True
+            return DiskWriteError(f"writing block {block_hash.hex()[:16]} to {self.directory}: {e}")
+        return tmp
+
+    def close(self) -> None:
+        """Stop the writer threads."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def _evict_to(self, budget: int) -> None:
         while self._index and self.used_bytes > budget:
@@ -263,9 +353,9 @@ def _readv_full(fd: int, parts: list[memoryview]) -> int:
 
 
 def _writer_alive(tmp_name: str) -> bool:
-    """Whether the process that owns a temporary file (".<name>.<pid>.tmp") still runs."""
+    """Whether the process that owns a temporary file (".<name>.<pid>-<n>.tmp") still runs."""
     try:
-        pid = int(tmp_name[: -len(".tmp")].rsplit(".", 1)[1])
+        pid = int(tmp_name[: -len(".tmp")].rsplit(".", 1)[1].split("-")[0])
         os.kill(pid, 0)
     except (ValueError, IndexError, ProcessLookupError):
         return False
