@@ -412,3 +412,21 @@ def test_tiered_touch_accepts_any_iterable_and_refreshes_disk(tmp_path):
     c.touch(x for x in [h(0)])  # a generator: host and disk both see it
     c.offload([2], [h(2)])  # the disk evicts h1, not the touched h0
     assert h(0) in c.disk and h(1) not in c.disk
+
+
+def test_parallel_promotion_with_one_corrupt_block(tmp_path):
+    """Several disk blocks read in parallel: a corrupt one refuses the load, the good ones stay promoted."""
+    src, _, _ = random_buffer(BF16_MHA, 2, 8)
+    row = BF16_MHA.host_bytes_per_page(2)
+    want = [page_bytes(src, p) for p in range(4)]
+    c = TieredConnector(src, 4 * row, tmp_path, 1 << 20)
+    c.offload([0, 1, 2, 3], [h(0), h(1), h(2), h(3)])
+    c.close()
+    flip_byte(tmp_path / (h(2).hex() + SUFFIX), row)
+    d = TieredConnector(allocate_buffer(BF16_MHA, tp_mesh(2), 8), 4 * row, tmp_path, 1 << 20)
+    with pytest.raises(KVLoadRefused, match=r"block_hashes\[2\]"):
+        d.load([4, 5, 6, 7], [h(0), h(1), h(2), h(3)])
+    assert d.metrics.corrupt_blocks == 1 and d.metrics.blocks_promoted == 3
+    assert h(2) not in d.disk and d.host_bytes[0] == 3 * row
+    d.load([4, 5, 7], [h(0), h(1), h(3)]).synchronize()  # now all from host memory
+    assert [page_bytes(d.buffer, p) for p in (4, 5, 7)] == [want[0], want[1], want[3]]
