@@ -171,8 +171,8 @@ class HostConnector(KVConnector):
 
     `host_capacity_bytes` is divided into host slots of `row_bytes` (one page
     of every shard; an MLA page stored once). When the cache spans processes,
-    of every shard this process holds, and `agreement` keeps the group's
-    answers identical: "auto" builds a `GroupAgreement` over the processes the
+    a row holds the pages of the shards this process owns, and `agreement`
+    keeps the group's answers identical: "auto" builds a `GroupAgreement` over the processes the
     cache spans (none, and no cost, when it spans one); pass one to choose its
     timeout or mechanism, or None to answer for this process alone.
     """

@@ -125,7 +125,7 @@ class OffloadEngine:
         """Column where each unit's bytes start in a host row."""
         self.row_bytes = int(sum(widths))
         """Bytes of one host slot: one page of every unit."""
-        self.host_pool = _aligned_zeros((num_host_pages, self.row_bytes))
+        self.host_pool = _aligned((num_host_pages, self.row_bytes), np.zeros)
         """[num_host_pages, row_bytes] uint8: the host page pool."""
         self._pending: list[Transfer] = []
         self.h2d_path = "pool" if _pages.native_enabled([d for u in units for d in u.devices]) else "staged"
@@ -368,7 +368,7 @@ class OffloadEngine:
         """
         pieces = []
         for unit, offset in group:
-            staged = _aligned_empty((slots.size, unit.bytes_per_page))
+            staged = _aligned((slots.size, unit.bytes_per_page))
             _copy_rows(
                 staged,
                 np.arange(slots.size, dtype=np.int32),
@@ -390,17 +390,14 @@ class OffloadEngine:
 _ALIGN = 64
 
 
-def _aligned_empty(shape) -> np.ndarray:
-    n = int(np.prod(shape))
-    raw = np.empty(n + _ALIGN, np.uint8)
-    start = (-raw.ctypes.data) % _ALIGN
-    return raw[start : start + n].reshape(shape)
+def _aligned(shape, alloc=np.empty) -> np.ndarray:
+    """A uint8 array of `shape` whose data starts on an `_ALIGN`-byte boundary.
 
-
-def _aligned_zeros(shape) -> np.ndarray:
-    # np.zeros maps untouched pages lazily: the pool costs memory as it fills.
+    With `alloc=np.zeros` untouched pages are mapped lazily: a pool costs
+    memory as it fills.
+    """
     n = int(np.prod(shape))
-    raw = np.zeros(n + _ALIGN, np.uint8)
+    raw = alloc(n + _ALIGN, np.uint8)
     start = (-raw.ctypes.data) % _ALIGN
     return raw[start : start + n].reshape(shape)
 
