@@ -55,7 +55,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import jaxkv  # noqa: E402
-from jaxkv._disk import HEADER_BYTES  # noqa: E402
+from jaxkv.tiers.disk import HEADER_BYTES  # noqa: E402
 
 KIB, MIB, GIB = 2**10, 2**20, 2**30
 TP = 4

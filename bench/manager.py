@@ -32,7 +32,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import jaxkv  # noqa: E402
-from jaxkv._workload import chat_workload  # noqa: E402
+from jaxkv._cli.workload import chat_workload  # noqa: E402
 
 PAGE = 16
 FP = hashlib.sha256(b"bench-layout").digest()

@@ -438,7 +438,7 @@ def plot(rows: list[dict], layouts: list[str], path: Path, platform: str) -> Non
 
 def native_kernels() -> str:
     """Whether jaxkv's native CPU page kernels are in use (jaxkv/native)."""
-    from jaxkv import native
+    from jaxkv.transfer import native
 
     return "on" if native.available() else "off"
 

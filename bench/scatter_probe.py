@@ -27,7 +27,7 @@ _common.setup_devices(1)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from jaxkv import _pages  # noqa: E402
+from jaxkv.layout import pages as _pages  # noqa: E402
 
 DTYPES = ["bfloat16", "float16", "float32", "float8_e4m3fn", "float8_e5m2", "int8"]
 PAGE_BYTES = 256 * 1024

@@ -15,10 +15,14 @@ Public API (see docs/architecture.md):
   on lookups and loads (docs/multihost.md).
 """
 
-from jaxkv import models
-from jaxkv._attention import paged_attention, paged_attention_shard
-from jaxkv._buffer import KVCacheBuffer, MultiKVCacheBuffer, allocate_buffer
-from jaxkv._connector import (
+from jaxkv.attention.xla import paged_attention, paged_attention_shard
+from jaxkv.layout.buffer import KVCacheBuffer, MultiKVCacheBuffer, allocate_buffer
+from jaxkv.layout.memory import KVCacheMemory, ReplicatedKVCacheMemory
+from jaxkv.layout.params import KVCacheParams, KVCacheQuantConfig
+from jaxkv.prefix.hashing import hash_blocks, root_hash
+from jaxkv.prefix.manager import ManagerMetrics, PagedKVCacheManager, Request
+from jaxkv.prefix.pool import NULL_PAGE, BlockPool, InsufficientPagesError
+from jaxkv.tiers.connector import (
     ConnectorMetrics,
     HostConnector,
     KVConnector,
@@ -27,17 +31,22 @@ from jaxkv._connector import (
     NullConnector,
     TieredConnector,
 )
-from jaxkv._disk import DiskTier
-from jaxkv._engine import OffloadEngine
-from jaxkv._hashing import hash_blocks, root_hash
-from jaxkv._manager import ManagerMetrics, PagedKVCacheManager, Request
-from jaxkv._memory import KVCacheMemory, ReplicatedKVCacheMemory
-from jaxkv._multihost import GroupAgreement, GroupAgreementError
-from jaxkv._params import KVCacheParams, KVCacheQuantConfig
-from jaxkv._pool import NULL_PAGE, BlockPool, InsufficientPagesError
-from jaxkv._transfer import Transfer
+from jaxkv.tiers.disk import DiskTier
+from jaxkv.transfer.agreement import GroupAgreement, GroupAgreementError
+from jaxkv.transfer.engine import OffloadEngine
+from jaxkv.transfer.handle import Transfer
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # The toy models are for demos and tests: importable as jaxkv.models, not loaded by `import jaxkv`.
+    if name == "models":
+        import importlib
+
+        return importlib.import_module("jaxkv.models")
+    raise AttributeError(f"module 'jaxkv' has no attribute {name!r}")
+
 
 __all__ = [
     "NULL_PAGE",
@@ -66,7 +75,6 @@ __all__ = [
     "Transfer",
     "allocate_buffer",
     "hash_blocks",
-    "models",
     "paged_attention",
     "paged_attention_shard",
     "root_hash",

@@ -43,12 +43,12 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxkv._attention import paged_attention_shard
-from jaxkv._buffer import KVCacheBuffer, allocate_buffer, check_tp_mesh
-from jaxkv._engine import bucket
-from jaxkv._pages import check_page_ids, check_unique
-from jaxkv._params import KVCacheParams, KVCacheQuantConfig, _positive_int
-from jaxkv._pool import NULL_PAGE
+from jaxkv.attention.xla import paged_attention_shard
+from jaxkv.layout.buffer import KVCacheBuffer, allocate_buffer, check_tp_mesh
+from jaxkv.layout.pages import check_page_ids, check_unique
+from jaxkv.layout.params import KVCacheParams, KVCacheQuantConfig, _positive_int
+from jaxkv.prefix.pool import NULL_PAGE
+from jaxkv.transfer.engine import bucket
 
 KINDS = ("mha", "mla")
 UNQUANTIZED_CACHE_DTYPES = ("bfloat16", "float16", "float32")

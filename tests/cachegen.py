@@ -8,7 +8,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxkv
-from jaxkv._pages import word_dtype
+from jaxkv.layout.pages import word_dtype
 
 TP_DEGREES = (1, 2, 4, 8)
 

@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 @pytest.fixture(params=["native", "xla"])
 def kernels(request, monkeypatch):
     """Run a test with the native CPU page kernels and with the pure-XLA ones (what GPUs/TPUs use)."""
-    from jaxkv import native
+    from jaxkv.transfer import native
 
     if request.param == "xla":
         monkeypatch.setattr(native, "available", lambda: False)

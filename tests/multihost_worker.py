@@ -172,7 +172,8 @@ def placed(arrays: list[np.ndarray], src_pages, dst_pages) -> list[np.ndarray]:
 
 
 def engine_round_trip(params, mesh, arrays, process, kernels) -> dict:
-    from jaxkv import OffloadEngine, allocate_buffer, native
+    from jaxkv import OffloadEngine, allocate_buffer
+    from jaxkv.transfer import native
 
     src = global_cache(params, mesh, arrays)
     replicated = params.replicated(TP)
@@ -199,8 +200,8 @@ def engine_round_trip(params, mesh, arrays, process, kernels) -> dict:
 
 def connector_scenario(params, mesh, arrays, process, base: Path) -> dict:
     from jaxkv import KVLoadFailed, KVLoadRefused, TieredConnector, allocate_buffer
-    from jaxkv._disk import SUFFIX
-    from jaxkv._multihost import GroupAgreement
+    from jaxkv.tiers.disk import SUFFIX
+    from jaxkv.transfer.agreement import GroupAgreement
 
     replicated = params.replicated(TP)
     src = global_cache(params, mesh, arrays)
@@ -273,8 +274,8 @@ def connector_scenario(params, mesh, arrays, process, base: Path) -> dict:
 def manager_scenario(params, mesh, process, base: Path) -> dict:
     """Drive the prefix-caching manager through a workload; return what it decided per request."""
     from jaxkv import PagedKVCacheManager, TieredConnector, allocate_buffer
-    from jaxkv._multihost import GroupAgreement
-    from jaxkv._workload import chat_workload
+    from jaxkv._cli.workload import chat_workload
+    from jaxkv.transfer.agreement import GroupAgreement
 
     class Recording(GroupAgreement):
         """Remembers (this process's value, the agreed one) per call."""
@@ -328,7 +329,7 @@ def manager_scenario(params, mesh, process, base: Path) -> dict:
 def agreement_cost(mesh, params, repeats: int = 200) -> dict:
     """Seconds per agreement, each mechanism, and per lookup with and without agreeing."""
     from jaxkv import HostConnector, allocate_buffer
-    from jaxkv._multihost import GroupAgreement
+    from jaxkv.transfer.agreement import GroupAgreement
 
     out = {}
     cache = allocate_buffer(params, mesh, NUM_PAGES)
@@ -373,7 +374,7 @@ def barrier(name: str, timeout_s: float = 60.0) -> None:
 
 def roundtrip(process: int, port: int, out: Path) -> dict:
     mesh = start(process, port, recoverable=False)
-    from jaxkv import native
+    from jaxkv.transfer import native
 
     result = {"engine": {}}
     t0 = time.perf_counter()
@@ -405,9 +406,10 @@ def roundtrip(process: int, port: int, out: Path) -> dict:
 
 def kill(process: int, port: int, out: Path) -> dict:
     mesh = start(process, port, recoverable=True)
-    from jaxkv import TieredConnector, _disk
-    from jaxkv._disk import DiskTier
-    from jaxkv._multihost import GroupAgreement, GroupAgreementError
+    from jaxkv import TieredConnector
+    from jaxkv.tiers import disk as _disk
+    from jaxkv.tiers.disk import DiskTier
+    from jaxkv.transfer.agreement import GroupAgreement, GroupAgreementError
 
     params = layouts()["mha-bf16"]
     arrays = source_arrays(params, 3)

@@ -11,7 +11,7 @@ import pytest
 from cachegen import as_bytes, random_buffer, tp_mesh
 
 from jaxkv import KVCacheParams, KVCacheQuantConfig, allocate_buffer, paged_attention
-from jaxkv._attention import dequantize, quantize
+from jaxkv.attention.xla import dequantize, quantize
 
 PAGE_SIZE, LAYERS, LAYER = 4, 2, 1
 T = 8  # tokens per sequence in a batch, padded

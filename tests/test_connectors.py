@@ -20,7 +20,7 @@ from jaxkv import (
     TieredConnector,
     allocate_buffer,
 )
-from jaxkv._disk import HEADER_BYTES, MAGIC, SUFFIX, DiskTier
+from jaxkv.tiers.disk import HEADER_BYTES, MAGIC, SUFFIX, DiskTier
 
 BF16_MHA = KVCacheParams(jnp.bfloat16, n_kv_heads=8, head_dim=16, num_layers=2, page_size=4)
 FP8_MHA = KVCacheParams(
@@ -213,7 +213,7 @@ def test_failed_disk_write_drops_the_offload_and_keeps_serving(err, tmp_path, mo
     def fail(*args, **kwargs):
         raise OSError(err, os.strerror(err))
 
-    monkeypatch.setattr("jaxkv._disk.os.replace", fail)
+    monkeypatch.setattr("jaxkv.tiers.disk.os.replace", fail)
     c.offload([1, 2], [h(1), h(2)]).synchronize()
     assert c.metrics.dropped_offloads == 2
     assert os.listdir(tmp_path) == [h(0).hex() + SUFFIX]  # nothing half-written, nothing lost
@@ -363,7 +363,7 @@ def test_disk_get_rejects_a_bad_out_buffer_and_keeps_the_block(tmp_path):
 
 
 def test_transient_read_error_keeps_the_block(tmp_path, monkeypatch):
-    from jaxkv._disk import DiskReadError
+    from jaxkv.tiers.disk import DiskReadError
 
     fp = hashlib.sha256(b"layout").digest()
     tier = DiskTier(tmp_path, 1 << 20, fingerprint=fp, row_bytes=64)
@@ -372,7 +372,7 @@ def test_transient_read_error_keeps_the_block(tmp_path, monkeypatch):
     def emfile(*args, **kwargs):
         raise OSError(errno.EMFILE, "Too many open files")
 
-    monkeypatch.setattr("jaxkv._disk.os.open", emfile)
+    monkeypatch.setattr("jaxkv.tiers.disk.os.open", emfile)
     with pytest.raises(DiskReadError, match="Too many open files"):
         tier.get(h(0))
     monkeypatch.undo()
@@ -381,7 +381,7 @@ def test_transient_read_error_keeps_the_block(tmp_path, monkeypatch):
 
 
 def test_short_write_is_a_failed_write(tmp_path, monkeypatch):
-    from jaxkv._disk import DiskWriteError
+    from jaxkv.tiers.disk import DiskWriteError
 
     fp = hashlib.sha256(b"layout").digest()
     tier = DiskTier(tmp_path, 1 << 20, fingerprint=fp, row_bytes=4096)
@@ -396,7 +396,7 @@ def test_short_write_is_a_failed_write(tmp_path, monkeypatch):
         budget[0] -= n
         return n
 
-    monkeypatch.setattr("jaxkv._disk.os.writev", short_writev)
+    monkeypatch.setattr("jaxkv.tiers.disk.os.writev", short_writev)
     with pytest.raises(DiskWriteError, match="short write"):
         tier.put(h(0), np.ones(4096, np.uint8))
     monkeypatch.undo()

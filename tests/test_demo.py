@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from jaxkv._demo import DemoConfig, DemoError, run_demo
+from jaxkv._cli.demo import DemoConfig, DemoError, run_demo
 
 # Small enough for CI, tight enough that pages go to host and disk and come back.
 SMALL = dict(

@@ -7,7 +7,7 @@ from cachegen import TP_DEGREES, as_bytes, random_buffer, tp_mesh
 from test_memory import DTYPES, make_params
 
 from jaxkv import MultiKVCacheBuffer, OffloadEngine, Transfer, allocate_buffer
-from jaxkv._engine import bucket
+from jaxkv.transfer.engine import bucket
 
 PATHS = ("host", "xla")
 
@@ -34,7 +34,7 @@ def test_round_trip_is_bit_exact(dtype, scale_dtype, tp, mla, path):
 @pytest.mark.parametrize(("dtype", "scale_dtype"), DTYPES)
 def test_round_trip_is_bit_exact_with_xla_kernels(dtype, scale_dtype, tp, mla, monkeypatch):
     """The pure-XLA kernels (GPU/TPU) keep every bit too, NaN payloads included."""
-    from jaxkv import native
+    from jaxkv.transfer import native
 
     monkeypatch.setattr(native, "available", lambda: False)
     engine = check_round_trip(dtype, scale_dtype, tp, mla, "xla")

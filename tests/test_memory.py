@@ -94,7 +94,7 @@ def test_buffer_materializes_all_pages():
 
 
 def test_read_pages_compiles_once_per_batch_shape(kernels):
-    from jaxkv import _pages
+    from jaxkv.layout import pages as _pages
 
     params = make_params("bfloat16", None, mla=False)
     buf, _, _ = random_buffer(params, 2, 16)

@@ -32,9 +32,10 @@ from multihost_worker import (
 )
 from test_connectors import BF16_MHA, BF16_MLA, FP8_MHA
 
-from jaxkv import HostConnector, OffloadEngine, native
-from jaxkv._disk import DiskTier
-from jaxkv._multihost import GroupAgreement
+from jaxkv import HostConnector, OffloadEngine
+from jaxkv.tiers.disk import DiskTier
+from jaxkv.transfer import native
+from jaxkv.transfer.agreement import GroupAgreement
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
 LAUNCH_DEADLINE_S = 240  # normally 5-15 s; only a broken runtime gets near this

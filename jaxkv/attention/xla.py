@@ -38,8 +38,8 @@ from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxkv._buffer import HEADS_AXIS, KVCacheBuffer
-from jaxkv._pages import word_dtype
+from jaxkv.layout.buffer import HEADS_AXIS, KVCacheBuffer
+from jaxkv.layout.pages import word_dtype
 
 _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST  # full float32 matmuls: no TF32 on GPUs, same numbers on every backend

@@ -14,7 +14,7 @@ import math
 import jax
 import numpy as np
 
-from jaxkv import _pages
+from jaxkv.layout import pages as _pages
 
 KINDS = ("values", "scales")
 

@@ -44,10 +44,11 @@ import numpy as np
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxkv import _pages, native
-from jaxkv._buffer import KVCacheBuffer, MultiKVCacheBuffer
-from jaxkv._memory import KVCacheMemory
-from jaxkv._transfer import Transfer, completed
+from jaxkv.layout import pages as _pages
+from jaxkv.layout.buffer import KVCacheBuffer, MultiKVCacheBuffer
+from jaxkv.layout.memory import KVCacheMemory
+from jaxkv.transfer import native
+from jaxkv.transfer.handle import Transfer, completed
 
 D2H_PATHS = ("auto", "xla", "host")
 

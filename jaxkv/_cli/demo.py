@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxkv._workload import chat_workload
+from jaxkv._cli.workload import chat_workload
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,12 +26,12 @@ import hashlib
 
 import numpy as np
 
-from jaxkv._buffer import KVCacheBuffer, MultiKVCacheBuffer
-from jaxkv._connector import KVConnector, KVLoadFailed, KVLoadRefused, NullConnector
-from jaxkv._hashing import hash_blocks, root_hash
-from jaxkv._params import KVCacheParams
-from jaxkv._pool import NULL_PAGE, BlockPool, InsufficientPagesError
-from jaxkv._transfer import Transfer
+from jaxkv.layout.buffer import KVCacheBuffer, MultiKVCacheBuffer
+from jaxkv.layout.params import KVCacheParams
+from jaxkv.prefix.hashing import hash_blocks, root_hash
+from jaxkv.prefix.pool import NULL_PAGE, BlockPool, InsufficientPagesError
+from jaxkv.tiers.connector import KVConnector, KVLoadFailed, KVLoadRefused, NullConnector
+from jaxkv.transfer.handle import Transfer
 
 
 @dataclasses.dataclass

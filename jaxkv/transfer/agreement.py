@@ -37,7 +37,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxkv._buffer import KVCacheBuffer, MultiKVCacheBuffer
+from jaxkv.layout.buffer import KVCacheBuffer, MultiKVCacheBuffer
 
 MECHANISMS = ("auto", "store", "collective")
 

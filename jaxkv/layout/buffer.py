@@ -14,9 +14,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxkv._memory import KVCacheMemory, ReplicatedKVCacheMemory
-from jaxkv._pages import word_dtype
-from jaxkv._params import CACHE_DTYPES, KVCacheParams, check_value_scale_dtypes
+from jaxkv.layout.memory import KVCacheMemory, ReplicatedKVCacheMemory
+from jaxkv.layout.pages import word_dtype
+from jaxkv.layout.params import CACHE_DTYPES, KVCacheParams, check_value_scale_dtypes
 
 HEADS_AXIS = 4
 """Index of `n_kv_heads` in `[num_pages, kv_dim, num_layers, page_size, n_kv_heads, head_dim]`."""

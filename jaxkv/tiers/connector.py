@@ -22,7 +22,7 @@ When the cache spans processes (`jax.distributed`), each process's connector
 holds its own shards' bytes, and answers for the whole TP group: `lookup`
 returns the minimum over the group, and a load is refused (or fails) in every
 process when it is refused (or fails) in one, so page tables stay identical.
-See `jaxkv._multihost` and docs/multihost.md.
+See `jaxkv.transfer.agreement` and docs/multihost.md.
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxkv import _pages
-from jaxkv._disk import BLOCK_HASH_BYTES, DiskTier, DiskWriteError
-from jaxkv._engine import OffloadEngine
-from jaxkv._multihost import GroupAgreement, spans_processes
-from jaxkv._transfer import Transfer, combine, completed
+from jaxkv.layout import pages as _pages
+from jaxkv.tiers.disk import BLOCK_HASH_BYTES, DiskTier, DiskWriteError
+from jaxkv.transfer.agreement import GroupAgreement, spans_processes
+from jaxkv.transfer.engine import OffloadEngine
+from jaxkv.transfer.handle import Transfer, combine, completed
 
 
 class KVLoadRefused(Exception):

@@ -75,7 +75,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _demo(args) -> int:
-    from jaxkv._demo import DemoConfig, DemoError, format_report, run_demo
+    from jaxkv._cli.demo import DemoConfig, DemoError, format_report, run_demo
 
     cfg = DemoConfig(
         model=args.model,
