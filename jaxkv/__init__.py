@@ -1,37 +1,40 @@
 """jaxkv: the paged KV-cache memory layer for JAX LLM serving.
 
-Public API (see docs/architecture.md):
+Public API (see docs/architecture.md), by layer:
 
-- `KVCacheParams`, `KVCacheQuantConfig`: layout, dtype, quantization, sizing.
-- `allocate_buffer`, `KVCacheBuffer`, `MultiKVCacheBuffer`: TP-sharded caches.
-- `KVCacheMemory`, `ReplicatedKVCacheMemory`: byte-page units from `to_memory()`.
-- `OffloadEngine`, `Transfer`: batched, async page moves between device and a host pool.
-- `NullConnector`, `HostConnector`, `TieredConnector` (+ `DiskTier`): block-hash keyed
-  host and disk tiers for the scheduler (`lookup`, `load`, `offload`, `touch`).
-- `PagedKVCacheManager`, `BlockPool`, `hash_blocks`: pages per request and prefix caching.
-- `paged_attention` (+ `paged_attention_shard`): write K/V into pages and attend through a page table.
-- `jaxkv.models`: `TinyConfig`, `TinyModel`, tiny random-weight MHA/MLA decoders on the paged cache.
-- `GroupAgreement`, `GroupAgreementError`: how the processes of a multi-host TP group agree
-  on lookups and loads (docs/multihost.md).
+- Layout: `KVCacheParams`, `KVCacheQuantConfig`, `allocate_buffer`, `KVCacheBuffer`,
+  `MultiKVCacheBuffer`, `KVCacheMemory`, `ReplicatedKVCacheMemory` (byte-page units from
+  `to_memory()`), `RowLayout` / `layout_fingerprint` (what a stored page holds).
+- Transfer: `OffloadEngine`, `Transfer` (batched, async page moves between device and host rows),
+  `GroupAgreement`, `GroupAgreementError` (multi-process TP groups, docs/multihost.md).
+- Tiers, scheduler side: `TieredStore` (+ `TierPolicy`, `LoadPlan`, `StorePlan`), the `Tier`
+  protocol, `HostTier`, `DiskTier`. Worker side: `OffloadWorker` (+ `LoadResult`, `StoreResult`).
+- Prefix caching, scheduler side: `PagedKVCacheManager`, `Request`, `BlockPool`, `hash_blocks`.
+- Attention: `paged_attention`, `paged_attention_shard`.
+- `jaxkv.models` (imported on first use): tiny random-weight MHA/MLA decoders on the paged cache.
 """
 
 from jaxkv.attention.xla import paged_attention, paged_attention_shard
 from jaxkv.layout.buffer import KVCacheBuffer, MultiKVCacheBuffer, allocate_buffer
+from jaxkv.layout.fingerprint import RowLayout, layout_fingerprint
 from jaxkv.layout.memory import KVCacheMemory, ReplicatedKVCacheMemory
 from jaxkv.layout.params import KVCacheParams, KVCacheQuantConfig
 from jaxkv.prefix.hashing import hash_blocks, root_hash
 from jaxkv.prefix.manager import ManagerMetrics, PagedKVCacheManager, Request
 from jaxkv.prefix.pool import NULL_PAGE, BlockPool, InsufficientPagesError
-from jaxkv.tiers.connector import (
-    ConnectorMetrics,
-    HostConnector,
-    KVConnector,
-    KVLoadFailed,
-    KVLoadRefused,
-    NullConnector,
-    TieredConnector,
-)
+from jaxkv.tiers.base import KVLoadFailed, KVLoadRefused, Tier, TierMetrics
 from jaxkv.tiers.disk import DiskTier
+from jaxkv.tiers.host import HostTier
+from jaxkv.tiers.store import (
+    LoadPlan,
+    LoadResult,
+    StoreMetrics,
+    StorePlan,
+    StoreResult,
+    TieredStore,
+    TierPolicy,
+)
+from jaxkv.tiers.worker import LoadHandle, OffloadWorker, StoreHandle
 from jaxkv.transfer.agreement import GroupAgreement, GroupAgreementError
 from jaxkv.transfer.engine import OffloadEngine
 from jaxkv.transfer.handle import Transfer
@@ -51,30 +54,40 @@ def __getattr__(name):
 __all__ = [
     "NULL_PAGE",
     "BlockPool",
-    "ConnectorMetrics",
     "DiskTier",
     "GroupAgreement",
     "GroupAgreementError",
-    "HostConnector",
+    "HostTier",
     "InsufficientPagesError",
     "KVCacheBuffer",
     "KVCacheMemory",
     "KVCacheParams",
     "KVCacheQuantConfig",
-    "KVConnector",
     "KVLoadFailed",
     "KVLoadRefused",
+    "LoadHandle",
+    "LoadPlan",
+    "LoadResult",
     "ManagerMetrics",
     "MultiKVCacheBuffer",
-    "NullConnector",
     "OffloadEngine",
+    "OffloadWorker",
     "PagedKVCacheManager",
     "ReplicatedKVCacheMemory",
     "Request",
-    "TieredConnector",
+    "RowLayout",
+    "StoreHandle",
+    "StoreMetrics",
+    "StorePlan",
+    "StoreResult",
+    "Tier",
+    "TierMetrics",
+    "TierPolicy",
+    "TieredStore",
     "Transfer",
     "allocate_buffer",
     "hash_blocks",
+    "layout_fingerprint",
     "paged_attention",
     "paged_attention_shard",
     "root_hash",

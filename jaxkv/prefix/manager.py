@@ -1,37 +1,41 @@
 """`PagedKVCacheManager`: which pages each request uses, and which it can reuse.
 
-Plain Python bookkeeping around the arrays; it never touches them. One
-scheduler step, for a new request:
+Scheduler side: plain Python bookkeeping, no arrays. One scheduler step, for
+a new request:
 
 1. hash the prompt's full blocks (all tokens but the last: at least one token
    is always computed, so the model produces the next-token logits);
 2. find the longest prefix already on the device (`BlockPool` hash index);
-3. ask the connector how many of the next blocks an outside tier holds;
+3. ask the `TieredStore` which tier holds each of the next blocks;
 4. allocate pages for the whole prompt, or raise `InsufficientPagesError`
    with nothing changed;
-5. start the load of the outside blocks into their new pages; if the
-   connector refuses or the copy fails, recompute from there instead;
+5. plan the load of the outside blocks into their new pages (`Request.load`);
 6. return the request with its page table and how many tokens are cached.
 
-Then, as the model writes K/V: `commit(request_id, num_computed_tokens)`
-indexes each newly full block in the prefix cache and offloads it through
-the connector; `append_tokens` grows a decoding request; `finish` releases
+The worker executes the load (`OffloadWorker.load(cache, request.load)`) and
+`complete_load(result)` applies it: the loaded blocks join the device prefix
+cache, or, if the load was refused or failed, the request recomputes from its
+device prefix (`num_cached_tokens` drops). Then, as the model writes K/V:
+`commit(request_id, num_computed_tokens)` indexes each newly full block and
+returns the `StorePlan` that offloads it; `complete_store` applies the
+store's result. `append_tokens` grows a decoding request; `finish` releases
 its pages, tail first, which stay reusable until their pages are needed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 
 import numpy as np
 
-from jaxkv.layout.buffer import KVCacheBuffer, MultiKVCacheBuffer
+from jaxkv.layout.fingerprint import RowLayout
 from jaxkv.layout.params import KVCacheParams
 from jaxkv.prefix.hashing import hash_blocks, root_hash
 from jaxkv.prefix.pool import NULL_PAGE, BlockPool, InsufficientPagesError
-from jaxkv.tiers.connector import KVConnector, KVLoadFailed, KVLoadRefused, NullConnector
-from jaxkv.transfer.handle import Transfer
+from jaxkv.tiers.store import LoadPlan, LoadResult, StorePlan, StoreResult, TieredStore
+
+DEVICE = "device"
+"""The key of device-served tokens in `tokens_from` (tiers use their own names)."""
 
 
 @dataclasses.dataclass
@@ -40,23 +44,27 @@ class ManagerMetrics:
 
     requests: int = 0
     prompt_tokens: int = 0
-    tokens_from_device: int = 0
-    tokens_from_host: int = 0
-    tokens_from_disk: int = 0
+    tokens_from: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Prompt tokens served per source: 'device', then each tier by name."""
     tokens_recomputed: int = 0
     loads_refused: int = 0
     loads_failed: int = 0
     blocks_committed: int = 0
     blocks_offloaded: int = 0
+    """Blocks handed to the store in `StorePlan`s."""
+
+    @property
+    def tokens_cached(self) -> int:
+        """Prompt tokens served from any source."""
+        return sum(self.tokens_from.values())
 
     @property
     def hit_rate(self) -> float:
-        """Fraction of prompt tokens served from any cache tier."""
-        cached = self.tokens_from_device + self.tokens_from_host + self.tokens_from_disk
-        return cached / self.prompt_tokens if self.prompt_tokens else 0.0
+        """Fraction of prompt tokens served from the device or any tier."""
+        return self.tokens_cached / self.prompt_tokens if self.prompt_tokens else 0.0
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class Request:
     """A live request's view of the cache."""
 
@@ -65,50 +73,66 @@ class Request:
     pages: list[int]
     """Page table: page i holds tokens [i * page_size, (i + 1) * page_size)."""
     num_cached_tokens: int
-    """Leading prompt tokens whose K/V are already in (or loading into) the pages."""
-    tokens_from_device: int
-    tokens_from_host: int
-    tokens_from_disk: int
-    load: Transfer | None
-    """The connector load filling the outside-cached pages, if any."""
-    root: bytes = dataclasses.field(repr=False, default=b"")
-    extra_keys: bytes | None = dataclasses.field(repr=False, default=None)
-    block_hashes: list[bytes] = dataclasses.field(repr=False, default_factory=list)
+    """Leading prompt tokens whose K/V are in (or loading into) the pages."""
+    tokens_from: dict[str, int]
+    """Of those, how many each source serves: 'device', then tier names."""
+    load: LoadPlan | None
+    """The load that fills the outside-cached pages, until `complete_load`; None when there is none."""
+    root: bytes = b""
+    extra_keys: bytes | None = None
+    block_hashes: list[bytes] = dataclasses.field(default_factory=list)
     num_committed_blocks: int = 0
 
+    @property
+    def tokens_from_device(self) -> int:
+        """Prompt tokens served from the device prefix cache."""
+        return self.tokens_from.get(DEVICE, 0)
 
-def _cache_geometry(cache, num_pages) -> tuple[int, int, bytes]:
-    """(num_pages, page_size, layout fingerprint) of a cache or of its params."""
-    if isinstance(cache, MultiKVCacheBuffer):
-        children = list(cache.children.values())
-        pages = {c.total_num_pages for c in children}
-        sizes = {c.values.shape[3] for c in children}
-        if len(pages) != 1 or len(sizes) != 1:
-            raise ValueError(f"children must share num_pages and page_size, got {sorted(pages)} / {sorted(sizes)}")
-        desc = repr([(c.values.dtype.name, c.values.shape[1:]) for c in children])
-        return pages.pop(), sizes.pop(), hashlib.sha256(b"jaxkv-cache" + desc.encode()).digest()
-    if isinstance(cache, KVCacheBuffer):
-        desc = repr((cache.values.dtype.name, cache.values.shape[1:], cache.tp_degree, cache.scales is not None))
-        return cache.total_num_pages, cache.values.shape[3], hashlib.sha256(b"jaxkv-cache" + desc.encode()).digest()
-    if isinstance(cache, KVCacheParams):
-        if num_pages is None:
-            raise ValueError("num_pages is required when the manager is built from KVCacheParams")
-        return num_pages, cache.page_size, hashlib.sha256(b"jaxkv-params" + repr(cache).encode()).digest()
-    raise ValueError(f"cache must be a KVCacheBuffer, MultiKVCacheBuffer or KVCacheParams, got {type(cache).__name__}")
+    def __repr__(self) -> str:
+        load = "none" if self.load is None else f"{len(self.load.block_hashes)} blocks pending"
+        return (
+            f"Request({self.request_id!r}, {len(self.token_ids)} tokens, {len(self.pages)} pages, "
+            f"cached {self.num_cached_tokens} {self.tokens_from}, load {load})"
+        )
 
 
 class PagedKVCacheManager:
-    """Pages and prefix caching for one cache, across device, host and disk tiers."""
+    """Pages and prefix caching for one cache, across the device and a `TieredStore`'s tiers."""
 
-    def __init__(self, cache, connector: KVConnector | None = None, *, num_pages: int | None = None, seed=0):
-        pages, self.page_size, fingerprint = _cache_geometry(cache, num_pages)
-        self.connector = NullConnector() if connector is None else connector
-        # The connector's fingerprint describes the stored bytes; prefer it.
-        self.fingerprint: bytes = getattr(self.connector, "fingerprint", None) or fingerprint
+    def __init__(
+        self,
+        cache,
+        store: TieredStore | None = None,
+        *,
+        num_pages: int | None = None,
+        tp: int | None = None,
+        seed=0,
+    ):
+        """`cache`: a KVCacheBuffer / MultiKVCacheBuffer (read for its layout and page count, not kept),
+        or `KVCacheParams` with `num_pages` and `tp`. `store`: the tiers outside the device, or None.
+        """
+        layout = RowLayout.of(cache, tp=tp)
+        if isinstance(cache, KVCacheParams):
+            if num_pages is None:
+                raise ValueError("num_pages is required when the manager is built from KVCacheParams")
+        else:
+            if num_pages is not None:
+                raise ValueError(f"num_pages is only for KVCacheParams; the cache has its own, got {num_pages!r}")
+            num_pages = (next(iter(cache.children.values())) if hasattr(cache, "children") else cache).total_num_pages
+        self.page_size = layout.page_size
+        self.fingerprint: bytes = layout.fingerprint
+        """The layout fingerprint (`RowLayout.fingerprint`) mixed into every block hash."""
+        if store is not None:
+            if not isinstance(store, TieredStore):
+                raise ValueError(f"store must be a TieredStore or None, got {type(store).__name__}")
+            if store.fingerprint != self.fingerprint:
+                raise ValueError("store was built for another cache layout (its fingerprint differs from the cache's)")
+        self.store = store
         self.seed = seed
-        self.pool = BlockPool(pages)
-        self.metrics = ManagerMetrics()
+        self.pool = BlockPool(num_pages)
+        self.metrics = ManagerMetrics(tokens_from={DEVICE: 0, **{n: 0 for n in (store.tier_names if store else [])}})
         self.requests: dict[str, Request] = {}
+        self._loads: dict[int, str] = {}  # plan id -> request id, until complete_load
 
     # -- queries -----------------------------------------------------------
     @property
@@ -118,6 +142,11 @@ class PagedKVCacheManager:
     @property
     def pages_in_use(self) -> int:
         return self.pool.num_used
+
+    @property
+    def sources(self) -> list[str]:
+        """Where tokens can come from: 'device', then the store's tiers in order."""
+        return [DEVICE, *(self.store.tier_names if self.store else [])]
 
     def page_table(self, request_id: str, width: int | None = None) -> np.ndarray:
         """The request's pages as int32, padded with the null page to `width`."""
@@ -138,7 +167,7 @@ class PagedKVCacheManager:
 
     # -- lifecycle ---------------------------------------------------------
     def add_request(self, request_id: str, token_ids, *, cache_salt=None, extra_keys=None) -> Request:
-        """Admit a request: reuse its cached prefix, allocate the rest, start any load."""
+        """Admit a request: reuse its cached prefix, allocate the rest, plan any load (`Request.load`)."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already live")
         tokens = np.asarray(token_ids)
@@ -164,45 +193,33 @@ class PagedKVCacheManager:
                 f"device, {total - n_dev} new) but only {free_after_hits} of {self.num_pages - 1} pages are free"
             )
 
-        m = self.connector.metrics
-        before = (m.host_hits, m.disk_hits)
-        n_ext = self.connector.lookup(hashes[n_dev:]) if n_dev < len(hashes) else 0
-        from_host, from_disk = m.host_hits - before[0], m.disk_hits - before[1]
-
+        sources = self.store.lookup(hashes[n_dev:]) if self.store is not None and n_dev < len(hashes) else []
+        # Loads pass through host memory: at most one host tier's worth at once; the rest is recomputed.
+        sources = sources[: self.store.host.num_slots] if sources else sources
         for p in hit_pages:
             self.pool.acquire(p)
         new_pages = [self.pool.allocate() for _ in range(total - n_dev)]
-
+        n_ext = len(sources)
         load = None
         if n_ext:
-            ext_pages, ext_hashes = new_pages[:n_ext], hashes[n_dev : n_dev + n_ext]
             try:
-                load = self.connector.load(ext_pages, ext_hashes)
-            except KVLoadRefused:
-                self.metrics.loads_refused += 1
-                n_ext = from_host = from_disk = 0
-            except KVLoadFailed:
-                self.metrics.loads_failed += 1
-                n_ext = from_host = from_disk = 0
+                load = self.store.prepare_load(hashes[n_dev : n_dev + n_ext], new_pages[:n_ext])
             except BaseException:
-                # Anything else (a TP group out of step, an interrupt): undo the
-                # allocation so the pool is as it was, then let it propagate.
                 for p in reversed(hit_pages + new_pages):
                     self.pool.release(p)
                 raise
-            else:
-                for p, h in zip(ext_pages, ext_hashes, strict=True):
-                    self.pool.commit(p, h)
+            self._loads[load.plan_id] = request_id
 
         page = self.page_size
+        tokens_from = {DEVICE: n_dev * page}
+        for name in sources:
+            tokens_from[name] = tokens_from.get(name, 0) + page
         request = Request(
             request_id=request_id,
             token_ids=tokens.tolist(),
             pages=hit_pages + new_pages,
             num_cached_tokens=(n_dev + n_ext) * page,
-            tokens_from_device=n_dev * page,
-            tokens_from_host=from_host * page,
-            tokens_from_disk=from_disk * page,
+            tokens_from=tokens_from,
             load=load,
             root=root,
             extra_keys=extra_keys,
@@ -213,10 +230,48 @@ class PagedKVCacheManager:
         mt = self.metrics
         mt.requests += 1
         mt.prompt_tokens += tokens.size
-        mt.tokens_from_device += request.tokens_from_device
-        mt.tokens_from_host += request.tokens_from_host
-        mt.tokens_from_disk += request.tokens_from_disk
+        for name, n in tokens_from.items():
+            mt.tokens_from[name] = mt.tokens_from.get(name, 0) + n
         mt.tokens_recomputed += tokens.size - request.num_cached_tokens
+        return request
+
+    def complete_load(self, result: LoadResult) -> Request | None:
+        """Apply a load's result (in any order, any time after the load ran).
+
+        Loaded: its blocks join the device prefix cache. Refused or failed:
+        the request recomputes from its device prefix (`num_cached_tokens`
+        drops) and its tokens count as recomputed. Returns the request, or
+        None if it has finished since.
+        """
+        if not isinstance(result, LoadResult):
+            raise ValueError(f"result must be a LoadResult (handle.result()), got {type(result).__name__}")
+        plan = result.plan
+        request_id = self._loads.pop(plan.plan_id, None)
+        if request_id is None:
+            raise ValueError(f"{plan!r} is not a pending load of this manager (completed twice?)")
+        self.store.complete_load(result)
+        request = self.requests.get(request_id)
+        if request is None or request.load is not plan:
+            return None  # finished meanwhile: its pages went back to the pool uncommitted
+        request.load = None
+        page = self.page_size
+        n_dev = request.tokens_from.get(DEVICE, 0) // page
+        if result.status == "loaded":
+            for p, h in zip(plan.device_pages, plan.block_hashes, strict=True):
+                self.pool.commit(p, h)
+            return request
+        if result.status == "refused":
+            self.metrics.loads_refused += 1
+        else:
+            self.metrics.loads_failed += 1
+        lost = request.num_cached_tokens - n_dev * page
+        for name in list(request.tokens_from):
+            if name != DEVICE:
+                self.metrics.tokens_from[name] -= request.tokens_from.pop(name)
+        self.metrics.tokens_recomputed += lost
+        request.num_cached_tokens = n_dev * page
+        request.num_committed_blocks = n_dev
+        del request.block_hashes[n_dev:]
         return request
 
     def append_tokens(self, request_id: str, token_ids) -> list[int]:
@@ -233,14 +288,16 @@ class PagedKVCacheManager:
         request.pages.extend(self.pool.allocate() for _ in range(need))
         return list(request.pages)
 
-    def commit(self, request_id: str, num_computed_tokens: int, *, buffer=None) -> int:
+    def commit(self, request_id: str, num_computed_tokens: int) -> StorePlan | None:
         """The model has written K/V for the request's first `num_computed_tokens` tokens.
 
-        Indexes every newly full block in the prefix cache and offloads it
-        through the connector (`buffer`: the current cache, if the connector
-        has not seen it). Returns the number of blocks committed.
+        Indexes every newly full block in the prefix cache. Returns the
+        `StorePlan` that offloads them (run it with `OffloadWorker.store`,
+        then `complete_store`), or None when there is nothing to store.
         """
         request = self._get(request_id)
+        if request.load is not None:
+            raise ValueError(f"request {request_id!r} has a load in flight: pass its result to complete_load first")
         if not 0 <= num_computed_tokens <= len(request.token_ids):
             raise ValueError(
                 f"num_computed_tokens ({num_computed_tokens}) must lie in [0, {len(request.token_ids)}] "
@@ -249,33 +306,45 @@ class PagedKVCacheManager:
         n_full = num_computed_tokens // self.page_size
         start = request.num_committed_blocks
         if n_full <= start:
-            return 0
+            return None
         parent = request.block_hashes[start - 1] if start else request.root
         tokens = request.token_ids[start * self.page_size : n_full * self.page_size]
         new_hashes = hash_blocks(tokens, self.page_size, parent, request.extra_keys)
-        offload_pages, offload_hashes = [], []
+        store_pages, store_hashes = [], []
         for i, h in enumerate(new_hashes):
             page = request.pages[start + i]
             if self.pool.commit(page, h) and self.pool.lookup(h) == page:
-                offload_pages.append(page)
-                offload_hashes.append(h)
+                store_pages.append(page)
+                store_hashes.append(h)
         request.block_hashes.extend(new_hashes)
         request.num_committed_blocks = n_full
-        self.metrics.blocks_committed += len(offload_pages)
-        if offload_pages and not isinstance(self.connector, NullConnector):
-            self.connector.offload(offload_pages, offload_hashes, buffer=buffer)
-            self.metrics.blocks_offloaded += len(offload_pages)
-        return len(offload_pages)
+        self.metrics.blocks_committed += len(store_pages)
+        if not store_pages or self.store is None:
+            return None
+        plan = self.store.prepare_store(store_hashes, store_pages)
+        if plan is not None:
+            self.metrics.blocks_offloaded += len(plan.block_hashes)
+        return plan
+
+    def complete_store(self, result: StoreResult) -> None:
+        """Apply a store's result: the stored blocks join the tiers' indexes."""
+        if not isinstance(result, StoreResult):
+            raise ValueError(f"result must be a StoreResult (handle.result()), got {type(result).__name__}")
+        self.store.complete_store(result)
 
     def touch(self, request_id: str) -> None:
-        """Tell the connector the request's device-served blocks are hot."""
+        """Tell the store the request's device-served blocks are hot."""
         request = self._get(request_id)
         n = request.tokens_from_device // self.page_size
-        if n and not isinstance(self.connector, NullConnector):
-            self.connector.touch(request.block_hashes[:n])
+        if n and self.store is not None:
+            self.store.touch(request.block_hashes[:n])
 
     def finish(self, request_id: str) -> None:
-        """Release the request's pages, tail first: they stay reusable until needed."""
+        """Release the request's pages, tail first: they stay reusable until needed.
+
+        A load still pending for it is abandoned: its pages return uncommitted,
+        and its result may still be passed to `complete_load` to release its host slots.
+        """
         request = self.requests.pop(request_id, None)
         if request is None:
             raise ValueError(f"request_id {request_id!r} is not a live request")

@@ -10,6 +10,11 @@ host row:  | values shard 0 | values shard 1 | ... | scales shard 0 | ... |
              ^ unit_offsets[0] ^ unit_offsets[1]
 ```
 
+The engine keeps no cache: every call takes the cache it reads (`d2h`) or
+donates and returns it (`h2d`), so it composes with the caller's own jitted,
+donated steps. It remembers only the layout, to check that each cache it is
+handed is laid out as the one it was built for.
+
 Device to host (`d2h`) reads the pages of every unit; there are two paths:
 
 - ``"xla"`` (any backend; the default off CPU): one jitted gather per unit, the
@@ -37,8 +42,6 @@ process's own and may differ. Neither moves a byte between processes.
 
 from __future__ import annotations
 
-import hashlib
-
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, SingleDeviceSharding
@@ -46,6 +49,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxkv.layout import pages as _pages
 from jaxkv.layout.buffer import KVCacheBuffer, MultiKVCacheBuffer
+from jaxkv.layout.fingerprint import RowLayout, RowUnit
 from jaxkv.layout.memory import KVCacheMemory
 from jaxkv.transfer import native
 from jaxkv.transfer.handle import Transfer, completed
@@ -87,22 +91,23 @@ class OffloadEngine:
     def __init__(
         self,
         source: KVCacheBuffer | MultiKVCacheBuffer | list[KVCacheMemory],
-        num_host_pages: int,
+        num_host_pages: int | None = None,
         host_memory_kind: str = "pinned_host",
         d2h_path: str = "auto",
+        *,
+        host_pool: np.ndarray | None = None,
     ):
-        if isinstance(source, (KVCacheBuffer, MultiKVCacheBuffer)):
-            self._buffer = source
-            units = source.to_memory()
-        else:
-            self._buffer = None
-            units = list(source)
+        units = source.to_memory() if isinstance(source, (KVCacheBuffer, MultiKVCacheBuffer)) else list(source)
         if not units or not all(isinstance(u, KVCacheMemory) for u in units):
             raise ValueError("source must be a KVCacheBuffer, MultiKVCacheBuffer or a non-empty list of KVCacheMemory")
         pages = {u.total_num_pages for u in units}
         if len(pages) != 1:
             counts = [u.total_num_pages for u in units]
             raise ValueError(f"units must all have the same total_num_pages, got {counts}")
+        if host_pool is not None:
+            if num_host_pages is not None and num_host_pages != len(host_pool):
+                raise ValueError(f"num_host_pages ({num_host_pages}) disagrees with host_pool's {len(host_pool)} rows")
+            num_host_pages = len(host_pool)
         if isinstance(num_host_pages, bool) or not isinstance(num_host_pages, int) or num_host_pages < 1:
             raise ValueError(f"num_host_pages must be a positive int, got {num_host_pages!r}")
         if d2h_path not in D2H_PATHS:
@@ -119,57 +124,56 @@ class OffloadEngine:
         self.host_memory_kind = host_memory_kind
         self.num_device_pages = pages.pop()
         self.num_host_pages = num_host_pages
-        self._units = units
         self._layout = [_layout_key(u) for u in units]
-        widths = [u.bytes_per_page for u in units]
-        self.unit_offsets = [int(x) for x in np.cumsum([0, *widths[:-1]])]
+        self.layout = (
+            RowLayout.of(source)
+            if isinstance(source, (KVCacheBuffer, MultiKVCacheBuffer))
+            else RowLayout(tuple(RowUnit(u.kind, u.dtype.name, tuple(u.page_shape), u.bytes_per_page) for u in units))
+        )
+        """What a host row holds (`RowLayout`): its units, width and fingerprint."""
+        self.unit_offsets = list(self.layout.unit_offsets)
         """Column where each unit's bytes start in a host row."""
-        self.row_bytes = int(sum(widths))
+        self.row_bytes = self.layout.row_bytes
         """Bytes of one host slot: one page of every unit."""
-        self.host_pool = _aligned((num_host_pages, self.row_bytes), np.zeros)
-        """[num_host_pages, row_bytes] uint8: the host page pool."""
+        if host_pool is None:
+            host_pool = aligned_rows(num_host_pages, self.row_bytes)
+        elif (
+            not isinstance(host_pool, np.ndarray)
+            or host_pool.dtype != np.uint8
+            or host_pool.shape != (num_host_pages, self.row_bytes)
+            or not host_pool.flags.c_contiguous
+            or host_pool.ctypes.data % _ALIGN
+        ):
+            raise ValueError(
+                f"host_pool must be a C-contiguous, {_ALIGN}-byte-aligned uint8 array of shape "
+                f"(num_host_pages, row_bytes) = ({num_host_pages}, {self.row_bytes}) (see aligned_rows), got "
+                f"{getattr(host_pool, 'dtype', type(host_pool).__name__)} {getattr(host_pool, 'shape', '')}"
+            )
+        self.host_pool = host_pool
+        """[num_host_pages, row_bytes] uint8: the host page pool (a `HostTier`'s rows when built by a worker)."""
         self._pending: list[Transfer] = []
         self.h2d_path = "pool" if _pages.native_enabled([d for u in units for d in u.devices]) else "staged"
         """The host-to-device path: 'pool' (native, straight from the pool rows) or 'staged'."""
-        self._owned_shards = _owned_shards(self._buffer)
         self._pool_arrays = None
         self._h2d_fn = None
         self._gather_fns: dict[jax.Device, object] = {}
 
     # -- public API --------------------------------------------------------
     @property
-    def units(self) -> list[KVCacheMemory]:
-        return list(self._units)
-
-    @property
-    def buffer(self):
-        """The cache this engine last saw: the one it was built from, bound by `d2h`, or returned by `h2d`."""
-        return self._buffer
-
-    @property
     def layout_fingerprint(self) -> bytes:
-        """SHA-256 of what the host row bytes mean: per unit its kind, dtype and page shape.
+        """The host rows' layout fingerprint (`RowLayout.fingerprint`): stored with every block outside the device."""
+        return self.layout.fingerprint
 
-        Stored with every block outside the device, so bytes written for
-        another model or layout are never loaded. A replicated (MLA) row does
-        not depend on the TP degree, and neither does its fingerprint. When
-        the cache spans processes, a sharded row holds only this process's
-        shards: which ones (and of how many) is part of the fingerprint.
+    def d2h(self, cache, device_page_ids, host_slots) -> Transfer:
+        """Copy pages `device_page_ids` of `cache` into host rows `host_slots`.
+
+        `cache` is read, not donated: a `KVCacheBuffer` / `MultiKVCacheBuffer`
+        laid out as the one the engine was built for (or that buffer's
+        `to_memory()` units). The copy is ordered after whatever computation
+        produced the pages: it consumes the cache arrays, so JAX runs it after
+        their producers, and a later donation of the cache waits for it.
         """
-        desc = [(u.kind, u.dtype.name, u.page_shape, u.bytes_per_page) for u in self._units]
-        if self._owned_shards:
-            desc.append(("owned TP shards", self._owned_shards))
-        return hashlib.sha256(b"jaxkv-layout-v1" + repr(desc).encode()).digest()
-
-    def d2h(self, device_page_ids, host_slots, *, buffer=None) -> Transfer:
-        """Copy device pages `device_page_ids` into host rows `host_slots`.
-
-        Reads the cache the engine last saw (the one it was built from or that
-        `h2d` returned), or `buffer` if given (the engine then tracks it). The
-        copy is ordered after whatever computation produced the pages: it
-        consumes the cache arrays, so JAX runs it after their producers.
-        """
-        units = self._bind(buffer) if buffer is not None else self._current_units()
+        units = self._check_units(cache)
         ids, slots = self._check_batch(device_page_ids, host_slots)
         self.flush()
         nbytes = ids.size * self.row_bytes
@@ -191,7 +195,7 @@ class OffloadEngine:
         process calls it with the same `device_page_ids` and its own
         `host_slots`, and writes only its own shards.
         """
-        self._check_buffer(buffer)
+        units = self._check_buffer(buffer)
         ids, slots = self._check_batch(device_page_ids, host_slots)
         self.flush()
         if ids.size == 0:
@@ -201,7 +205,7 @@ class OffloadEngine:
         padded_ids = np.concatenate([ids, self.num_device_pages + np.arange(kb - ids.size, dtype=np.int32)])
         padded_slots = np.concatenate([slots, np.full(kb - ids.size, slots[0], np.int32)])
         leaves = _cache_leaves(buffer)
-        groups = self._leaf_groups(leaves)
+        groups = self._leaf_groups(units, leaves)
         if self._h2d_fn is None:
             self._h2d_fn = _build_h2d(leaves, self.h2d_path)
         if self.h2d_path == "pool":
@@ -211,11 +215,9 @@ class OffloadEngine:
             ]
         else:
             sources = [self._stage_rows(c, a, g, padded_slots) for (c, a), g in zip(leaves, groups, strict=True)]
+        nbytes = ids.size * sum(u.bytes_per_page * len(u.devices) for u in units)
         new_arrays = self._h2d_fn([a for _, a in leaves], sources, padded_ids)
         new_buffer = jax.tree.unflatten(jax.tree.structure(buffer), new_arrays)
-        self._buffer = new_buffer
-        self._units = new_buffer.to_memory()
-        nbytes = ids.size * sum(u.bytes_per_page * len(u.devices) for u in self._units)
         transfer = Transfer("h2d", ids.size, nbytes, arrays=new_arrays)
         self._pending.append(transfer)  # the pool rows it reads must not change before it ends
         return new_buffer, transfer
@@ -264,30 +266,32 @@ class OffloadEngine:
         if any(a.is_deleted() for _, a in _cache_leaves(buffer)):
             raise ValueError("buffer has been donated (its arrays are deleted); pass the cache the last call returned")
         units = buffer.to_memory()
-        layout = [_layout_key(u) for u in units]
+        self._check_layout([_layout_key(u) for u in units])
+        return units
+
+    def _check_layout(self, layout: list[tuple]) -> None:
         if layout != self._layout:
             for i, (got, want) in enumerate(zip(layout, self._layout, strict=False)):
                 if got != want:
-                    raise ValueError(f"buffer layout differs from the engine's at unit {i}: got {got}, expected {want}")
-            raise ValueError(f"buffer has {len(layout)} units, the engine was built for {len(self._layout)}")
-        return units
+                    raise ValueError(f"cache layout differs from the engine's at unit {i}: got {got}, expected {want}")
+            raise ValueError(f"cache has {len(layout)} units, the engine was built for {len(self._layout)}")
 
-    def bind(self, buffer) -> None:
-        """Track `buffer` as the current cache (after another computation donated the old one)."""
-        self._bind(buffer)
-
-    def _bind(self, buffer) -> list[KVCacheMemory]:
-        self._units = self._check_buffer(buffer)
-        self._buffer = buffer
-        return self._units
-
-    def _current_units(self) -> list[KVCacheMemory]:
-        if any(u.shard.is_deleted() for u in self._units):
-            raise ValueError(
-                "the cache this engine last saw has been donated to another computation; "
-                "pass the current cache as d2h(..., buffer=cache)"
-            )
-        return self._units
+    def _check_units(self, cache) -> list[KVCacheMemory]:
+        """The units of `cache` (a buffer or a list of units), checked against the engine's layout."""
+        if isinstance(cache, (KVCacheBuffer, MultiKVCacheBuffer)):
+            return self._check_buffer(cache)
+        if isinstance(cache, (list, tuple)) and cache and all(isinstance(u, KVCacheMemory) for u in cache):
+            units = list(cache)
+            if any(s.is_deleted() for u in units for s in u._shards()):
+                raise ValueError(
+                    "cache has been donated (its arrays are deleted); pass the cache the last call returned"
+                )
+            self._check_layout([_layout_key(u) for u in units])
+            return units
+        raise ValueError(
+            f"cache must be a KVCacheBuffer, MultiKVCacheBuffer or a list of its KVCacheMemory units, "
+            f"got {type(cache).__name__}"
+        )
 
     # -- device to host ----------------------------------------------------
     def _d2h_host(self, units, ids, slots) -> None:
@@ -321,12 +325,12 @@ class OffloadEngine:
         return transfer
 
     # -- host to device ----------------------------------------------------
-    def _leaf_groups(self, leaves) -> list[list[tuple[KVCacheMemory, int]]]:
+    def _leaf_groups(self, units, leaves) -> list[list[tuple[KVCacheMemory, int]]]:
         """(unit, host-row offset) pairs of each cache array, in to_memory() order.
 
         A sharded array has one unit per shard this process holds, a replicated one unit.
         """
-        pairs = iter(zip(self._units, self.unit_offsets, strict=True))
+        pairs = iter(zip(units, self.unit_offsets, strict=True))
         counts = [1 if c.replicates_kv_across_tp else len(a.addressable_shards) for c, a in leaves]
         return [[next(pairs) for _ in range(n)] for n in counts]
 
@@ -391,6 +395,14 @@ class OffloadEngine:
 _ALIGN = 64
 
 
+def aligned_rows(num_rows: int, row_bytes: int) -> np.ndarray:
+    """A zeroed `[num_rows, row_bytes]` uint8 pool that XLA:CPU can place on a device without a copy.
+
+    Untouched pages are mapped lazily: a pool costs memory as it fills.
+    """
+    return _aligned((num_rows, row_bytes), np.zeros)
+
+
 def _aligned(shape, alloc=np.empty) -> np.ndarray:
     """A uint8 array of `shape` whose data starts on an `_ALIGN`-byte boundary.
 
@@ -401,17 +413,6 @@ def _aligned(shape, alloc=np.empty) -> np.ndarray:
     raw = alloc(n + _ALIGN, np.uint8)
     start = (-raw.ctypes.data) % _ALIGN
     return raw[start : start + n].reshape(shape)
-
-
-def _owned_shards(buffer) -> tuple:
-    """Per sharded cache array this process holds only part of: (TP degree, its TP positions)."""
-    if buffer is None:
-        return ()
-    owned = []
-    for cache, array in _cache_leaves(buffer):
-        if not cache.replicates_kv_across_tp and not array.is_fully_addressable:
-            owned.append((cache.tp_degree, tuple(i for i, _ in cache._indexed_shards(array))))
-    return tuple(owned)
 
 
 def _slots_spec(array: jax.Array) -> P:

@@ -1,0 +1,151 @@
+"""The `Tier` protocol: one storage medium for pages outside the device.
+
+A tier stores *rows*: one page of every unit of the cache, laid out as a
+`RowLayout` says, keyed by a 32-byte block hash (the prefix-caching manager's
+SHA-256 digests). The first tier of a composition is host memory
+(`HostTier`), where the offload engine moves rows to and from the device;
+every later tier (disk, a remote store, one a user writes) only stores and
+returns rows, and the composition (`TieredStore`) moves rows between tiers.
+
+What each call guarantees (the composition relies on nothing else):
+
+- `open(layout)`: called once, before anything else, by the composition:
+  the tier learns the row width and the layout fingerprint. A tier that
+  persists rows must never return a row written under another fingerprint.
+- `block_hash in tier`: advisory. True means "held when asked"; a later
+  `get_many` may still find it gone (evicted, corrupt) and say so.
+- `touch(block_hashes)`: a hint that these blocks are hot (LRU recency).
+- `put_many([(hash, row), ...])`: per block `True` (stored: `in` is true
+  from now on), `False` (already held, refreshed) or an `Exception` (not
+  stored; nothing already held was lost). Never keeps a partial row.
+- `get_many([(hash, out), ...])`: per block `None` (`out` holds exactly the
+  row stored under that hash, verified) or an `Exception` (`out` is
+  undefined; a block found corrupt is dropped, an I/O error keeps it).
+  Never a short or foreign row.
+- `used_bytes <= capacity_bytes` always: the byte budget is exact; a tier
+  evicts (least recently used first) to stay inside it.
+- `evictions`, `corrupt`: counters the composition reports under the tier's
+  `name`, which must be unique within a composition.
+- `close()`: release threads, files, connections; later calls may raise.
+
+`DictTier` in tests/test_tiers.py shows that a tier is a page of code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from jaxkv.layout.fingerprint import RowLayout
+
+BLOCK_HASH_BYTES = 32
+"""Block hashes are SHA-256 digests (jaxkv.prefix.hashing)."""
+
+
+@runtime_checkable
+class Tier(Protocol):
+    """A store of host rows keyed by block hash. See the module docstring for the guarantees."""
+
+    name: str
+    """Unique within a composition; the key of this tier's metrics everywhere."""
+    capacity_bytes: int
+    """The byte budget: `used_bytes` never exceeds it."""
+    evictions: int
+    """Blocks dropped to make room, since the tier was opened."""
+    corrupt: int
+    """Stored blocks that failed verification and were dropped."""
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes the held blocks occupy, counted as the budget counts them."""
+        ...
+
+    def open(self, layout: RowLayout) -> None:
+        """Bind the tier to the rows it will store; called once by the composition."""
+        ...
+
+    def __contains__(self, block_hash: bytes) -> bool:
+        """Whether the block is held now (advisory)."""
+        ...
+
+    def touch(self, block_hashes: list[bytes]) -> None:
+        """Refresh the recency of the held ones among `block_hashes`."""
+        ...
+
+    def put_many(self, items: list[tuple[bytes, np.ndarray]]) -> list[bool | Exception]:
+        """Store rows; per block True (stored), False (already held) or the error."""
+        ...
+
+    def get_many(self, items: list[tuple[bytes, np.ndarray]]) -> list[Exception | None]:
+        """Read rows into the `out` arrays; per block None (exact, verified) or the error."""
+        ...
+
+    def close(self) -> None:
+        """Release the tier's resources."""
+        ...
+
+
+class KVLoadRefused(Exception):
+    """A load cannot be served in full (a block is no longer held); no device page was written."""
+
+
+class KVLoadFailed(Exception):
+    """A load's copy failed; the pages it targeted hold undefined bytes (see `page_ids`)."""
+
+    def __init__(self, message: str, page_ids: list[int]):
+        super().__init__(message)
+        self.page_ids = page_ids
+        """Device pages whose bytes are undefined until rewritten."""
+
+
+@dataclasses.dataclass
+class TierMetrics:
+    """One tier's counters, since the composition was built or reset."""
+
+    hits: int = 0
+    """Blocks a lookup found first in this tier."""
+    blocks_loaded: int = 0
+    """Blocks this tier served to the device."""
+    blocks_stored: int = 0
+    """Blocks newly stored in this tier."""
+    bytes_read: int = 0
+    """Row bytes read out of this tier (into host memory, or to the device for the host tier)."""
+    read_seconds: float = 0.0
+    bytes_written: int = 0
+    """Row bytes written into this tier."""
+    write_seconds: float = 0.0
+    evictions: int = 0
+    """Blocks the tier dropped to make room."""
+    corrupt: int = 0
+    """Blocks that failed verification and were dropped (they count as misses)."""
+    errors: int = 0
+    """Reads or writes that failed (I/O errors, a full disk, a lost server): blocks not served or not stored."""
+
+
+def check_block_hashes(block_hashes, *, name: str = "block_hashes") -> list[bytes]:
+    """Validate hashes: a sequence of `bytes` of length 32; returns them as a list."""
+    if isinstance(block_hashes, (bytes, str)) or not hasattr(block_hashes, "__iter__"):
+        raise ValueError(
+            f"{name} must be a sequence of {BLOCK_HASH_BYTES}-byte hashes, got {type(block_hashes).__name__}"
+        )
+    hashes = list(block_hashes)
+    for i, h in enumerate(hashes):
+        if not isinstance(h, bytes):
+            raise ValueError(f"{name}[{i}] must be bytes, got {type(h).__name__}")
+        if len(h) != BLOCK_HASH_BYTES:
+            raise ValueError(f"{name}[{i}] must be {BLOCK_HASH_BYTES} bytes (a SHA-256 digest), got {len(h)}")
+    return hashes
+
+
+def check_row(out, row_bytes: int, *, name: str = "out") -> None:
+    """`out` must be a contiguous uint8 row of `row_bytes`."""
+    if (
+        not isinstance(out, np.ndarray)
+        or out.dtype != np.uint8
+        or out.shape != (row_bytes,)
+        or not out.flags.c_contiguous
+    ):
+        got = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
+        raise ValueError(f"{name} must be a contiguous uint8 array of shape ({row_bytes},), got {got}")

@@ -1,0 +1,220 @@
+"""`OffloadWorker`: the worker side. Executes a `TieredStore`'s plans on the cache it is given.
+
+It keeps no cache. A load takes the cache and returns the new one (the old
+one is donated: updated in place); a store reads the cache and returns a
+handle. Handles say when the bytes are in place (`is_complete`,
+`synchronize`) and what happened (`result()`), which the scheduler side
+applies with `complete_load` / `complete_store`.
+
+```
+cache, handle = worker.load(cache, plan)     # lower-tier rows -> host slots -> device pages
+handle = worker.store(cache, plan)           # device pages -> host slots -> lower tiers
+store.complete_load(handle.result())
+```
+
+A load never writes part of a plan: a block missing at planning time or a
+row that fails to read (verification, I/O) refuses the whole load before any
+device page is written. When the cache spans processes the group agrees
+first (refused in one, refused in all) and after the copy (failed in one,
+failed in all).
+"""
+
+from __future__ import annotations
+
+import time
+
+from jaxkv.tiers.store import LoadPlan, LoadResult, StorePlan, StoreResult, TieredStore
+from jaxkv.transfer.engine import OffloadEngine
+from jaxkv.transfer.handle import Transfer, completed
+
+
+class LoadHandle(Transfer):
+    """A load in flight; `result()` waits and says what happened."""
+
+    def __init__(self, result: LoadResult, transfer: Transfer | None = None):
+        t = transfer
+        super().__init__("h2d", t.num_pages if t else 0, t.nbytes if t else 0, t._arrays if t else ())
+        self._result = result
+
+    @property
+    def status(self) -> str:
+        """'loaded', 'refused' or 'failed'."""
+        return self._result.status
+
+    def result(self) -> LoadResult:
+        """Wait for the copy; the `LoadResult` to hand to `complete_load`."""
+        self.synchronize()
+        return self._result
+
+
+class StoreHandle(Transfer):
+    """A store in flight; `result()` waits, finishes the write-through and says what happened."""
+
+    def __init__(self, plan: StorePlan, transfer: Transfer, finish):
+        super().__init__("d2h", transfer.num_pages, transfer.nbytes, transfer._arrays, on_complete=None)
+        self._transfer = transfer
+        self._finish = finish
+        self._result: StoreResult | None = None
+        self.plan = plan
+
+    def synchronize(self) -> StoreHandle:
+        self.result()
+        return self
+
+    def result(self) -> StoreResult:
+        """Wait for the copy and the writes to lower tiers; the `StoreResult` to hand to `complete_store`."""
+        if self._result is None:
+            self._transfer.synchronize()
+            self._result = self._finish()
+            self._arrays = []
+        return self._result
+
+
+class OffloadWorker:
+    """Moves pages between one cache layout's devices and a `TieredStore`'s tiers."""
+
+    def __init__(self, cache, store: TieredStore, *, host_memory_kind: str = "pinned_host", d2h_path: str = "auto"):
+        """`cache`: read for its layout only (not kept); `store`: the scheduler side whose plans this executes."""
+        if not isinstance(store, TieredStore):
+            raise ValueError(f"store must be a TieredStore, got {type(store).__name__}")
+        self.engine = OffloadEngine(
+            cache, host_memory_kind=host_memory_kind, d2h_path=d2h_path, host_pool=store.host.pool
+        )
+        """The engine over the host tier's rows."""
+        if self.engine.layout.fingerprint != store.fingerprint:
+            raise ValueError("cache's row layout differs from the store's: build both from the same cache")
+        self._store = store  # read for its tiers and agreement; plans come from its owner
+
+    # -- loads -------------------------------------------------------------
+    def load(self, cache, plan: LoadPlan):
+        """Execute `plan` on `cache`: returns (the new cache, a `LoadHandle`).
+
+        `cache` is donated when the load writes (status 'loaded' or
+        'failed'); when refused it is returned as it was.
+        """
+        if not isinstance(plan, LoadPlan):
+            raise ValueError(f"plan must be a LoadPlan from TieredStore.prepare_load, got {type(plan).__name__}")
+        self.engine._check_buffer(cache)
+        t0 = time.perf_counter()
+        promoted, read = self._promote(plan)
+        whole = plan.num_held == len(plan.block_hashes) and all(promoted)
+        agreement = self._store.agreement
+        ok = agreement.min(int(whole)) if agreement is not None else int(whole)
+        if not ok:
+            if not whole:
+                at = plan.num_held if plan.num_held < len(plan.block_hashes) else promoted.index(False)
+                why = f"block_hashes[{at}] ({plan.block_hashes[at].hex()[:16]}…) is no longer held"
+            else:
+                why = "another process of the TP group cannot serve the whole load"
+            error = f"{why}; no device page was written, recompute from there"
+            return cache, LoadHandle(LoadResult(plan, "refused", tuple(promoted), error, read=read))
+        if not plan.block_hashes:
+            return cache, LoadHandle(LoadResult(plan, "loaded", (), None))
+        error = None
+        try:
+            cache, transfer = self.engine.h2d(cache, list(plan.host_slots), list(plan.device_pages))
+        except ValueError:
+            raise  # a bad argument, found before anything was written
+        except Exception as e:  # the copy itself failed: its pages are undefined
+            error, transfer = f"loading {len(plan.device_pages)} pages failed: {e}", None
+        if agreement is not None and agreement.min(error is None) == 0 and error is None:
+            error = "another process of the TP group failed its part of the load"
+        status = "loaded" if error is None else "failed"
+        nbytes = transfer.nbytes if transfer is not None else 0
+        result = LoadResult(plan, status, tuple(promoted), error, nbytes, time.perf_counter() - t0, read)
+        return cache, LoadHandle(result, transfer)
+
+    def _promote(self, plan: LoadPlan) -> tuple[list[bool], dict[str, tuple[int, float]]]:
+        """Read the plan's lower-tier blocks into their host slots; per planned block whether its row is there."""
+        promoted = [True] * plan.num_held
+        by_tier: dict[str, list[int]] = {}
+        for i in plan.promotions:
+            by_tier.setdefault(plan.sources[i], []).append(i)
+        if by_tier:
+            self.engine.flush()  # nothing in flight may read or write the rows we fill
+        read = {}
+        pool = self.engine.host_pool
+        for name, idx in by_tier.items():
+            t0 = time.perf_counter()
+            errors = self._store.tiers[name].get_many([(plan.block_hashes[i], pool[plan.host_slots[i]]) for i in idx])
+            for i, error in zip(idx, errors, strict=True):
+                promoted[i] = error is None
+            ok = sum(1 for e in errors if e is None)
+            read[name] = (ok * self.engine.row_bytes, time.perf_counter() - t0)
+        return promoted, read
+
+    # -- stores ------------------------------------------------------------
+    def store(self, cache, plan: StorePlan) -> StoreHandle:
+        """Execute `plan`: copy its pages of `cache` (read, not donated) into host slots, then to lower tiers.
+
+        The device copy is dispatched now (it reads the cache as it is now);
+        the lower-tier writes run when the handle is waited on, or at once
+        for every chunk but the last.
+        """
+        if not isinstance(plan, StorePlan):
+            raise ValueError(f"plan must be a StorePlan from TieredStore.prepare_store, got {type(plan).__name__}")
+        units = self.engine._check_buffer(cache).copy()
+        t0 = time.perf_counter()
+        n = len(plan.block_hashes)
+        copied = [False] * n
+        written = {name: [None] * n for name in plan.write_to}
+        wrote = {name: [0, 0.0] for name in plan.write_to}
+        self._demote(plan, wrote)
+        transfer, previous = None, None
+        for start, stop in plan.chunks:
+            if transfer is not None:  # an earlier chunk: write it through before its slots are reused
+                transfer.synchronize()
+                self._write_through(plan, range(*previous), copied, written, wrote)
+            previous = (start, stop)
+            try:
+                transfer = self.engine.d2h(
+                    units, list(plan.device_pages[start:stop]), list(plan.host_slots[start:stop])
+                )
+            except Exception:
+                transfer = None
+                continue
+            for i in range(start, stop):
+                copied[i] = True
+        last = range(*plan.chunks[-1])
+        nbytes = sum(copied) * self.engine.row_bytes
+
+        def finish() -> StoreResult:
+            self._write_through(plan, last, copied, written, wrote)
+            return StoreResult(
+                plan,
+                tuple(copied),
+                {name: tuple(a) for name, a in written.items()},
+                nbytes,
+                time.perf_counter() - t0,
+                {name: (b, s) for name, (b, s) in wrote.items()},
+            )
+
+        return StoreHandle(plan, transfer if transfer is not None else completed("d2h", 0, 0), finish)
+
+    def _write_through(self, plan: StorePlan, idx: range, copied, written, wrote) -> None:
+        items = [(i, plan.block_hashes[i], self.engine.host_pool[plan.host_slots[i]]) for i in idx if copied[i]]
+        if not items or not plan.write_to:
+            return
+        for name in plan.write_to:
+            t0 = time.perf_counter()
+            answers = self._store.tiers[name].put_many([(h, row) for _, h, row in items])
+            for (i, _, _), a in zip(items, answers, strict=True):
+                written[name][i] = a
+            wrote[name][0] += sum(1 for a in answers if a is True) * self.engine.row_bytes
+            wrote[name][1] += time.perf_counter() - t0
+
+    def _demote(self, plan: StorePlan, wrote) -> None:
+        """Write-back: hand evicted host rows to the first lower tier before their slots are overwritten."""
+        if not plan.demotions or not self._store.lower:
+            return
+        self.engine.flush()
+        tier = self._store.lower[0]
+        t0 = time.perf_counter()
+        answers = tier.put_many([(h, self.engine.host_pool[slot]) for h, slot in plan.demotions])
+        entry = wrote.setdefault(tier.name, [0, 0.0])
+        entry[0] += sum(1 for a in answers if a is True) * self.engine.row_bytes
+        entry[1] += time.perf_counter() - t0
+
+    def flush(self) -> None:
+        """Wait for every transfer in flight."""
+        self.engine.flush()
