@@ -1,4 +1,4 @@
-"""End to end: manager -> tiered connector -> engine -> tiny model, on a small workload."""
+"""End to end: manager -> tiered store -> offload worker -> tiny model, on a small workload."""
 
 import json
 import subprocess
@@ -28,6 +28,7 @@ SMALL = dict(
 def test_demo_end_to_end_uses_every_tier_bit_exactly(model, dtype, tmp_path):
     report = run_demo(DemoConfig(model=model, dtype=dtype, tp=2, out=str(tmp_path), **SMALL))
     tokens = report["tokens"]
+    assert report["sources"] == ["device", "host", "disk"]
     assert tokens["device"] > 0 and tokens["host"] > 0 and tokens["disk"] > 0, tokens
     assert sum(tokens.values()) == report["prompt_tokens"]
     bi = report["bit_identity"]
@@ -35,6 +36,79 @@ def test_demo_end_to_end_uses_every_tier_bit_exactly(model, dtype, tmp_path):
     assert report["bytes"]["device_to_host"] > 0 and report["bytes"]["disk_to_host"] > 0
     assert json.loads((tmp_path / "report.json").read_text())["requests"] == 18
     assert (tmp_path / "demo.png").stat().st_size > 0
+    assert_headline_is_the_listed_turns(report)
+
+
+def assert_headline_is_the_listed_turns(report):
+    """Every figure of the headline is the sum over the turns report.json lists: no warm-up traffic."""
+    turns = report["turns"]
+    assert len(turns) == report["requests"]
+    assert report["prompt_tokens"] == sum(t["prompt_tokens"] for t in turns)
+    for source in report["sources"]:
+        assert report["tokens"][source] == sum(t["tokens_from"][source] for t in turns), source
+    assert report["tokens"]["recomputed"] == sum(t["recomputed"] for t in turns)
+    assert report["hit_rate"] == 1 - report["tokens"]["recomputed"] / report["prompt_tokens"]
+    assert report["prefill_seconds_with_reuse"] == sum(t["prefill_seconds"] for t in turns)
+    assert all(t["prefill_seconds"] >= t["load_seconds"] for t in turns)  # loads are inside the prefill time
+    # "turn" is the turn within its conversation, "request" the index in the run.
+    assert [t["request"] for t in turns] == list(range(len(turns)))
+    per_conv = {}
+    for t in turns:
+        per_conv[t["conversation"]] = per_conv.get(t["conversation"], 0) + 1
+        assert t["turn"] == per_conv[t["conversation"]]
+
+
+def test_demo_reports_a_corrupted_load_and_the_cli_exits_1(tmp_path, monkeypatch, capsys):
+    """Flip one bit of one page on its way back from host memory: the bit-identity check must catch it."""
+    import jax
+    import numpy as np
+
+    import jaxkv
+    from jaxkv._cli import main
+
+    real_load = jaxkv.OffloadWorker.load
+    flipped = []
+
+    def corrupting_load(self, cache, plan):
+        cache, handle = real_load(self, cache, plan)
+        if handle.status == "loaded" and not flipped:
+            handle.synchronize()
+            page = plan.device_pages[0]
+            values = np.array(cache.values)  # a copy: no live view of the cache
+            flat = values[page].view(np.uint8).reshape(-1)
+            flat[0] ^= 1
+            flipped.append(page)
+            cache = jaxkv.KVCacheBuffer(
+                cache.replicates_kv_across_tp, jax.device_put(values, cache.values.sharding), cache.scales
+            )
+        return cache, handle
+
+    monkeypatch.setattr(jaxkv.OffloadWorker, "load", corrupting_load)
+    report = run_demo(DemoConfig(model="mha", dtype="bf16", tp=2, out=str(tmp_path / "a"), **SMALL))
+    assert flipped
+    bi = report["bit_identity"]
+    assert bi["identical"] < bi["turns_compared"], bi
+    flipped.clear()
+    import jaxkv._cli.demo as demo
+
+    small = {k: v for k, v in SMALL.items() if k not in ("progress",)}
+    monkeypatch.setattr(demo, "DemoConfig", lambda **kw: DemoConfig(**(kw | small)))
+    assert main(["demo", "--model", "mha", "--tp", "2", "--out", str(tmp_path / "b"), "--no-progress"]) == 1
+    assert "MISMATCH" in capsys.readouterr().out
+
+
+def test_demo_deletes_nothing_it_did_not_create(tmp_path):
+    mine = tmp_path / "disk"
+    mine.mkdir()
+    (mine / "precious.txt").write_text("user data")
+    run_demo(DemoConfig(model="mha", dtype="bf16", tp=2, out=str(tmp_path), **SMALL))
+    assert (mine / "precious.txt").read_text() == "user data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.png", "disk", "report.json"]
+
+
+def test_demo_rejects_an_empty_out():
+    with pytest.raises(DemoError, match="--out must name a directory"):
+        run_demo(DemoConfig(out="", **SMALL))
 
 
 def test_demo_rejects_sizes_that_cannot_fit(tmp_path):

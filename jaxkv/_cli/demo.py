@@ -1,6 +1,6 @@
 """`jaxkv demo`: serve a multi-turn chat workload through the whole stack.
 
-manager -> tiered connector (host + disk) -> offload engine -> tiny model, with
+manager -> tiered store (host + disk) -> offload worker -> tiny model, with
 a device cache deliberately too small, so pages travel to host memory and disk
 and come back. A *shadow* stack runs the same turns with a device cache large
 enough never to evict: its pages never leave the device. For every turn whose
@@ -59,7 +59,7 @@ class DemoError(Exception):
 
 
 class Progress:
-    """A one-line progress bar on stderr."""
+    """Progress on stderr: a bar redrawn in place on a terminal; in a log, a plain line every ~10%."""
 
     def __init__(self, total: int, enabled: bool):
         self.total, self.enabled, self.t0, self.last = total, enabled, time.perf_counter(), 0.0
@@ -79,11 +79,11 @@ class Progress:
         width = 30
         filled = int(width * done / self.total)
         eta = (now - self.t0) / done * (self.total - done) if done else 0.0
-        sys.stderr.write(
-            f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} turns  eta {eta:4.0f}s  {note:<40}"
-        )
-        if done >= self.total:
-            sys.stderr.write("\n")
+        bar = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} turns  eta {eta:4.0f}s  "
+        if self.every is None:  # not a terminal: "\r" would make the whole run one endless log line
+            sys.stderr.write(f"{bar}{note}".rstrip() + "\n")
+        else:
+            sys.stderr.write(f"\r{bar}{note:<40}" + ("\n" if done >= self.total else ""))
         sys.stderr.flush()
 
 
@@ -130,12 +130,15 @@ def _prepare_out(out: Path) -> None:
 def run_demo(cfg: DemoConfig) -> dict:
     """Serve the workload; returns the report (also written to `cfg.out`/report.json)."""
     import shutil
+    import tempfile
 
     import jax
 
     import jaxkv
     from jaxkv.models import TinyConfig, TinyModel
 
+    if not str(cfg.out).strip():
+        raise DemoError("--out must name a directory, got ''")
     out = Path(cfg.out)
     page_size = TinyConfig().page_size
     _check(cfg, page_size)
@@ -169,73 +172,88 @@ def run_demo(cfg: DemoConfig) -> dict:
         reply_tokens=cfg.reply_tokens,
         vocab=model.config.vocab,
     )
-    row_bytes = model.cache_params.host_bytes_per_page(cfg.tp)
-    disk_dir = out / "disk"
-    shutil.rmtree(disk_dir, ignore_errors=True)  # a fresh tier each run: the numbers are this run's
+    layout = jaxkv.RowLayout.of(model.cache_params, tp=cfg.tp)
+    # A fresh disk tier each run, in a directory the demo creates and removes (never one it did not create).
+    disk_dir = Path(tempfile.mkdtemp(prefix="disk-", dir=out))
+    try:
+        return _serve(cfg, jax, jaxkv, model, events, layout, disk_dir, out, devices)
+    finally:
+        shutil.rmtree(disk_dir, ignore_errors=True)
 
-    # The stack under test: a small device cache, host and disk tiers behind it.
-    cache = model.allocate_cache(cfg.device_pages)
-    connector = jaxkv.TieredConnector(cache, cfg.host_pages * row_bytes, disk_dir, cfg.disk_mib << 20)
-    manager = jaxkv.PagedKVCacheManager(cache, connector, seed=cfg.seed)
-    # The shadow stack: room for everything, pages never leave the device.
+
+def _serve(cfg, jax, jaxkv, model, events, layout, disk_dir, out, devices) -> dict:
+    page_size = layout.page_size
+    # Both stacks allocate caches of one shape, so they share every compiled program. The stack under
+    # test hands out only `device_pages` of its pages (its manager's pool); the shadow stack has room
+    # for everything, so its pages never leave the device.
     total_tokens = sum(len(p) + len(r) for _, p, r in events)
     shadow_pages = 2 * math.ceil(total_tokens / page_size) + 2 * math.ceil(cfg.max_prompt_tokens() / page_size) + 2
+    cache = model.allocate_cache(shadow_pages)
+    store = jaxkv.TieredStore.for_cache(
+        cache, cfg.host_pages * layout.row_bytes, disk_directory=disk_dir, disk_capacity_bytes=cfg.disk_mib << 20
+    )
+    worker = jaxkv.OffloadWorker(cache, store)
+    manager = jaxkv.PagedKVCacheManager(model.cache_params, store, num_pages=cfg.device_pages, tp=cfg.tp, seed=cfg.seed)
     shadow_cache = model.allocate_cache(shadow_pages)
     shadow = jaxkv.PagedKVCacheManager(shadow_cache, seed=cfg.seed)
     state = {"main": cache, "shadow": shadow_cache}
     width = 1 << (math.ceil(cfg.max_prompt_tokens() / page_size) - 1).bit_length()
 
-    def table(mgr, rid) -> np.ndarray:
-        return mgr.page_table(rid, width=width)
+    def step(which, mgr, rid, tokens, start) -> np.ndarray:
+        logits, state[which] = model.prefill(
+            state[which], np.asarray(tokens, np.int32), start, mgr.page_table(rid, width=width)
+        )
+        return np.asarray(logits)  # waits for the result
 
-    def step(which, mgr, rid, tokens, start) -> tuple[np.ndarray, float]:
-        t0 = time.perf_counter()
-        logits, state[which] = model.prefill(state[which], np.asarray(tokens, np.int32), start, table(mgr, rid))
-        logits = np.asarray(logits)  # waits for the result
-        return logits, time.perf_counter() - t0
-
-    # Compile every prompt-length bucket once, outside the timed turns.
+    # Compile outside the timed turns: every prompt-length bucket (on the shadow stack, with its own
+    # salt: nothing it caches is ever served) and the worker's transfer buckets. Pages and host slots
+    # are all free here: the bytes these warm-up copies move are never read.
+    compiles = _CompileCounter(jax)
     t_compile = time.perf_counter()
-    buckets = sorted({1 << (n - 1).bit_length() for n in range(1, cfg.max_prompt_tokens() + 1)})
-    for which, mgr in (("main", manager), ("shadow", shadow)):
-        for b in buckets:
-            n = min(b, cfg.max_prompt_tokens())  # pads to bucket b
-            mgr.add_request("warmup", np.zeros(n, np.int32), cache_salt="warmup")
-            step(which, mgr, "warmup", np.zeros(n, np.int32), 0)
-            mgr.finish("warmup")
-    connector.bind(state["main"])
-    # And the engine's transfer buckets, so the byte rates below measure copies, not compiles.
-    # Pages and host slots are all free and uncommitted here: the bytes moved are never read.
-    engine = connector.engine
+    for b in sorted({1 << (n - 1).bit_length() for n in range(1, cfg.max_prompt_tokens() + 1)}):
+        n = min(b, cfg.max_prompt_tokens())
+        shadow.add_request("warmup", np.zeros(n, np.int32), cache_salt="warmup")
+        step("shadow", shadow, "warmup", np.zeros(n, np.int32), 0)
+        shadow.finish("warmup")
+    engine = worker.engine
     for k in sorted({1 << (n - 1).bit_length() for n in range(1, min(cfg.host_pages, cfg.device_pages - 1) + 1)}):
         k = min(k, cfg.host_pages, cfg.device_pages - 1)
         ids = np.arange(1, k + 1)
-        engine.d2h(ids, np.arange(k)).synchronize()
+        engine.d2h(state["main"], ids, np.arange(k)).synchronize()
         state["main"], t = engine.h2d(state["main"], np.arange(k), ids)
         t.synchronize()
     compile_seconds = time.perf_counter() - t_compile
+    compiled = compiles.snapshot()
 
     progress = Progress(len(events), cfg.progress)
+    sources = manager.sources  # 'device', then the tiers in order
     per_turn, compared, identical = [], 0, 0
+    turn_of: dict[int, int] = {}
     t_run = time.perf_counter()
     for i, (conv, prompt, reply) in enumerate(events):
-        rid = f"c{conv}-t{i}"
+        rid = f"c{conv}-r{i}"
+        t0 = time.perf_counter()
         req = manager.add_request(rid, prompt)
+        load_s = 0.0
         if req.load is not None:
-            req.load.synchronize()
-        state["main"] = connector.buffer
-        logits, reuse_s = step("main", manager, rid, prompt[req.num_cached_tokens :], req.num_cached_tokens)
+            state["main"], handle = worker.load(state["main"], req.load)
+            manager.complete_load(handle.result())  # waits for the copy; a refusal means recomputing
+            load_s = time.perf_counter() - t0
+        logits = step("main", manager, rid, prompt[req.num_cached_tokens :], req.num_cached_tokens)
+        reuse_s = time.perf_counter() - t0  # the load's wait included
 
         sreq = shadow.add_request(rid, prompt)
-        slogits, _ = step("shadow", shadow, rid, prompt[sreq.num_cached_tokens :], sreq.num_cached_tokens)
-        outside = req.tokens_from_host + req.tokens_from_disk
+        slogits = step("shadow", shadow, rid, prompt[sreq.num_cached_tokens :], sreq.num_cached_tokens)
+        outside = req.num_cached_tokens - req.tokens_from_device
         if outside and sreq.num_cached_tokens == req.num_cached_tokens:
             compared += 1
             identical += int(np.array_equal(logits.view(np.uint32), slogits.view(np.uint32)))
 
         # Full recomputation of the same prompt: a salted request shares no block.
         shadow.add_request(rid + "-full", prompt, cache_salt="no-reuse")
-        _, full_s = step("shadow", shadow, rid + "-full", prompt, 0)
+        t1 = time.perf_counter()
+        step("shadow", shadow, rid + "-full", prompt, 0)
+        full_s = time.perf_counter() - t1
         shadow.finish(rid + "-full")
 
         # Decode the reply one token at a time (teacher-forced: the same turns on both stacks).
@@ -245,29 +263,51 @@ def run_demo(cfg: DemoConfig) -> dict:
                 mgr.append_tokens(rid, [tok])
                 step(which, mgr, rid, [tok], pos)
             pos += 1
-        connector.bind(state["main"])
-        manager.commit(rid, pos)
+        plan = manager.commit(rid, pos)
+        if plan is not None:
+            manager.complete_store(worker.store(state["main"], plan).result())
         shadow.commit(rid, pos)
         manager.finish(rid)
         shadow.finish(rid)
+        turn_of[conv] = turn_of.get(conv, 0) + 1
         per_turn.append(
             dict(
-                turn=i,
+                request=i,
                 conversation=conv,
+                turn=turn_of[conv],
                 prompt_tokens=len(prompt),
-                from_device=req.tokens_from_device,
-                from_host=req.tokens_from_host,
-                from_disk=req.tokens_from_disk,
+                tokens_from={s: req.tokens_from.get(s, 0) for s in sources},
                 recomputed=len(prompt) - req.num_cached_tokens,
                 prefill_seconds=reuse_s,
+                load_seconds=load_s,
                 full_prefill_seconds=full_s,
             )
         )
-        progress.update(i + 1, f"hit rate {manager.metrics.hit_rate:.0%}")
+        cached = sum(sum(t["tokens_from"].values()) for t in per_turn)
+        progress.update(i + 1, f"hit rate {cached / sum(t['prompt_tokens'] for t in per_turn):.0%}")
     run_seconds = time.perf_counter() - t_run
-    connector.close()
+    worker.flush()
+    store.close()
 
-    mt, ct = manager.metrics, connector.metrics
+    st = store.metrics
+    row = layout.row_bytes
+    lower = store.tier_names[1:]
+    lower_write_s = sum(st.tiers[n].write_seconds for n in lower)
+    lower_read_s = sum(st.tiers[n].read_seconds for n in lower)
+    # Logical bytes: one copy of each page (an MLA page reaches every TP shard, but is one page).
+    moved = {
+        "device_to_host": (st.offload_bytes, st.offload_seconds - lower_write_s),
+        "host_to_device": (
+            sum(st.tiers[n].blocks_loaded for n in store.tier_names) * row,
+            st.load_seconds - lower_read_s,
+        ),
+    }
+    for n in lower:
+        moved[f"host_to_{n}"] = (st.tiers[n].bytes_written, st.tiers[n].write_seconds)
+        moved[f"{n}_to_host"] = (st.tiers[n].bytes_read, st.tiers[n].read_seconds)
+    tokens = {s: sum(t["tokens_from"][s] for t in per_turn) for s in sources}
+    tokens["recomputed"] = sum(t["recomputed"] for t in per_turn)
+    prompt_tokens = sum(t["prompt_tokens"] for t in per_turn)
     report = {
         "config": dataclasses.asdict(cfg),
         "conditions": {
@@ -276,35 +316,22 @@ def run_demo(cfg: DemoConfig) -> dict:
             "devices": len(devices),
             "tp": cfg.tp,
             "model": dataclasses.asdict(model.config),
-            "row_bytes": row_bytes,
-            "shadow_device_pages": shadow_pages,
+            "row_bytes": row,
+            "cache_pages_allocated": shadow_pages,
         },
         "requests": len(events),
-        "prompt_tokens": mt.prompt_tokens,
-        "tokens": {
-            "device": mt.tokens_from_device,
-            "host": mt.tokens_from_host,
-            "disk": mt.tokens_from_disk,
-            "recomputed": mt.tokens_recomputed,
-        },
-        "hit_rate": mt.hit_rate,
+        "prompt_tokens": prompt_tokens,
+        "sources": sources,
+        "tokens": tokens,
+        "hit_rate": (prompt_tokens - tokens["recomputed"]) / prompt_tokens,
         "prefill_seconds_with_reuse": sum(t["prefill_seconds"] for t in per_turn),
+        "load_seconds": sum(t["load_seconds"] for t in per_turn),
         "prefill_seconds_full_recompute": sum(t["full_prefill_seconds"] for t in per_turn),
-        "bytes": {
-            "device_to_host": ct.offload_bytes,
-            "host_to_device": ct.load_bytes,
-            "host_to_disk": ct.disk_write_bytes,
-            "disk_to_host": ct.disk_read_bytes,
-        },
-        "seconds": {
-            "device_to_host": ct.offload_seconds - ct.disk_write_seconds,
-            "host_to_device": ct.load_seconds - ct.disk_read_seconds,
-            "host_to_disk": ct.disk_write_seconds,
-            "disk_to_host": ct.disk_read_seconds,
-            "compile": compile_seconds,
-            "run": run_seconds,
-        },
-        "evictions": {"device": manager.pool.evictions, "host": ct.host_evictions, "disk": ct.disk_evictions},
+        "bytes": {d: b for d, (b, _) in moved.items()},
+        "seconds": {d: s for d, (_, s) in moved.items()} | {"compile": compile_seconds, "run": run_seconds},
+        "compiled_programs": compiled,
+        "loads": {"refused": manager.metrics.loads_refused, "failed": manager.metrics.loads_failed},
+        "evictions": {"device": manager.pool.evictions} | {n: st.tiers[n].evictions for n in store.tier_names},
         "bit_identity": {"turns_compared": compared, "identical": identical},
         "turns": per_turn,
     }
@@ -313,8 +340,34 @@ def run_demo(cfg: DemoConfig) -> dict:
     return report
 
 
+class _CompileCounter:
+    """Counts the programs XLA compiles (and those the persistent compilation cache served) from now on."""
+
+    def __init__(self, jax):
+        import jax.monitoring
+
+        self.requests = self.hits = 0
+        self._live = True
+
+        def on_event(event, **_):
+            if self._live and event == "/jax/compilation_cache/cache_hits":
+                self.hits += 1
+
+        def on_duration(event, _seconds, **_):
+            if self._live and event == "/jax/core/compile/backend_compile_duration":
+                self.requests += 1  # one per program, compiled or loaded from the persistent cache
+
+        jax.monitoring.register_event_listener(on_event)
+        jax.monitoring.register_event_duration_secs_listener(on_duration)
+
+    def snapshot(self) -> dict:
+        """{'programs': compiled or loaded, 'from_persistent_cache': of those, loaded}; stops counting."""
+        self._live = False
+        return {"programs": self.requests, "from_persistent_cache": self.hits}
+
+
 def format_report(r: dict) -> str:
-    """The table `jaxkv demo` prints."""
+    """The table `jaxkv demo` prints. Every figure counts the listed turns only (no warm-up)."""
     tok, pt = r["tokens"], r["prompt_tokens"]
 
     def gbps(direction):
@@ -323,32 +376,38 @@ def format_report(r: dict) -> str:
 
     c = r["conditions"]
     bi = r["bit_identity"]
+    cfg = r["config"]
+    label = {"device": "device", "host": "host memory"}
     lines = [
-        f"jaxkv demo: {r['config']['model']} model, {r['config']['dtype']} cache, TP {c['tp']} on "
+        f"jaxkv demo: {cfg['model']} model, {cfg['dtype']} cache, TP {c['tp']} on "
         f"{c['devices']} {c['backend']} devices (jax {c['jax']})",
-        f"  {r['requests']} requests, {pt:,} prompt tokens; device cache {r['config']['device_pages']} pages, "
-        f"host {r['config']['host_pages']} pages, disk {r['config']['disk_mib']} MiB",
+        f"  {r['requests']} requests, {pt:,} prompt tokens; device cache {cfg['device_pages']} pages, "
+        f"host {cfg['host_pages']} pages, disk {cfg['disk_mib']} MiB",
         "",
-        f"  {'tokens served from device':<34}{tok['device']:>9,}  {tok['device'] / pt:6.1%}",
-        f"  {'tokens served from host memory':<34}{tok['host']:>9,}  {tok['host'] / pt:6.1%}",
-        f"  {'tokens served from disk':<34}{tok['disk']:>9,}  {tok['disk'] / pt:6.1%}",
+    ]
+    for s in r["sources"]:
+        lines.append(f"  {'tokens served from ' + label.get(s, s):<34}{tok[s]:>9,}  {tok[s] / pt:6.1%}")
+    full, reuse = r["prefill_seconds_full_recompute"], r["prefill_seconds_with_reuse"]
+    lines += [
         f"  {'tokens recomputed':<34}{tok['recomputed']:>9,}  {tok['recomputed'] / pt:6.1%}",
         "",
-        f"  {'prefill time with reuse':<34}{r['prefill_seconds_with_reuse']:>8.2f} s",
-        f"  {'prefill time, full recomputation':<34}{r['prefill_seconds_full_recompute']:>8.2f} s  "
-        f"({r['prefill_seconds_full_recompute'] / max(r['prefill_seconds_with_reuse'], 1e-9):.1f}x)",
+        f"  {'prefill time with reuse':<34}{reuse:>8.2f} s  (of which waiting for loads {r['load_seconds']:.2f} s)",
+        f"  {'prefill time, full recomputation':<34}{full:>8.2f} s  ({full / max(reuse, 1e-9):.1f}x)",
         "",
-        f"  {'direction':<16}{'MiB':>10}{'GB/s':>9}",
+        f"  {'direction':<16}{'MiB':>10}{'GB/s':>9}   (one copy of each page)",
     ]
-    for d in ("device_to_host", "host_to_device", "host_to_disk", "disk_to_host"):
+    for d in r["bytes"]:
         lines.append(f"  {d.replace('_', ' '):<16}{r['bytes'][d] / 2**20:>10.1f}{gbps(d):>9.2f}")
     verdict = "bit-identical" if bi["identical"] == bi["turns_compared"] else "MISMATCH"
+    ev = ", ".join(f"{k} {v}" for k, v in r["evictions"].items())
+    cp = r["compiled_programs"]
+    cached = f", {cp['from_persistent_cache']} from the compilation cache" if cp["from_persistent_cache"] else ""
     lines += [
         "",
         f"  logits after host/disk round trips vs pages that never left the device: "
         f"{bi['identical']}/{bi['turns_compared']} turns {verdict}",
-        f"  evictions: device {r['evictions']['device']}, host {r['evictions']['host']}, disk {r['evictions']['disk']};"
-        f" compile {r['seconds']['compile']:.1f} s, run {r['seconds']['run']:.1f} s",
+        f"  evictions: {ev}",
+        f"  compile {r['seconds']['compile']:.1f} s ({cp['programs']} programs{cached}), run {r['seconds']['run']:.1f} s",
     ]
     return "\n".join(lines)
 
@@ -361,16 +420,12 @@ def _plot(r: dict, path: Path) -> None:
 
     turns = r["turns"]
     x = np.arange(1, len(turns) + 1)
-    cum = {k: np.cumsum([t[k] for t in turns]) for k in ("from_device", "from_host", "from_disk", "prompt_tokens")}
+    prompt = np.cumsum([t["prompt_tokens"] for t in turns])
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
     bottom = np.zeros(len(turns))
-    for key, label, color in (
-        ("from_device", "device", "C0"),
-        ("from_host", "host", "C1"),
-        ("from_disk", "disk", "C2"),
-    ):
-        frac = cum[key] / cum["prompt_tokens"]
-        a.fill_between(x, bottom, bottom + frac, label=label, color=color, step="mid")
+    for i, source in enumerate(r["sources"]):
+        frac = np.cumsum([t["tokens_from"][source] for t in turns]) / prompt
+        a.fill_between(x, bottom, bottom + frac, label=source, color=f"C{i}", step="mid")
         bottom = bottom + frac
     a.set_xlabel("request")
     a.set_ylabel("cumulative fraction of prompt tokens")
@@ -378,7 +433,7 @@ def _plot(r: dict, path: Path) -> None:
     a.set_ylim(0, 1)
     a.legend(loc="lower right", fontsize=8)
     b.plot(x, [t["full_prefill_seconds"] * 1e3 for t in turns], ".", color="0.5", label="full recomputation")
-    b.plot(x, [t["prefill_seconds"] * 1e3 for t in turns], ".", color="C3", label="with reuse")
+    b.plot(x, [t["prefill_seconds"] * 1e3 for t in turns], ".", color="C3", label="with reuse (incl. loads)")
     b.set_xlabel("request")
     b.set_ylabel("prefill ms")
     b.set_title("time per request")
