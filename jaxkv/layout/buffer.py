@@ -149,6 +149,7 @@ class KVCacheBuffer:
     # -- layout, read from the sharding -------------------------------------
     @property
     def mesh(self) -> Mesh:
+        """The mesh the cache is laid out on."""
         return self.values.sharding.mesh
 
     @property
@@ -169,6 +170,7 @@ class KVCacheBuffer:
     # -- shards and units --------------------------------------------------
     @property
     def total_num_pages(self) -> int:
+        """Pages in the cache (page 0 included)."""
         return self.values.shape[0]
 
     def _indexed_shards(self, array: jax.Array) -> list[tuple[int, jax.Array]]:
@@ -199,7 +201,8 @@ class KVCacheBuffer:
         """Byte-page units, every value unit before every scale unit. Copies nothing.
 
         Sharded: one `KVCacheMemory` per shard per kind. Replicated: one
-        `ReplicatedKVCacheMemory` per kind, rooted at TP shard 0.
+        `ReplicatedKVCacheMemory` per kind, rooted at TP shard 0, whose
+        `peers` are one `KVCacheMemory` per other shard.
 
         Only this process's shards: when the mesh spans processes each process
         gets units for the shards it can address, and a replicated unit is
@@ -211,8 +214,9 @@ class KVCacheBuffer:
                 continue
             shards = self._indexed_shards(array)
             if self.replicates_kv_across_tp:
-                root, *peers = (data for _, data in shards)
-                units.append(ReplicatedKVCacheMemory(root, peers, kind=kind))
+                (_, root), *peers = shards
+                peer_units = [KVCacheMemory(data, kind=kind, shard_index=i) for i, data in peers]
+                units.append(ReplicatedKVCacheMemory(root, peer_units, kind=kind))
             else:
                 units.extend(KVCacheMemory(data, kind=kind, shard_index=i) for i, data in shards)
         return units
@@ -270,9 +274,11 @@ class MultiKVCacheBuffer:
 
     @property
     def all_buffers(self) -> list[jax.Array]:
+        """Every child's `all_buffers`, in the order of `children`."""
         return [b for child in self.children.values() for b in child.all_buffers]
 
     def to_memory(self) -> list[KVCacheMemory]:
+        """Every child's `to_memory()` units, in the order of `children`. Copies nothing."""
         return [u for child in self.children.values() for u in child.to_memory()]
 
     def tree_flatten(self):

@@ -137,10 +137,12 @@ class PagedKVCacheManager:
     # -- queries -----------------------------------------------------------
     @property
     def num_pages(self) -> int:
+        """Device pages the manager hands out (page 0, the null page, included)."""
         return self.pool.num_pages
 
     @property
     def pages_in_use(self) -> int:
+        """Pages held by live requests."""
         return self.pool.num_used
 
     @property

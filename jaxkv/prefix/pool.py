@@ -40,10 +40,12 @@ class BlockPool:
 
     @property
     def num_free(self) -> int:
+        """Pages in the free queue (some may still hold committed blocks)."""
         return len(self._free)
 
     @property
     def num_used(self) -> int:
+        """Pages held by live requests (the null page excluded)."""
         return self.num_pages - 1 - len(self._free)
 
     def lookup(self, block_hash: bytes) -> int | None:

@@ -80,6 +80,7 @@ class HostTier:
         return len(self._index)
 
     def touch(self, block_hashes) -> None:
+        """Refresh the recency of the held ones among `block_hashes`."""
         for h in block_hashes:
             if h in self._index:
                 self._index.move_to_end(h)
@@ -117,7 +118,7 @@ class HostTier:
         return out
 
     def close(self) -> None:
-        pass
+        """Nothing to release: the pool is freed with the tier."""
 
     # -- slots (the composition's side) -------------------------------------
     def slot_of(self, block_hash: bytes) -> int | None:
@@ -165,6 +166,7 @@ class HostTier:
         self._pins[slot] = self._pins.get(slot, 0) + 1
 
     def unpin(self, slot: int) -> None:
+        """Drop one `pin` of `slot`."""
         n = self._pins.get(slot, 0) - 1
         if n > 0:
             self._pins[slot] = n
