@@ -8,12 +8,14 @@ saw to OUT_DIR/<scenario>-<process>.json for the test to compare, and always
 ends with os._exit: no teardown in the runtime can hang the test. Scenarios:
 
 - ``roundtrip``: engine d2h/h2d with both kernel families (native CPU, and the
-  pure-XLA path GPUs/TPUs use) for MHA, quantized MHA and MLA; tiered
-  connector offload/reload through host and disk; lookup and load agreement
-  when the processes' tiers differ; the manager deciding the same in both;
-  the cost of one agreement.
-- ``kill``: both processes offload; process 1 dies (SIGKILL) in the middle of
-  a disk write; process 0 must finish its offload, get a timeout error (not a
+  pure-XLA path GPUs/TPUs use) for MHA, quantized MHA and MLA; a
+  `TieredStore` + `OffloadWorker` storing and reloading through each
+  process's host and disk tiers; lookup and load agreement when the
+  processes' tiers differ (refused in one, refused in all; failed in one,
+  failed in all); the manager deciding the same in both; the cost of one
+  agreement.
+- ``kill``: both processes store; process 1 dies (SIGKILL) in the middle of
+  a disk write; process 0 must finish its store, get a timeout error (not a
   hang) from the next lookup, and find its own tiers intact.
 
 The numpy helpers at the top (source caches, expected rows) import nothing
@@ -171,6 +173,11 @@ def placed(arrays: list[np.ndarray], src_pages, dst_pages) -> list[np.ndarray]:
     return out
 
 
+def shard_bytes(cache) -> dict[int, bytes]:
+    """This process's value shards by device id, as raw bytes."""
+    return {s.device.id: np.asarray(s.data).tobytes() for s in cache.values.addressable_shards}
+
+
 def engine_round_trip(params, mesh, arrays, process, kernels) -> dict:
     from jaxkv import OffloadEngine, allocate_buffer
     from jaxkv.transfer import native
@@ -188,7 +195,7 @@ def engine_round_trip(params, mesh, arrays, process, kernels) -> dict:
     assert engine.row_bytes == share, (engine.row_bytes, share)
     ids, dst_ids = [5, 0, 7], [1, 6, 3]
     slots = [4, 1, 2] if process == 0 else [0, 3, 5]  # host slots are per process and may differ
-    engine.d2h(ids, slots).synchronize()
+    engine.d2h(src, ids, slots).synchronize()
     for page, slot in zip(ids, slots, strict=True):
         assert engine.read_host([slot])[0].tobytes() == expected_row(arrays, page, process, replicated)
     dst = allocate_buffer(params, mesh, NUM_PAGES)
@@ -198,84 +205,139 @@ def engine_round_trip(params, mesh, arrays, process, kernels) -> dict:
     return check_shards(out, placed(arrays, ids, dst_ids), mesh)
 
 
-def connector_scenario(params, mesh, arrays, process, base: Path) -> dict:
-    from jaxkv import KVLoadFailed, KVLoadRefused, TieredConnector, allocate_buffer
+def load(worker, store, cache, plan):
+    """Run `plan` and apply its result; (the new cache, the LoadResult, agreement calls the load made)."""
+    calls = store.agreement.calls
+    cache, handle = worker.load(cache, plan)
+    result = handle.result()
+    assert handle.status == result.status
+    store.complete_load(result)
+    return cache, result, store.agreement.calls - calls
+
+
+def tiered_scenario(params, mesh, arrays, process, base: Path) -> dict:
+    """Store and reload through each process's host and disk tiers; refusals and failures agree."""
+    from jaxkv import GroupAgreement, OffloadWorker, TieredStore, allocate_buffer
     from jaxkv.tiers.disk import SUFFIX
-    from jaxkv.transfer.agreement import GroupAgreement
 
     replicated = params.replicated(TP)
     src = global_cache(params, mesh, arrays)
     row = params.host_bytes_per_page(TP) // (1 if replicated else NUM_PROCESSES)
-    agreement = GroupAgreement.for_cache(src, timeout_s=AGREEMENT_TIMEOUT_S)
-    c = TieredConnector(src, 2 * row, base, 1 << 20, agreement=agreement)
-    assert c.disk.directory == base / f"process-{process}", c.disk.directory
-    hashes = [block_hash(i) for i in range(6)]
-    c.offload(list(range(6)), hashes).synchronize()  # host keeps the last 2, disk all 6
-    assert sorted(p.name for p in c.disk.directory.iterdir()) == sorted(h.hex() + SUFFIX for h in hashes)
-    for i, h in enumerate(hashes):
-        assert c.disk.get(h).tobytes() == expected_row(arrays, i, process, replicated)
-    assert c.lookup(hashes) == 6
+    # agreement="auto" (the default): the TP group's GroupAgreement over the coordination service.
+    store = TieredStore.for_cache(src, 2 * row, disk_directory=base, disk_capacity_bytes=1 << 20)
+    agreement = store.agreement
+    assert isinstance(agreement, GroupAgreement) and agreement.mechanism == "store", agreement
+    assert agreement.processes == tuple(range(NUM_PROCESSES)), agreement
+    disk = store.tiers["disk"]
+    assert disk.directory == base / f"process-{process}", disk.directory
+    worker = OffloadWorker(src, store)
+    assert worker.engine.row_bytes == row == store.layout.row_bytes
+    assert store.host.num_slots == 2
 
-    # Reload everything into a fresh cache: 4 blocks promoted from disk, 2 from host.
-    fresh = allocate_buffer(params, mesh, NUM_PAGES)
-    c.bind(fresh)
+    hashes = [block_hash(i) for i in range(6)]
+    plan = store.prepare_store(hashes, list(range(6)))
+    assert plan.chunks == ((0, 2), (2, 4), (4, 6)) and plan.write_to == ("disk",), plan
+    calls = agreement.calls
+    store.complete_store(worker.store(src, plan).result())  # host keeps the last 2, disk all 6
+    assert agreement.calls == calls  # a store is local: nothing to agree on
+    assert sorted(p.name for p in disk.directory.iterdir()) == sorted(h.hex() + SUFFIX for h in hashes)
+    for i, h in enumerate(hashes):
+        assert disk.get(h).tobytes() == expected_row(arrays, i, process, replicated)
+    for i, h in enumerate(hashes[4:], 4):
+        assert store.host.pool[store.host.slot_of(h)].tobytes() == expected_row(arrays, i, process, replicated)
+    calls = agreement.calls
+    assert store.lookup(hashes) == ["disk"] * 4 + ["host"] * 2
+    assert agreement.calls == calls + 1  # one agreement per lookup
+
+    # Reload everything into a fresh cache: 2 blocks from host, 4 promoted from disk.
+    cache = allocate_buffer(params, mesh, NUM_PAGES)
     dst_pages = [7, 6, 5, 4, 3, 2]
+    sources = []
     for start in (4, 0, 2):  # 4 and 5 from host, the rest promoted from disk; 2 host slots per load
-        c.load(dst_pages[start : start + 2], hashes[start : start + 2]).synchronize()
-    result = {"reload": check_shards(c.buffer, placed(arrays, list(range(6)), dst_pages), mesh)}
+        plan = store.prepare_load(hashes[start : start + 2], dst_pages[start : start + 2])
+        cache, result, calls = load(worker, store, cache, plan)
+        assert result.status == "loaded" and result.promoted == (True, True), result
+        assert calls == 2  # one before writing (whole plan, every promotion read), one after the copy
+        sources += plan.sources
+    assert sources == ["host"] * 2 + ["disk"] * 4, sources
+    assert store.metrics["disk"].blocks_loaded == 4 and store.metrics["host"].blocks_loaded == 2
+    out = {"reload": check_shards(cache, placed(arrays, list(range(6)), dst_pages), mesh)}
+    statuses = []
 
     # Process 1 loses block 4 behind the tier's back (its file disappears):
     # its index still lists it, so both lookups say 6, but its load cannot be
     # served. Both processes must refuse, and neither writes a device byte.
-    assert c.metrics.blocks_promoted == 4
-    c.offload([0, 1], [block_hash(10), block_hash(11)])  # push every block out of the host tier
+    plan = store.prepare_store([block_hash(10), block_hash(11)], [0, 1])
+    store.complete_store(worker.store(cache, plan).result())  # push every block out of the host tier
+    assert not any(h in store.host for h in hashes)
     if process == 1:
-        os.unlink(c.disk.directory / (hashes[4].hex() + SUFFIX))
-    assert c.lookup(hashes) == 6
-    before = {s.device.id: np.asarray(s.data).tobytes() for s in c.buffer.values.addressable_shards}
-    try:
-        c.load([0, 1], hashes[4:])
-        refused = None
-    except KVLoadRefused as e:
-        refused = str(e)
-    assert refused is not None and "block_hashes[0]" in refused, refused
-    assert ("another process" in refused) == (process == 0), refused
-    after = {s.device.id: np.asarray(s.data).tobytes() for s in c.buffer.values.addressable_shards}
-    assert before == after
+        os.unlink(disk.directory / (hashes[4].hex() + SUFFIX))
+    assert len(store.lookup(hashes)) == 6
+    plan = store.prepare_load(hashes[4:], [0, 1])
+    assert plan.num_held == 2 and plan.sources == ("disk", "disk"), plan  # whole in both at planning
+    before = shard_bytes(cache)
+    new, result, calls = load(worker, store, cache, plan)
+    statuses.append(result.status)
+    assert result.status == "refused" and result.failed_pages == [], result
+    assert calls == 1  # refused by the first agreement: no copy, nothing to agree on after it
+    assert result.promoted == ((True, True) if process == 0 else (False, True)), result.promoted
+    assert ("another process" in result.error) == (process == 0), result.error
+    assert ("block_hashes[0]" in result.error) == (process == 1), result.error
+    assert new is cache and not cache.values.is_deleted() and shard_bytes(cache) == before
     # Now process 1's index knows; the agreed answer is the group's minimum.
-    assert c.lookup(hashes) == 4
-    assert c.metrics.refused_loads == 1
+    assert len(store.lookup(hashes)) == 4
+    assert store.metrics.refused_loads == 1
+
+    # The same load again: process 1's plan is short from the start (it no
+    # longer holds block 4); process 0 holds both (promoted into host memory
+    # by the refused load). Refused in both again, nothing written.
+    plan = store.prepare_load(hashes[4:], [0, 1])
+    assert plan.num_held == (2 if process == 0 else 0), plan
+    assert plan.sources == (("host", "host") if process == 0 else ()), plan
+    new, result, calls = load(worker, store, cache, plan)
+    statuses.append(result.status)
+    assert result.status == "refused" and calls == 1, result
+    assert ("another process" in result.error) == (process == 0), result.error
+    assert new is cache and shard_bytes(cache) == before
+    assert store.metrics.refused_loads == 2
 
     # A load whose copy fails in process 1 fails in both, with the same pages.
-    real_h2d = c.engine.h2d
+    real_h2d = worker.engine.h2d
 
     def failing_h2d(*args, **kwargs):
         raise RuntimeError("injected h2d failure")
 
     if process == 1:
-        c.engine.h2d = failing_h2d
+        worker.engine.h2d = failing_h2d
+    plan = store.prepare_load(hashes[:2], [0, 1])
+    assert plan.num_held == 2 and plan.sources == ("disk", "disk"), plan
     try:
-        c.load([0, 1], hashes[:2])
-        failed = None
-    except KVLoadFailed as e:
-        failed = (str(e), e.page_ids)
-    c.engine.h2d = real_h2d
-    assert failed is not None and failed[1] == [0, 1], failed
-    assert ("another process" in failed[0]) == (process == 0), failed
-    assert c.invalid_pages == {0, 1} and c.metrics.failed_loads == 1
-    c.load([0, 1], hashes[:2]).synchronize()  # a later load fixes them
-    assert c.invalid_pages == set()
-    result["agreement_calls"] = agreement.calls
-    result["fingerprint"] = c.fingerprint.hex()
-    c.close()
-    return result
+        cache, result, calls = load(worker, store, cache, plan)
+    finally:
+        worker.engine.h2d = real_h2d
+    statuses.append(result.status)
+    assert result.status == "failed" and result.failed_pages == [0, 1], result
+    assert calls == 2
+    assert ("another process" in result.error) == (process == 0), result.error
+    assert ("injected h2d failure" in result.error) == (process == 1), result.error
+    assert store.metrics.failed_loads == 1
+    # A later load rewrites them: every page of every shard as expected.
+    plan = store.prepare_load(hashes[:2], [0, 1])
+    cache, result, calls = load(worker, store, cache, plan)
+    statuses.append(result.status)
+    assert result.status == "loaded" and calls == 2, result
+    out["final"] = check_shards(cache, placed(arrays, [0, 1, 2, 3, 4, 5, 0, 1], [7, 6, 5, 4, 3, 2, 0, 1]), mesh)
+    out["statuses"] = statuses
+    out["agreement_calls"] = agreement.calls
+    out["fingerprint"] = store.fingerprint.hex()
+    store.close()
+    return out
 
 
 def manager_scenario(params, mesh, process, base: Path) -> dict:
     """Drive the prefix-caching manager through a workload; return what it decided per request."""
-    from jaxkv import PagedKVCacheManager, TieredConnector, allocate_buffer
+    from jaxkv import GroupAgreement, OffloadWorker, PagedKVCacheManager, TieredStore, allocate_buffer
     from jaxkv._cli.workload import chat_workload
-    from jaxkv.transfer.agreement import GroupAgreement
 
     class Recording(GroupAgreement):
         """Remembers (this process's value, the agreed one) per call."""
@@ -291,8 +353,12 @@ def manager_scenario(params, mesh, process, base: Path) -> dict:
     agreement = Recording.for_cache(cache, timeout_s=AGREEMENT_TIMEOUT_S)
     agreement.log = []
     row = params.host_bytes_per_page(TP) // (1 if params.replicated(TP) else NUM_PROCESSES)
-    connector = TieredConnector(cache, 10 * row, base, 1 << 20, agreement=agreement)
-    manager = PagedKVCacheManager(cache, connector)
+    store = TieredStore.for_cache(
+        cache, 10 * row, disk_directory=base, disk_capacity_bytes=1 << 20, agreement=agreement
+    )
+    assert store.agreement is agreement
+    worker = OffloadWorker(cache, store)
+    manager = PagedKVCacheManager(cache, store)
     events = chat_workload(
         np.random.default_rng(7),
         system_prompts=1,
@@ -308,27 +374,40 @@ def manager_scenario(params, mesh, process, base: Path) -> dict:
         if process == 1 and step == len(events) // 2:
             # Process 1's disk loses every block: from here on its tiers hold
             # less than process 0's, and the group must still decide alike.
-            for path in connector.disk.directory.iterdir():
+            for path in store.tiers["disk"].directory.iterdir():
                 path.unlink()
         rid = f"{conversation}/{step}"
         request = manager.add_request(rid, prompt)
+        status = None
         if request.load is not None:
-            request.load.synchronize()
-        manager.commit(rid, len(prompt))
-        manager.append_tokens(rid, reply)
-        manager.commit(rid, len(prompt) + len(reply))
-        decisions.append([rid, list(request.pages), request.num_cached_tokens, request.tokens_from_device])
+            cache, handle = worker.load(cache, request.load)
+            status = handle.status
+            manager.complete_load(handle.result())
+        for computed in (len(prompt), len(prompt) + len(reply)):
+            if computed > len(prompt):
+                manager.append_tokens(rid, reply)
+            plan = manager.commit(rid, computed)
+            if plan is not None:
+                manager.complete_store(worker.store(cache, plan).result())
+        decisions.append([rid, list(request.pages), request.num_cached_tokens, request.tokens_from_device, status])
         manager.finish(rid)
     m = manager.metrics
-    decisions.append(["totals", m.tokens_from_device, m.tokens_from_host + m.tokens_from_disk, m.tokens_recomputed])
-    connector.close()
+    outside = sum(n for source, n in m.tokens_from.items() if source != "device")
+    decisions.append(["totals", m.tokens_from["device"], outside, m.tokens_recomputed])
+    store.close()
     overruled = sum(value != agreed for value, agreed in agreement.log)
-    return {"decisions": decisions, "overruled": overruled, "refused": connector.metrics.refused_loads}
+    return {
+        "decisions": decisions,
+        "overruled": overruled,
+        "refused": store.metrics.refused_loads,
+        "manager_refused": m.loads_refused,
+        "agreement_calls": agreement.calls,
+    }
 
 
 def agreement_cost(mesh, params, repeats: int = 200) -> dict:
     """Seconds per agreement, each mechanism, and per lookup with and without agreeing."""
-    from jaxkv import HostConnector, allocate_buffer
+    from jaxkv import OffloadWorker, TieredStore, allocate_buffer
     from jaxkv.transfer.agreement import GroupAgreement
 
     out = {}
@@ -346,17 +425,18 @@ def agreement_cost(mesh, params, repeats: int = 200) -> dict:
         out[f"{mechanism}_p90_s"] = float(np.percentile(times, 90))
     hashes = [block_hash(i) for i in range(4)]
     for name, agreement in (("alone", None), ("agreed", "auto")):
-        c = HostConnector(cache, 4 * params.host_bytes_per_page(TP), agreement=agreement)
-        c.offload(list(range(4)), hashes)
+        store = TieredStore.for_cache(cache, 4 * params.host_bytes_per_page(TP), agreement=agreement)
+        worker = OffloadWorker(cache, store)
+        store.complete_store(worker.store(cache, store.prepare_store(hashes, list(range(4)))).result())
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            assert c.lookup(hashes) == 4
+            assert store.lookup(hashes) == ["host"] * 4
             times.append(time.perf_counter() - t0)
         out[f"lookup_{name}_median_s"] = float(np.median(times))
         if agreement == "auto":
-            out["auto_mechanism"] = c.agreement.mechanism
-        c.close()
+            out["auto_mechanism"] = store.agreement.mechanism
+        store.close()
     return out
 
 
@@ -388,12 +468,12 @@ def roundtrip(process: int, port: int, out: Path) -> dict:
         native.available = real_available
     result["engine_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    result["connector"] = {}
+    result["tiered"] = {}
     for seed, name in enumerate(("mha-fp8", "mla-bf16")):
         params = layouts()[name]
         base = out / f"tiers-{name}"
-        result["connector"][name] = connector_scenario(params, mesh, source_arrays(params, 10 + seed), process, base)
-    result["connector_s"] = time.perf_counter() - t0
+        result["tiered"][name] = tiered_scenario(params, mesh, source_arrays(params, 10 + seed), process, base)
+    result["tiered_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     result["manager"] = {
         name: manager_scenario(layouts()[name], mesh, process, out / f"manager-{name}")
@@ -406,7 +486,7 @@ def roundtrip(process: int, port: int, out: Path) -> dict:
 
 def kill(process: int, port: int, out: Path) -> dict:
     mesh = start(process, port, recoverable=True)
-    from jaxkv import TieredConnector
+    from jaxkv import OffloadWorker, TieredStore
     from jaxkv.tiers import disk as _disk
     from jaxkv.tiers.disk import DiskTier
     from jaxkv.transfer.agreement import GroupAgreement, GroupAgreementError
@@ -416,15 +496,23 @@ def kill(process: int, port: int, out: Path) -> dict:
     src = global_cache(params, mesh, arrays)
     agreement = GroupAgreement.for_cache(src, timeout_s=KILL_TIMEOUT_S)
     row = params.host_bytes_per_page(TP) // NUM_PROCESSES
-    c = TieredConnector(src, 2 * row, out / "tiers", 1 << 20, agreement=agreement)
-    info = {"fingerprint": c.fingerprint.hex(), "row_bytes": c.engine.row_bytes, "directory": str(c.disk.directory)}
+    store = TieredStore.for_cache(
+        src, 2 * row, disk_directory=out / "tiers", disk_capacity_bytes=1 << 20, agreement=agreement
+    )
+    worker = OffloadWorker(src, store)
+    disk = store.tiers["disk"]
+    info = {
+        "fingerprint": store.fingerprint.hex(),
+        "row_bytes": worker.engine.row_bytes,
+        "directory": str(disk.directory),
+    }
     (out / f"kill-{process}.info.json").write_text(json.dumps(info))
     first = [block_hash(i) for i in range(4)]
-    c.offload(list(range(4)), first).synchronize()
-    assert c.lookup(first) == 4  # the group agrees while both live
+    store.complete_store(worker.store(src, store.prepare_store(first, [0, 1, 2, 3])).result())
+    assert store.lookup(first) == ["disk", "disk", "host", "host"]  # the group agrees while both live
     second = [block_hash(i) for i in range(4, 8)]
     if process == 1:
-        # Die in the middle of the third disk write of the next offload: the
+        # Die in the middle of the third disk write of the next store: the
         # temporary file holds the header only.
         real_writev, calls = _disk._writev_full, []
 
@@ -436,31 +524,32 @@ def kill(process: int, port: int, out: Path) -> dict:
             return real_writev(fd, parts)
 
         _disk._writev_full = dying_writev
-    barrier("kill: both offloaded the first blocks")
-    c.offload([4, 5, 6, 7], second).synchronize()  # local: never waits for the peer
+    barrier("kill: both stored the first blocks")
+    # Local: a store never waits for the peer.
+    store.complete_store(worker.store(src, store.prepare_store(second, [4, 5, 6, 7])).result())
     assert process == 0, "process 1 should have died"
     t0 = time.perf_counter()
     try:
-        c.lookup(first + second)
+        store.lookup(first + second)
         error = None
     except GroupAgreementError as e:
         error = str(e)
     waited = time.perf_counter() - t0
     t0 = time.perf_counter()
     try:
-        c.lookup(first)
+        store.lookup(first)
         again = None
     except GroupAgreementError as e:
         again = str(e)
     again_s = time.perf_counter() - t0
-    # Our own tiers: every block held, every byte as offloaded.
+    # Our own tiers: every block held, every byte as stored.
     for i, h in enumerate(first + second):
-        assert c.disk.get(h).tobytes() == expected_row(arrays, i, process, False)
-    host = {h: slot for h, slot in c._host.items()}
+        assert disk.get(h).tobytes() == expected_row(arrays, i, process, False)
+    host = {h: store.host.slot_of(h) for h in first + second if h in store.host}
     for i, h in enumerate(first + second):
         if h in host:
-            assert c.engine.read_host([host[h]])[0].tobytes() == expected_row(arrays, i, process, False)
-    reopened = DiskTier(c.disk.directory, 1 << 20, fingerprint=c.fingerprint, row_bytes=c.engine.row_bytes)
+            assert worker.engine.read_host([host[h]])[0].tobytes() == expected_row(arrays, i, process, False)
+    reopened = DiskTier(disk.directory, 1 << 20, fingerprint=store.fingerprint, row_bytes=worker.engine.row_bytes)
     verified = sum(
         reopened.get(h).tobytes() == expected_row(arrays, i, process, False) for i, h in enumerate(first + second)
     )
@@ -471,7 +560,7 @@ def kill(process: int, port: int, out: Path) -> dict:
         "again_s": again_s,
         "host_blocks": len(host),
         "verified_disk_blocks": verified,
-        "leftover_tmp": [p.name for p in c.disk.directory.iterdir() if p.name.endswith(".tmp")],
+        "leftover_tmp": [p.name for p in disk.directory.iterdir() if p.name.endswith(".tmp")],
     }
 
 
