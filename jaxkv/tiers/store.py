@@ -70,6 +70,8 @@ class LoadPlan:
     num_held: int
     host: str = "host"
     """Name of the host tier."""
+    demotions: tuple[tuple[bytes, int], ...] = ()
+    """(block hash, host slot) of evicted host blocks to hand down before promotions overwrite the slots (write-back)."""
 
     @property
     def promotions(self) -> list[int]:
@@ -119,6 +121,8 @@ class LoadResult:
     seconds: float = 0.0
     read: dict[str, tuple[int, float]] = dataclasses.field(default_factory=dict)
     """Per lower tier: (bytes read into host memory, seconds)."""
+    demoted: tuple[bool | Exception, ...] = ()
+    """Per `plan.demotions` entry: the first lower tier's put_many answer."""
 
     @property
     def failed_pages(self) -> list[int]:
@@ -139,6 +143,8 @@ class StoreResult:
     seconds: float = 0.0
     wrote: dict[str, tuple[int, float]] = dataclasses.field(default_factory=dict)
     """Per lower tier: (bytes written, seconds)."""
+    demoted: tuple[bool | Exception, ...] = ()
+    """Per `plan.demotions` entry: the first lower tier's put_many answer."""
 
 
 @dataclasses.dataclass
@@ -315,22 +321,32 @@ class TieredStore:
                 f"(loads pass through host memory); load in smaller batches or raise its capacity_bytes"
             )
         protect = {s for h in hashes if (s := self.host.slot_of(h)) is not None}
-        slots, sources = [], []
+        slots, sources, demotions = [], [], []
         for h in hashes:
             slot = self.host.slot_of(h)
             source = self.host.name
             if slot is None:
                 source = next((t.name for t in self.lower if h in t), None)
+                victim = self._lru_victim(protect) if source is not None else None
                 slot = self.host.reserve(protect) if source is not None else None
                 if slot is None:
                     break
+                if victim is not None and victim[1] == slot and not self.policy.write_through:
+                    demotions.append(victim)  # write-back: its only copy is in this slot
                 protect.add(slot)
             else:
                 self.host.pin(slot)
             slots.append(slot)
             sources.append(source)
         return LoadPlan(
-            next(self._ids), tuple(hashes), tuple(pages), tuple(slots), tuple(sources), len(slots), self.host.name
+            next(self._ids),
+            tuple(hashes),
+            tuple(pages),
+            tuple(slots),
+            tuple(sources),
+            len(slots),
+            self.host.name,
+            tuple(demotions),
         )
 
     def complete_load(self, result: LoadResult) -> None:
@@ -364,6 +380,9 @@ class TieredStore:
         for i in plan.promotions:
             if i >= len(result.promoted) or not result.promoted[i]:
                 m.tiers[plan.sources[i]].errors += 1
+        stored = self._count_demotions(result.demoted)
+        if stored:
+            m.tiers[self.lower[0].name].bytes_written += stored * self.layout.row_bytes
         self._sync_counters()
 
     # -- stores ------------------------------------------------------------
@@ -417,14 +436,24 @@ class TieredStore:
             tuple(demotions),
         )
 
-    def _lru_victim(self) -> tuple[bytes, int] | None:
-        """The held row `reserve` would evict next, when no slot is free (for write-back)."""
+    def _lru_victim(self, protect=()) -> tuple[bytes, int] | None:
+        """The held row `reserve(protect)` would evict next, when no slot is free (for write-back)."""
         if self.host._free:
             return None
         for h, s in self.host._index.items():
-            if not self.host._pins.get(s):
+            if s not in protect and not self.host._pins.get(s):
                 return h, s
         return None
+
+    def _count_demotions(self, answers) -> int:
+        """Count write-back answers under the first lower tier; returns the blocks newly stored."""
+        if not answers or not self.lower:
+            return 0
+        tm = self.metrics.tiers[self.lower[0].name]
+        stored = sum(1 for a in answers if a is True)
+        tm.blocks_stored += stored
+        tm.errors += sum(1 for a in answers if isinstance(a, Exception))
+        return stored
 
     def complete_store(self, result: StoreResult) -> None:
         """Apply a store's outcome: the last chunk's copied rows join the host index; other slots are freed."""
@@ -460,6 +489,7 @@ class TieredStore:
         for name, (nbytes, seconds) in result.wrote.items():
             m.tiers[name].bytes_written += nbytes
             m.tiers[name].write_seconds += seconds
+        self._count_demotions(result.demoted)
         self._sync_counters()
 
     # -- housekeeping ------------------------------------------------------

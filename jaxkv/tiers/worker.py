@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 
+from jaxkv.layout import pages as _pages
 from jaxkv.tiers.store import LoadPlan, LoadResult, StorePlan, StoreResult, TieredStore
 from jaxkv.transfer.engine import OffloadEngine
 from jaxkv.transfer.handle import Transfer, completed
@@ -95,7 +96,10 @@ class OffloadWorker:
         if not isinstance(plan, LoadPlan):
             raise ValueError(f"plan must be a LoadPlan from TieredStore.prepare_load, got {type(plan).__name__}")
         self.engine._check_buffer(cache)
+        # The store knows no page count: check the pages here, before any row moves.
+        _pages.check_page_ids(plan.device_pages, self.engine.num_device_pages, name="plan.device_pages")
         t0 = time.perf_counter()
+        demoted = self._demote(plan, {})
         promoted, read = self._promote(plan)
         whole = plan.num_held == len(plan.block_hashes) and all(promoted)
         agreement = self._store.agreement
@@ -107,9 +111,9 @@ class OffloadWorker:
             else:
                 why = "another process of the TP group cannot serve the whole load"
             error = f"{why}; no device page was written, recompute from there"
-            return cache, LoadHandle(LoadResult(plan, "refused", tuple(promoted), error, read=read))
+            return cache, LoadHandle(LoadResult(plan, "refused", tuple(promoted), error, read=read, demoted=demoted))
         if not plan.block_hashes:
-            return cache, LoadHandle(LoadResult(plan, "loaded", (), None))
+            return cache, LoadHandle(LoadResult(plan, "loaded", (), None, demoted=demoted))
         error = None
         try:
             cache, transfer = self.engine.h2d(cache, list(plan.host_slots), list(plan.device_pages))
@@ -121,7 +125,7 @@ class OffloadWorker:
             error = "another process of the TP group failed its part of the load"
         status = "loaded" if error is None else "failed"
         nbytes = transfer.nbytes if transfer is not None else 0
-        result = LoadResult(plan, status, tuple(promoted), error, nbytes, time.perf_counter() - t0, read)
+        result = LoadResult(plan, status, tuple(promoted), error, nbytes, time.perf_counter() - t0, read, demoted)
         return cache, LoadHandle(result, transfer)
 
     def _promote(self, plan: LoadPlan) -> tuple[list[bool], dict[str, tuple[int, float]]]:
@@ -136,7 +140,12 @@ class OffloadWorker:
         pool = self.engine.host_pool
         for name, idx in by_tier.items():
             t0 = time.perf_counter()
-            errors = self._store.tiers[name].get_many([(plan.block_hashes[i], pool[plan.host_slots[i]]) for i in idx])
+            try:
+                errors = self._store.tiers[name].get_many(
+                    [(plan.block_hashes[i], pool[plan.host_slots[i]]) for i in idx]
+                )
+            except Exception as e:  # a tier that fails the whole batch (a lost connection): none of it is read
+                errors = [e] * len(idx)
             for i, error in zip(idx, errors, strict=True):
                 promoted[i] = error is None
             ok = sum(1 for e in errors if e is None)
@@ -154,12 +163,13 @@ class OffloadWorker:
         if not isinstance(plan, StorePlan):
             raise ValueError(f"plan must be a StorePlan from TieredStore.prepare_store, got {type(plan).__name__}")
         units = self.engine._check_buffer(cache).copy()
+        _pages.check_page_ids(plan.device_pages, self.engine.num_device_pages, name="plan.device_pages")
         t0 = time.perf_counter()
         n = len(plan.block_hashes)
         copied = [False] * n
         written = {name: [None] * n for name in plan.write_to}
         wrote = {name: [0, 0.0] for name in plan.write_to}
-        self._demote(plan, wrote)
+        demoted = self._demote(plan, wrote)
         transfer, previous = None, None
         for start, stop in plan.chunks:
             if transfer is not None:  # an earlier chunk: write it through before its slots are reused
@@ -187,6 +197,7 @@ class OffloadWorker:
                 nbytes,
                 time.perf_counter() - t0,
                 {name: (b, s) for name, (b, s) in wrote.items()},
+                demoted,
             )
 
         return StoreHandle(plan, transfer if transfer is not None else completed("d2h", 0, 0), finish)
@@ -197,23 +208,35 @@ class OffloadWorker:
             return
         for name in plan.write_to:
             t0 = time.perf_counter()
-            answers = self._store.tiers[name].put_many([(h, row) for _, h, row in items])
+            try:
+                answers = self._store.tiers[name].put_many([(h, row) for _, h, row in items])
+            except Exception as e:  # a tier that fails the whole batch: no block stored there, the others go on
+                answers = [e] * len(items)
             for (i, _, _), a in zip(items, answers, strict=True):
                 written[name][i] = a
             wrote[name][0] += sum(1 for a in answers if a is True) * self.engine.row_bytes
             wrote[name][1] += time.perf_counter() - t0
 
-    def _demote(self, plan: StorePlan, wrote) -> None:
-        """Write-back: hand evicted host rows to the first lower tier before their slots are overwritten."""
+    def _demote(self, plan: StorePlan | LoadPlan, wrote) -> tuple:
+        """Write-back: hand evicted host rows to the first lower tier before their slots are overwritten.
+
+        Returns the tier's put_many answers, one per `plan.demotions` entry.
+        """
         if not plan.demotions or not self._store.lower:
-            return
+            return ()
         self.engine.flush()
         tier = self._store.lower[0]
         t0 = time.perf_counter()
-        answers = tier.put_many([(h, self.engine.host_pool[slot]) for h, slot in plan.demotions])
+        try:
+            answers = tier.put_many([(h, self.engine.host_pool[slot]) for h, slot in plan.demotions])
+        except Exception as e:
+            # A tier that fails the whole batch (a lost connection) answers with the error for each block. Never
+            # raise here: a load demotes before the TP group's first agreement, which every process must reach.
+            answers = [e] * len(plan.demotions)
         entry = wrote.setdefault(tier.name, [0, 0.0])
         entry[0] += sum(1 for a in answers if a is True) * self.engine.row_bytes
         entry[1] += time.perf_counter() - t0
+        return tuple(answers)
 
     def flush(self) -> None:
         """Wait for every transfer in flight."""
