@@ -155,6 +155,11 @@ class TinyConfig:
         """Hidden width of the SwiGLU MLP."""
         return MLP_EXPANSION * self.d_model
 
+    def tp_split(self) -> dict[str, int]:
+        """The sizes tensor parallelism splits over the shards, by field: each must be divisible by the TP degree."""
+        split = {"n_heads": self.n_heads, "mlp_dim (MLP_EXPANSION * d_model)": self.mlp_dim}
+        return {"n_kv_heads": self.n_kv_heads, **split} if self.kind == "mha" else split
+
 
 def _cache_params(config: TinyConfig) -> KVCacheParams:
     mla = config.kind == "mla"
@@ -307,10 +312,7 @@ class TinyModel:
         if not isinstance(config, TinyConfig):
             raise ValueError(f"config must be a TinyConfig, got {type(config).__name__}")
         tp = check_tp_mesh(mesh, tp_axis)
-        split = [("n_heads", config.n_heads), ("mlp_dim (MLP_EXPANSION * d_model)", config.mlp_dim)]
-        if config.kind == "mha":
-            split.insert(0, ("n_kv_heads", config.n_kv_heads))
-        for field, n in split:
+        for field, n in config.tp_split().items():
             if n % tp:
                 raise ValueError(
                     f"{field} ({n}) must be divisible by the TP degree ({tp}) of mesh axis {tp_axis!r}, "

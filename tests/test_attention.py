@@ -256,3 +256,22 @@ def test_rejects_bad_shapes():
     q, k = q[:, :T], k[:, :T]
     with pytest.raises(ValueError, match=r"value_dim must be in \[1, 24\] for an MLA cache, got None"):
         paged_attention(allocate_buffer(mla, mesh, 2), 0, q, k, None, PAGE_TABLE, start, lens, mesh=mesh)
+
+
+@pytest.mark.parametrize(("kind", "dtype"), [("mha", "float8_e4m3fn"), ("mla", "bfloat16")])
+def test_mesh_defaults_to_the_caches(kind, dtype):
+    """Without `mesh=`, eagerly and inside a donating jit, the result is bit-identical to passing it."""
+    params = cache_params(kind, dtype)
+    value_dim = MLA_VALUE_DIM if params.is_mla else None
+    q, k, v = inputs(params)
+    runs = []
+    for step in (
+        attention_step(params, 2),
+        jax.jit(functools.partial(paged_attention, softmax_scale=SCALE, value_dim=value_dim), donate_argnums=0),
+        functools.partial(paged_attention, softmax_scale=SCALE, value_dim=value_dim),
+    ):
+        out, cache = run_both_calls(step, allocate_buffer(params, tp_mesh(2), NUM_PAGES), q, k, v)
+        assert cache.mesh.shape == {"tp": 2}
+        runs.append((np.asarray(out), as_bytes(cache.values)))
+    chex.assert_trees_all_equal(runs[0], runs[1])
+    chex.assert_trees_all_equal(runs[0], runs[2])

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from cachegen import TP_DEGREES, as_bytes, random_buffer
 
-from jaxkv import KVCacheParams, KVCacheQuantConfig, allocate_buffer
+from jaxkv import KVCacheMemory, KVCacheParams, KVCacheQuantConfig, allocate_buffer
 
 # value dtype, scale dtype (None: unquantized)
 DTYPES = [
@@ -152,3 +152,42 @@ def test_with_memory_rejects_foreign_units():
         a.with_memory(b.to_memory())
     with pytest.raises(ValueError, match=r"units\[0\] is .* expected a unit laid out like"):
         a.with_memory(b.to_memory()[:2])
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_replicated_peers_are_byte_page_units(tp):
+    """Root and peers alike are `[num_pages, bytes_per_page]` uint8 units over their own shard, copying nothing."""
+    params = make_params("float8_e4m3fn", "float32", mla=True)
+    num_pages = 5
+    buf, _, _ = random_buffer(params, tp, num_pages, seed=3)
+    units = buf.to_memory()
+    arrays = {"values": buf.values, "scales": buf.scales}
+    for unit in units:
+        assert len(unit.peers) == tp - 1
+        assert unit.devices == [unit.device, *(p.device for p in unit.peers)] == jax.devices()[:tp]
+        pointers = {s.device: s.data.unsafe_buffer_pointer() for s in arrays[unit.kind].addressable_shards}
+        for i, peer in enumerate(unit.peers, start=1):
+            assert type(peer) is KVCacheMemory
+            assert (peer.kind, peer.shard_index, peer.device) == (unit.kind, i, jax.devices()[i])
+            assert (peer.total_num_pages, peer.bytes_per_page) == (unit.total_num_pages, unit.bytes_per_page)
+            assert peer.shard.unsafe_buffer_pointer() == pointers[peer.device]
+            full = peer.buffer
+            chex.assert_shape(full, (num_pages, unit.bytes_per_page))
+            chex.assert_type(full, jnp.uint8)
+            chex.assert_trees_all_equal(np.asarray(full), np.asarray(unit.buffer))
+            rows = peer.read_pages([4, 0])
+            assert rows.devices() == {peer.device}
+            chex.assert_trees_all_equal(np.asarray(rows), np.asarray(unit.read_pages([4, 0])))
+
+    # A write through the root reaches every peer; the written units rebuild the cache.
+    rng = np.random.default_rng(0)
+    new_rows = [rng.integers(0, 256, (1, u.bytes_per_page), np.uint8) for u in units]
+    written = [u.write_pages([2], r) for u, r in zip(units, new_rows, strict=True)]
+    for unit, r in zip(written, new_rows, strict=True):
+        assert [type(p) for p in unit.peers] == [KVCacheMemory] * (tp - 1)
+        assert [p.shard_index for p in unit.peers] == list(range(1, tp))
+        for peer in unit.peers:
+            chex.assert_trees_all_equal(np.asarray(peer.read_pages([2])), r)
+    rebuilt = buf.with_memory(written)
+    for shard in rebuilt.values.addressable_shards:
+        chex.assert_trees_all_equal(as_bytes(np.asarray(shard.data)[2]), new_rows[0][0])

@@ -1,24 +1,63 @@
-"""The `jaxkv` command line.
+"""The `jaxkv` command line: `jaxkv layout` and `jaxkv demo`.
 
 `jaxkv demo` serves a synthetic multi-turn chat workload through the whole
-stack (manager, tiered connector, offload engine, a tiny model) and reports
+stack (manager, tiered store, offload worker, a tiny model) and reports
 where every token came from. `jaxkv layout` allocates a TP-sharded cache and
 prints its layout and `to_memory()` units. Both run on the devices they find:
 8 simulated CPU devices when there is no accelerator.
+
+Errors are one line, `jaxkv <command>: error: ...`, naming the option to
+change, and exit with status 2. Sizes are checked against the memory the
+machine has before anything is allocated (`jaxkv._cli.resources`).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+
+from jaxkv import __version__
 
 SIMULATED_CPU_DEVICES = 8
 """CPU devices to simulate when no accelerator is present, so TP meshes up to 8 run anywhere."""
 
+DESCRIPTION = (
+    "jaxkv: paged KV caches for JAX LLM serving: TP-sharded device pages, host and disk tiers behind them, "
+    "prefix caching. `jaxkv layout` shows how a cache is laid out over the devices and what it costs per page; "
+    "`jaxkv demo` serves a multi-turn chat workload through the whole stack and checks it bit for bit."
+)
 
-def _fail(msg: str) -> int:
-    print(f"jaxkv: error: {msg}", file=sys.stderr)
+MAX_PAGES = 2**31 - 1
+"""Page ids are int32 (`jaxkv.layout.pages.check_page_ids`)."""
+
+LAYOUT_HEADS = 8
+"""`jaxkv layout --heads` default."""
+
+DEMO_TP_DEGREES = (4, 2, 1)
+"""`jaxkv demo` without --tp: the first of these the machine has devices for (as `run_demo` picks)."""
+
+
+def _fail(command: str, msg: str) -> int:
+    print(f"jaxkv {command}: error: {msg}", file=sys.stderr)
     return 2
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (argparse prefixes the message with the option's name)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {value}")
+    return value
+
+
+def _or_list(items) -> str:
+    """'1, 2 or 4'."""
+    items = [str(i) for i in items]
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} or {items[-1]}"
 
 
 def _layout(args) -> int:
@@ -26,27 +65,78 @@ def _layout(args) -> int:
     import numpy as np
 
     import jaxkv
+    from jaxkv._cli import resources
 
-    quant = jaxkv.KVCacheQuantConfig() if args.fp8 else None
+    def fail(msg: str) -> int:
+        return _fail("layout", msg)
+
+    if args.mla and args.heads is not None:
+        return fail(
+            f"--heads ({args.heads}) does not apply to --mla: an MLA cache holds one latent vector per token "
+            "(n_kv_heads 1), replicated over TP; drop --heads, or --mla for a GQA cache"
+        )
+    if args.granularity is not None and not args.fp8:
+        return fail("--granularity applies to --fp8 caches only (head_dim elements per scale); add --fp8")
+    granularity = jaxkv.KVCacheQuantConfig().granularity if args.granularity is None else args.granularity
+    if args.fp8 and args.head_dim % granularity:
+        default = ", the default" if args.granularity is None else ""
+        return fail(
+            f"--granularity ({granularity}{default}) must divide --head-dim ({args.head_dim}), but "
+            f"{args.head_dim} % {granularity} = {args.head_dim % granularity}; pass "
+            f"--granularity {math.gcd(args.head_dim, granularity)} or another divisor of {args.head_dim}"
+        )
+    heads = 1 if args.mla else (LAYOUT_HEADS if args.heads is None else args.heads)
+    tp = args.tp
+    devices = jax.devices()
+    if tp > len(devices):
+        return fail(f"--tp ({tp}) exceeds the {len(devices)} available devices")
+    if not args.mla and heads % tp:
+        return fail(f"--heads ({heads}) must be divisible by --tp ({tp}), but {heads} % {tp} = {heads % tp}")
+    if args.pages > MAX_PAGES:
+        return fail(f"--pages ({args.pages:,}) exceeds {MAX_PAGES:,}: page ids are int32")
     try:
         params = jaxkv.KVCacheParams(
             dtype="float8_e4m3fn" if args.fp8 else "bfloat16",
-            n_kv_heads=1 if args.mla else args.heads,
+            n_kv_heads=heads,
             head_dim=args.head_dim,
             num_layers=args.layers,
             page_size=args.page_size,
             is_mla=args.mla,
-            quant=quant,
+            quant=jaxkv.KVCacheQuantConfig(granularity=granularity) if args.fp8 else None,
         )
-        devices = jax.devices()
-        if args.tp > len(devices):
-            return _fail(f"--tp ({args.tp}) exceeds the {len(devices)} available devices")
-        mesh = jax.make_mesh((args.tp,), ("tp",), devices=devices[: args.tp])
-        buffer = jaxkv.allocate_buffer(params, mesh, args.pages)
     except ValueError as e:
-        return _fail(str(e))
+        return fail(str(e))
 
-    tp = args.tp
+    per_page, per_device = params.bytes_per_page(tp), params.shard_bytes_per_page(tp)
+    cache_bytes = per_page * args.pages
+    budget = resources.device_budget(devices[:tp])
+    if budget is not None and cache_bytes > budget[0]:
+        available, where = budget
+        if per_page > available:
+            return fail(
+                f"one page needs {resources.fmt_bytes(per_page)} on the devices ({per_device:,} B on each of {tp}) "
+                f"but {where}; lower --head-dim, --heads, --layers or --page-size"
+            )
+        return fail(
+            f"--pages ({args.pages:,}) needs {resources.fmt_bytes(cache_bytes)} on the devices ({per_page:,} B per "
+            f"page over TP {tp}) but {where}; lower --pages to at most {available // per_page:,}"
+        )
+    mesh = jax.make_mesh((tp,), ("tp",), devices=devices[:tp])
+    try:
+        buffer = jaxkv.allocate_buffer(params, mesh, args.pages)
+        jax.block_until_ready(buffer)  # allocation is asynchronous: wait, so a failure is reported here
+    except ValueError as e:
+        return fail(str(e))
+    except (jax.errors.JaxRuntimeError, MemoryError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return fail(f"allocating the {resources.fmt_bytes(cache_bytes)} cache failed ({reason}); lower --pages")
+
+    if params.replicated(tp):
+        device_note = f"{per_device:,} on each of {tp} devices: every device holds a replica"
+        host_note = "one copy"
+    else:
+        device_note = "one shard" if tp == 1 else f"{per_device:,} on each of {tp} shards"
+        host_note = "every shard's bytes"
     print(f"jax {jax.__version__} on {devices[0].platform}: {len(devices)} devices, TP mesh {dict(mesh.shape)}")
     print(f"params: {params}")
     print(f"buffer: {buffer}")
@@ -54,8 +144,8 @@ def _layout(args) -> int:
     print(f"  page shape per shard: {params.shape_per_page(tp)}", end="")
     print(f" + scales {params.shape_per_scale_page(tp)}" if params.quant else "")
     print(
-        f"  bytes per page: {params.bytes_per_page(tp):,} on devices, "
-        f"{params.host_bytes_per_page(tp):,} on host; cache {params.bytes_per_page(tp) * args.pages:,} B"
+        f"  bytes per page: {per_page:,} on devices ({device_note}), "
+        f"{params.host_bytes_per_page(tp):,} on host ({host_note}); cache {cache_bytes:,} B on devices"
     )
     units = buffer.to_memory()
     print(f"to_memory(): {len(units)} units (no copies)")
@@ -72,6 +162,89 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _demo_check(cfg) -> str | None:
+    """Why `jaxkv demo` cannot run `cfg` on this machine (None: it may), checked before any work.
+
+    The TP degree must split the chosen model; the device cache (--device-pages,
+    plus the caches sized from the workload) and the host tier (--host-pages)
+    must fit in memory. Values `run_demo` rejects itself (too many --tp, too
+    few pages) are left to it.
+    """
+    import jax
+
+    from jaxkv._cli import resources
+    from jaxkv.models import TinyConfig, _cache_params
+
+    devices = jax.devices()
+    tp = cfg.tp if cfg.tp is not None else next(t for t in DEMO_TP_DEGREES if t <= len(devices))
+    if not 1 <= tp <= len(devices) or cfg.model not in ("mha", "mla") or cfg.dtype not in ("bf16", "fp8"):
+        return None
+    config = TinyConfig(kind=cfg.model, cache_dtype="bfloat16" if cfg.dtype == "bf16" else "float8_e4m3fn")
+
+    def splits(kind: str, t: int) -> bool:
+        return all(n % t == 0 for n in TinyConfig(kind=kind).tp_split().values())
+
+    if not splits(cfg.model, tp):
+        field, n = next((f, n) for f, n in config.tp_split().items() if n % tp)
+        ok = [t for t in range(1, len(devices) + 1) if splits(cfg.model, t)]
+        other = "mla" if cfg.model == "mha" else "mha"
+        fix = f"use --tp {_or_list(ok)}"
+        if splits(other, tp):
+            fix += f", or --model {other}, which splits over --tp {tp}"
+        return (
+            f"--tp {tp} does not split the {cfg.model} model: its {field} ({n}) must be divisible by the "
+            f"TP degree ({tp}), but {n} % {tp} = {n % tp}; {fix}"
+        )
+
+    params = _cache_params(config)
+    page_bytes, row_bytes = params.bytes_per_page(tp), params.host_bytes_per_page(tp)
+    # Besides --device-pages (each page also costs the manager's pool ~100 B of host objects, far less than
+    # its bytes), run_demo allocates up to two caches sized from the workload's tokens (the shadow stack's,
+    # which never evicts, and one for the stack under test): bound them from above.
+    events = max(cfg.conversations, 0) * max(cfg.turns, 0)
+    max_prompt = cfg.max_prompt_tokens()
+    shadow_pages = 2 * math.ceil(events * (max_prompt + cfg.reply_tokens) / params.page_size)
+    shadow_pages += 2 * math.ceil(max_prompt / params.page_size) + 2
+    workload_bytes = 2 * shadow_pages * page_bytes
+    device_need = max(cfg.device_pages, 0) * page_bytes + workload_bytes
+    host_need = max(cfg.host_pages, 0) * row_bytes
+
+    def too_many(option: str, pages: int, need: int, per_page: int, room: int, where: str) -> str:
+        if option == "--device-pages" and room < per_page:  # the workload's caches alone do not fit
+            return (
+                f"--conversations ({cfg.conversations:,}) x --turns ({cfg.turns}) need "
+                f"{resources.fmt_bytes(workload_bytes)} of device memory for the caches sized from the workload "
+                f"but {where}; lower --conversations or --turns"
+            )
+        over = f" over TP {tp}" if option == "--device-pages" else ""
+        return (
+            f"{option} ({pages:,}) needs {resources.fmt_bytes(need)} ({per_page:,} B per page{over}) but {where}; "
+            f"lower {option} to at most {max(0, room // per_page):,}"
+        )
+
+    host = resources.host_available_bytes()
+    if resources.shares_host_memory(devices[:tp]):
+        if device_need + host_need <= host:
+            return None
+        where = (
+            f"the {tp} cpu devices and the host tier share the host's {resources.fmt_bytes(host)} of available memory"
+        )
+        if device_need >= host_need:
+            return too_many(
+                "--device-pages", cfg.device_pages, device_need, page_bytes, host - host_need - workload_bytes, where
+            )
+        return too_many("--host-pages", cfg.host_pages, host_need, row_bytes, host - device_need, where)
+    budget = resources.device_budget(devices[:tp])
+    if budget is not None and device_need > budget[0]:
+        return too_many(
+            "--device-pages", cfg.device_pages, device_need, page_bytes, budget[0] - workload_bytes, budget[1]
+        )
+    if host_need > host:
+        where = f"the host has {resources.fmt_bytes(host)} of available memory"
+        return too_many("--host-pages", cfg.host_pages, host_need, row_bytes, host, where)
+    return None
 
 
 def _demo(args) -> int:
@@ -91,10 +264,13 @@ def _demo(args) -> int:
         seed=args.seed,
         progress=not args.no_progress,
     )
+    problem = _demo_check(cfg)
+    if problem is not None:
+        return _fail("demo", problem)
     try:
         report = run_demo(cfg)
     except DemoError as e:
-        return _fail(str(e))
+        return _fail("demo", str(e))
     print(format_report(report))
     print(f"\nwrote {args.out}/report.json and {args.out}/demo.png")
     bi = report["bit_identity"]
@@ -102,14 +278,15 @@ def _demo(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="jaxkv", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="jaxkv", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"jaxkv {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     demo = sub.add_parser(
         "demo",
         help="serve a multi-turn chat workload through manager, tiers and a tiny model",
         description="Serve a synthetic multi-turn chat workload (shared system prompts, conversations that "
-        "come back after others pushed them out of device memory) through manager -> tiered connector -> "
-        "offload engine -> tiny model, with a device cache too small on purpose. Prints where every prompt "
+        "come back after others pushed them out of device memory) through manager -> tiered store (host, disk) -> "
+        "offload worker -> tiny model, with a device cache too small on purpose. Prints where every prompt "
         "token came from, prefill time with reuse vs full recomputation, bytes moved per direction, and checks "
         "that logits computed from pages that went to host/disk and back are bit-identical to logits from "
         "pages that never left the device. Writes report.json and demo.png to --out. Exit status 1 if the "
@@ -119,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         "--model", choices=["mha", "mla"], default="mha", help="mha: Llama-style GQA; mla: DeepSeek-style latent"
     )
     demo.add_argument("--dtype", choices=["bf16", "fp8"], default="bf16", help="cache dtype (fp8: e4m3 with scales)")
-    demo.add_argument("--tp", type=int, default=None, help="TP degree (default 4, or fewer if fewer devices)")
+    demo.add_argument("--tp", type=_positive_int, default=None, help="TP degree (default 4, or fewer if fewer devices)")
     demo.add_argument("--system-prompts", type=int, default=3, help="shared system prompts (default 3)")
     demo.add_argument("--conversations", type=int, default=12, help="conversations (default 12)")
     demo.add_argument("--turns", type=int, default=4, help="turns per conversation (default 4)")
@@ -132,15 +309,25 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0, help="workload and weights seed (default 0)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     layout = sub.add_parser("layout", help="allocate a sharded cache and print its layout and units")
-    layout.add_argument("--tp", type=int, default=4, help="TP degree (default 4)")
-    layout.add_argument("--mla", action="store_true", help="MLA latent cache, replicated over TP")
+    layout.add_argument("--tp", type=_positive_int, default=4, help="TP degree (default 4)")
+    layout.add_argument("--mla", action="store_true", help="MLA latent cache (one KV head), replicated over TP")
     layout.add_argument("--fp8", action="store_true", help="float8_e4m3fn values with float32 scales")
-    layout.add_argument("--heads", type=int, default=8, help="KV heads in total (default 8)")
-    layout.add_argument("--head-dim", type=int, default=128, help="head dim (default 128)")
-    layout.add_argument("--layers", type=int, default=4, help="layers per page (default 4)")
-    layout.add_argument("--page-size", type=int, default=16, help="tokens per page (default 16)")
-    layout.add_argument("--pages", type=int, default=64, help="pages in the cache (default 64)")
-    args = parser.parse_args(argv)
+    layout.add_argument(
+        "--heads", type=_positive_int, default=None, help=f"KV heads in total (default {LAYOUT_HEADS}; not with --mla)"
+    )
+    layout.add_argument("--head-dim", type=_positive_int, default=128, help="head dim (default 128)")
+    layout.add_argument(
+        "--granularity",
+        type=_positive_int,
+        default=None,
+        help="--fp8: head_dim elements per scale; must divide --head-dim (default 128)",
+    )
+    layout.add_argument("--layers", type=_positive_int, default=4, help="layers per page (default 4)")
+    layout.add_argument("--page-size", type=_positive_int, default=16, help="tokens per page (default 16)")
+    layout.add_argument("--pages", type=_positive_int, default=64, help="pages in the cache (default 64)")
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the subcommand's parser, so the line starts with "jaxkv <command>:"
+        {"demo": demo, "layout": layout}[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
 
     import jax
 

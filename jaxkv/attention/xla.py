@@ -35,7 +35,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxkv.layout.buffer import HEADS_AXIS, KVCacheBuffer
@@ -256,6 +256,14 @@ def _check(cache: KVCacheBuffer, q, k, v, page_table, start_pos, q_lens, value_d
             raise ValueError(f"{name} must have shape ({b},) (one per sequence), got {jnp.shape(x)}")
 
 
+def _cache_mesh(cache: KVCacheBuffer) -> Mesh | AbstractMesh:
+    """The mesh `cache` lives on: its `Mesh`, or, inside `jit`, the abstract mesh of its traced arrays' type."""
+    try:
+        return cache.mesh
+    except AttributeError:  # a tracer has no `.sharding`; its type still names the mesh
+        return jax.typeof(cache.values).sharding.mesh
+
+
 def paged_attention(
     cache: KVCacheBuffer,
     layer,
@@ -266,7 +274,7 @@ def paged_attention(
     start_pos: jax.Array,
     q_lens: jax.Array,
     *,
-    mesh: Mesh,
+    mesh: Mesh | AbstractMesh | None = None,
     tp_axis: str = "tp",
     softmax_scale: float | None = None,
     value_dim: int | None = None,
@@ -289,11 +297,20 @@ def paged_attention(
       softmax_scale: defaults to 1/sqrt(head_dim).
       value_dim: MLA only: the value is the first `value_dim` elements of
         the latent (`kv_lora_rank`).
+      mesh: the mesh to run on; default: the cache's own (`cache.mesh`, or
+        inside `jit` the abstract mesh its traced arrays carry).
 
     Returns:
       (out [B, T, n_heads, head_dim or value_dim] in q's dtype, new cache).
       Rows of padded tokens (i >= q_lens[b]) are unspecified.
     """
+    if mesh is None:
+        mesh = _cache_mesh(cache)
+        if tp_axis not in mesh.axis_names:
+            raise ValueError(
+                f"tp_axis {tp_axis!r} is not an axis of the cache's mesh, whose axes are {mesh.axis_names}; "
+                f"pass mesh= the cache was allocated on"
+            )
     if tp_axis not in mesh.axis_names:
         raise ValueError(f"tp_axis {tp_axis!r} is not an axis of the mesh, whose axes are {mesh.axis_names}")
     tp = mesh.shape[tp_axis]

@@ -118,29 +118,45 @@ class KVCacheMemory:
 class ReplicatedKVCacheMemory(KVCacheMemory):
     """One kind of a replicated (MLA) cache: identical bytes on every TP shard.
 
-    Reads come from the root shard (TP shard 0); writes go to the root and
-    every peer, so the replicas stay identical.
+    The unit itself is the root (TP shard 0 of this process); `peers` are
+    the other shards, each a `KVCacheMemory` of its own: the same byte pages
+    (`buffer`, `read_pages`, `bytes_per_page`, ...) on its own `device`.
+    Reads come from the root; `write_pages` writes the root and every peer,
+    so the replicas stay identical (a peer's own `write_pages` writes that
+    replica only).
     """
 
-    def __init__(self, root: jax.Array, peers: list[jax.Array], *, kind: str):
+    def __init__(self, root: jax.Array, peers: list[KVCacheMemory | jax.Array], *, kind: str):
         super().__init__(root, kind=kind, shard_index=0)
-        for peer in peers:
-            if peer.shape != root.shape or peer.dtype != root.dtype:
+        units = []
+        for i, peer in enumerate(peers, start=1):
+            # A bare shard array becomes a unit numbered by its position after the root.
+            unit = peer if isinstance(peer, KVCacheMemory) else KVCacheMemory(peer, kind=kind, shard_index=i)
+            if type(unit) is not KVCacheMemory or unit.kind != kind:
+                raise ValueError(f"peers[{i - 1}] must be a {kind} KVCacheMemory or jax.Array, got {unit!r}")
+            shard = unit.shard
+            if shard.shape != root.shape or shard.dtype != root.dtype:
                 raise ValueError(
-                    f"peer shard {peer.dtype}{list(peer.shape)} differs from root {root.dtype}{list(root.shape)}"
+                    f"peer shard {shard.dtype}{list(shard.shape)} differs from root {root.dtype}{list(root.shape)}"
                 )
-        self.peers = list(peers)
-        """The other shards holding the same bytes, in mesh order."""
+            units.append(unit)
+        self.peers: list[KVCacheMemory] = units
+        """The other shards holding the same bytes, in mesh order: one `KVCacheMemory` each,
+        `shard_index` its position along the TP axis."""
 
     @property
     def devices(self) -> list[jax.Device]:
-        return [self.device] + [next(iter(p.devices())) for p in self.peers]
+        return [self.device] + [p.device for p in self.peers]
 
     def _shards(self) -> list[jax.Array]:
-        return [self._shard, *self.peers]
+        return [self._shard, *(p.shard for p in self.peers)]
 
     def _replace(self, shards: list[jax.Array]) -> ReplicatedKVCacheMemory:
-        return ReplicatedKVCacheMemory(shards[0], shards[1:], kind=self.kind)
+        peers = [
+            KVCacheMemory(shard, kind=self.kind, shard_index=p.shard_index)
+            for shard, p in zip(shards[1:], self.peers, strict=True)
+        ]
+        return ReplicatedKVCacheMemory(shards[0], peers, kind=self.kind)
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", {len(self.peers)} peers)"

@@ -20,15 +20,20 @@ offset  size  field
 No pickle: the file is bytes and fixed-width integers. The checksum is
 verified on every read; a mismatch, a short file or a foreign header makes
 the block absent and the file is removed. On start the tier rebuilds its
-index from the directory (warm restart), checking headers and sizes.
+index from the directory (warm restart), checking headers and sizes of the
+regular files named as it names them (`<64 lower-case hex digits>.kvblock`);
+it leaves every other entry alone and deletes only files it could have written.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import errno
 import itertools
 import os
+import re
+import stat
 import struct
 from collections import OrderedDict
 from pathlib import Path
@@ -42,6 +47,11 @@ _HEADER = struct.Struct("<8sII32s32sQQ")
 HEADER_BYTES = _HEADER.size  # 96
 SUFFIX = ".kvblock"
 BLOCK_HASH_BYTES = 32
+_HEX = f"[0-9a-f]{{{2 * BLOCK_HASH_BYTES}}}"  # bytes.hex(): lower case, no separators
+_BLOCK_NAME = re.compile(f"(?P<hash>{_HEX}){re.escape(SUFFIX)}")
+"""The only names `_path` produces; anything else in the directory is not the tier's."""
+_TMP_NAME = re.compile(rf"\.{_HEX}{re.escape(SUFFIX)}\.(?P<pid>[0-9]+)-[0-9]+\.tmp")
+"""The only names `_write_tmp` produces: ".<hash>.kvblock.<pid>-<n>.tmp"."""
 
 
 class CorruptBlockError(Exception):
@@ -54,6 +64,10 @@ class DiskWriteError(Exception):
 
 class DiskReadError(Exception):
     """A stored block could not be read right now (an I/O error, not a verification failure); it was kept."""
+
+
+class _NotARegularFile(Exception):
+    """A directory entry named like a block file is not a regular file (a directory, FIFO, ...)."""
 
 
 def checksum(payload) -> int:
@@ -75,7 +89,21 @@ class DiskTier:
         self.file_bytes = HEADER_BYTES + row_bytes
         """Bytes one block occupies on disk."""
         self.evictions = 0
+        """Blocks evicted to stay within `capacity_bytes`."""
         self.corrupt = 0
+        """Block files that failed verification (bad header, size or checksum) and were removed."""
+        self.skipped_entries = 0
+        """Directory entries left alone at start-up: names this tier never writes (upper-case hex,
+        other suffixes, foreign temporary files) and anything not a regular file (directories,
+        FIFOs, symlinks) even when named like a block."""
+        self.unreadable_entries = 0
+        """Block files that could not be read at start-up (EACCES, EMFILE, EIO): kept on disk, not
+        indexed (a miss; a later `put` of the same block replaces the file)."""
+        self.writers = max(1, min(4, os.cpu_count() or 1))
+        """Threads that write and read block files in parallel in `put_many` / `get_many`."""
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._tmp_ids = itertools.count()
+        self._index: OrderedDict[bytes, None] = OrderedDict()  # LRU order, oldest first
         self.writers = max(1, min(4, os.cpu_count() or 1))
         """Threads that write and read block files in parallel in `put_many` / `get_many`."""
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -89,34 +117,81 @@ class DiskTier:
         return self.directory / (block_hash.hex() + SUFFIX)
 
     def _rebuild(self) -> None:
-        """Index the blocks already in the directory, oldest first; drop what cannot be verified."""
+        """Index the blocks already in the directory, oldest first; drop what verifies bad.
+
+        Only regular files named exactly as this tier names them are opened,
+        never following a symlink and never blocking (a FIFO is not opened).
+        Anything else is left alone and counted in `skipped_entries`; a block
+        file that cannot be read (EACCES, EMFILE, EIO) is kept, not indexed, and
+        counted in `unreadable_entries`. Only a file whose header or size is
+        wrong for this layout is removed (`corrupt`).
+        """
         found = []
         for entry in os.scandir(self.directory):
-            if entry.name.startswith(".") and entry.name.endswith(".tmp"):
-                if not _writer_alive(entry.name):
-                    _unlink(entry.path)  # a write whose process died before the rename
-                continue
-            if not entry.name.endswith(SUFFIX):
+            tmp = _TMP_NAME.fullmatch(entry.name)
+            block = None if tmp else _BLOCK_NAME.fullmatch(entry.name)
+            if tmp is None and block is None:
+                self.skipped_entries += 1  # a name this tier never writes: not its file
                 continue
             try:
-                block_hash = bytes.fromhex(entry.name[: -len(SUFFIX)])
-                with open(entry.path, "rb") as f:
-                    header = self._parse_header(f.read(HEADER_BYTES), block_hash)
-                size = entry.stat().st_size
-            except (ValueError, OSError, CorruptBlockError):
+                is_file = stat.S_ISREG(os.lstat(entry.path).st_mode)
+            except FileNotFoundError:
+                continue  # removed since scandir listed it
+            except OSError:
+                self.unreadable_entries += 1
+                continue
+            if not is_file:
+                self.skipped_entries += 1  # a directory, FIFO, symlink, ...: never ours
+                continue
+            if tmp is not None:
+                if not _writer_alive(int(tmp["pid"])):
+                    _unlink(entry.path)  # a write whose process died before the rename
+                continue
+            block_hash = bytes.fromhex(block["hash"])
+            try:
+                mtime_ns = self._check_file(entry.path, block_hash)
+            except _NotARegularFile:
+                self.skipped_entries += 1  # replaced by something else since the lstat
+                continue
+            except CorruptBlockError:
                 self.corrupt += 1
                 _unlink(entry.path)
                 continue
-            if header is None:
-                continue  # another model's or layout's block: not ours to load or delete
-            if size != self.file_bytes:
-                self.corrupt += 1
-                _unlink(entry.path)
+            except FileNotFoundError:
                 continue
-            found.append((entry.stat().st_mtime_ns, block_hash))
+            except OSError as e:
+                if e.errno == errno.ELOOP:  # O_NOFOLLOW: became a symlink since the lstat
+                    self.skipped_entries += 1
+                else:
+                    self.unreadable_entries += 1  # may be transient: keep the file, it proves nothing
+                continue
+            if mtime_ns is not None:  # None: another model's or layout's block, not ours to load or delete
+                found.append((mtime_ns, block_hash))
         for _, block_hash in sorted(found):
             self._index[block_hash] = None
         self._evict_to(self.capacity_bytes)
+
+    def _check_file(self, path: str, block_hash: bytes) -> int | None:
+        """Verify one block file's header and size, without following a link or blocking on open.
+
+        Returns its mtime in ns if it is a valid block of this layout, None if
+        it is another layout's. Raises CorruptBlockError if it verifies bad,
+        _NotARegularFile if it is not a regular file, OSError for an I/O error.
+        """
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise _NotARegularFile(path)
+            header = bytearray(HEADER_BYTES)
+            n = _readv_full(fd, [memoryview(header)])
+        finally:
+            os.close(fd)
+        if self._parse_header(bytes(header[:n]), block_hash) is None:
+            return None
+        if st.st_size != self.file_bytes:
+            raise CorruptBlockError(f"file is {st.st_size} bytes, expected {self.file_bytes}")
+        return st.st_mtime_ns
 
     def _parse_header(self, raw: bytes, block_hash: bytes):
         """The parsed header, None for a foreign fingerprint; raises CorruptBlockError otherwise."""
@@ -352,12 +427,11 @@ def _readv_full(fd: int, parts: list[memoryview]) -> int:
     return total
 
 
-def _writer_alive(tmp_name: str) -> bool:
+def _writer_alive(pid: int) -> bool:
     """Whether the process that owns a temporary file (".<name>.<pid>-<n>.tmp") still runs."""
     try:
-        pid = int(tmp_name[: -len(".tmp")].rsplit(".", 1)[1].split("-")[0])
         os.kill(pid, 0)
-    except (ValueError, IndexError, ProcessLookupError):
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True
