@@ -188,6 +188,7 @@ def _serve(cfg, jax, jaxkv, model, events, layout, disk_dir, out, devices) -> di
     # for everything, so its pages never leave the device.
     total_tokens = sum(len(p) + len(r) for _, p, r in events)
     shadow_pages = 2 * math.ceil(total_tokens / page_size) + 2 * math.ceil(cfg.max_prompt_tokens() / page_size) + 2
+    shadow_pages = max(shadow_pages, cfg.device_pages)  # the manager's pages must exist in the cache
     cache = model.allocate_cache(shadow_pages)
     store = jaxkv.TieredStore.for_cache(
         cache, cfg.host_pages * layout.row_bytes, disk_directory=disk_dir, disk_capacity_bytes=cfg.disk_mib << 20

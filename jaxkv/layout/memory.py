@@ -51,14 +51,17 @@ class KVCacheMemory:
 
     @property
     def dtype(self) -> np.dtype:
+        """Element dtype of the shard the unit describes."""
         return self._shard.dtype
 
     @property
     def total_num_pages(self) -> int:
+        """Pages in the unit."""
         return self._shard.shape[0]
 
     @property
     def bytes_per_page(self) -> int:
+        """Bytes of one page of this unit: a row of its `[num_pages, bytes_per_page]` byte view."""
         return math.prod(self.page_shape) * self.dtype.itemsize
 
     @property
@@ -146,6 +149,7 @@ class ReplicatedKVCacheMemory(KVCacheMemory):
 
     @property
     def devices(self) -> list[jax.Device]:
+        """The root's device, then every peer's: each holds the same bytes."""
         return [self.device] + [p.device for p in self.peers]
 
     def _shards(self) -> list[jax.Array]:

@@ -41,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
+from jaxkv.layout.fingerprint import RowLayout
+
 MAGIC = b"JAXKVBLK"
 VERSION = 1
 _HEADER = struct.Struct("<8sII32s32sQQ")
@@ -77,16 +79,30 @@ def checksum(payload) -> int:
 class DiskTier:
     """Blocks of `row_bytes` bytes in `directory`, at most `capacity_bytes` of files, LRU-evicted."""
 
-    def __init__(self, directory, capacity_bytes: int, *, fingerprint: bytes, row_bytes: int):
+    def __init__(
+        self,
+        directory,
+        capacity_bytes: int,
+        *,
+        name: str = "disk",
+        fingerprint: bytes | None = None,
+        row_bytes: int | None = None,
+    ):
+        """Blocks in `directory`, at most `capacity_bytes` of files.
+
+        A composition (`TieredStore`) opens the tier with its row layout; pass
+        `fingerprint` and `row_bytes` to open it at once on its own.
+        """
         if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) or capacity_bytes < 0:
             raise ValueError(f"disk capacity_bytes must be a non-negative int, got {capacity_bytes!r}")
-        if not isinstance(fingerprint, bytes) or len(fingerprint) != 32:
-            raise ValueError(f"fingerprint must be 32 bytes, got {fingerprint!r}")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty str, got {name!r}")
+        self.name = name
         self.directory = Path(directory)
         self.capacity_bytes = capacity_bytes
-        self.fingerprint = fingerprint
-        self.row_bytes = row_bytes
-        self.file_bytes = HEADER_BYTES + row_bytes
+        self.fingerprint = b""
+        self.row_bytes = 0
+        self.file_bytes = HEADER_BYTES
         """Bytes one block occupies on disk."""
         self.evictions = 0
         """Blocks evicted to stay within `capacity_bytes`."""
@@ -104,13 +120,27 @@ class DiskTier:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._tmp_ids = itertools.count()
         self._index: OrderedDict[bytes, None] = OrderedDict()  # LRU order, oldest first
-        self.writers = max(1, min(4, os.cpu_count() or 1))
-        """Threads that write and read block files in parallel in `put_many` / `get_many`."""
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._tmp_ids = itertools.count()
-        self._index: OrderedDict[bytes, None] = OrderedDict()  # LRU order, oldest first
+        self._open = False
+        if fingerprint is not None or row_bytes is not None:
+            self._open_with(fingerprint, row_bytes)
+
+    def open(self, layout: RowLayout) -> None:
+        """Bind to `layout`'s rows and index the blocks already in the directory (warm restart)."""
+        self._open_with(layout.fingerprint, layout.row_bytes)
+
+    def _open_with(self, fingerprint: bytes, row_bytes: int) -> None:
+        if self._open:
+            raise ValueError(f"disk tier {self.name!r} at {self.directory} is already open")
+        if not isinstance(fingerprint, bytes) or len(fingerprint) != 32:
+            raise ValueError(f"fingerprint must be 32 bytes, got {fingerprint!r}")
+        if isinstance(row_bytes, bool) or not isinstance(row_bytes, int) or row_bytes < 1:
+            raise ValueError(f"row_bytes must be a positive int, got {row_bytes!r}")
+        self.fingerprint = fingerprint
+        self.row_bytes = row_bytes
+        self.file_bytes = HEADER_BYTES + row_bytes
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._rebuild()
+        self._open = True
 
     # -- index -------------------------------------------------------------
     def _path(self, block_hash: bytes) -> Path:
@@ -217,11 +247,14 @@ class DiskTier:
 
     @property
     def used_bytes(self) -> int:
+        """Bytes of the indexed block files (header included): what `capacity_bytes` bounds."""
         return len(self._index) * self.file_bytes
 
-    def touch(self, block_hash: bytes) -> None:
-        if block_hash in self._index:
-            self._index.move_to_end(block_hash)
+    def touch(self, block_hashes) -> None:
+        """Refresh the recency of the held ones among `block_hashes` (one hash or an iterable)."""
+        for block_hash in [block_hashes] if isinstance(block_hashes, bytes) else block_hashes:
+            if block_hash in self._index:
+                self._index.move_to_end(block_hash)
 
     # -- read / write ------------------------------------------------------
     def get(self, block_hash: bytes, out: np.ndarray | None = None) -> np.ndarray:
@@ -246,17 +279,22 @@ class DiskTier:
         """Read several held blocks into their `out` rows, in parallel; per block None or the error.
 
         Errors are those of `get` (CorruptBlockError removes the block,
-        DiskReadError keeps it); every block must be in the tier.
+        DiskReadError keeps it), and KeyError for a block the tier no longer
+        holds (evicted since the caller planned the read): an answer, not a raise.
         """
-        for block_hash, out in items:
+        for _, out in items:
             self._check_out(out)
-            if block_hash not in self._index:
-                raise KeyError(block_hash)
-        if len(items) > 1 and self.writers > 1:
-            raw = list(self._threads().map(lambda item: self._read(*item), items))
+        held = [(i, item) for i, item in enumerate(items) if item[0] in self._index]
+        if len(held) > 1 and self.writers > 1:
+            raw = list(self._threads().map(lambda t: self._read(*t[1]), held))
         else:
-            raw = [self._read(h, out) for h, out in items]
-        return [self._settle(h, r) for (h, _), r in zip(items, raw, strict=True)]
+            raw = [self._read(*item) for _, item in held]
+        answers: list[Exception | None] = [
+            KeyError(f"block {h.hex()[:16]} is not in disk tier {self.name!r}") for h, _ in items
+        ]
+        for (i, (block_hash, _)), r in zip(held, raw, strict=True):
+            answers[i] = self._settle(block_hash, r)
+        return answers
 
     def _check_out(self, out) -> None:
         if out.dtype != np.uint8 or out.shape != (self.row_bytes,) or not out.flags.c_contiguous:
@@ -270,9 +308,13 @@ class DiskTier:
         header = bytearray(HEADER_BYTES)
         try:
             # One open, fstat, readv and close per block: syscalls dominate small blocks.
-            fd = os.open(path, os.O_RDONLY)
+            # No following of symlinks, no blocking on a FIFO put in a block's place.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
             try:
-                size = os.fstat(fd).st_size
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise CorruptBlockError("not a regular file")
+                size = st.st_size
                 if size != self.file_bytes:
                     raise CorruptBlockError(f"file is {size} bytes, expected {self.file_bytes}")
                 n = _readv_full(fd, [memoryview(header), memoryview(row)])
