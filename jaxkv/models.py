@@ -50,6 +50,11 @@ from jaxkv.layout.params import KVCacheParams, KVCacheQuantConfig, _positive_int
 from jaxkv.prefix.pool import NULL_PAGE
 from jaxkv.transfer.engine import bucket
 
+MIN_PREFILL_TOKENS = 16
+"""Smallest token bucket of a multi-token step. Buckets 2, 4 and 8 would each compile a program of their
+own for a few tokens (the demo measured about 1 s each on XLA:CPU here, about 3 s each on an H100); padding them to 16 costs a tiny model
+nothing measurable."""
+
 KINDS = ("mha", "mla")
 UNQUANTIZED_CACHE_DTYPES = ("bfloat16", "float16", "float32")
 QUANTIZED_CACHE_DTYPES = ("float8_e4m3fn", "float8_e5m2", "int8")
@@ -359,7 +364,8 @@ class TinyModel:
         ceil((start_pos+T)/page_size) pages; may be longer/padded with 0). Writes their K/V into the pages, cache
         donated. Returns (logits float32 [T, vocab] as a jax.Array, new cache).
 
-        Internally T is padded to a power-of-two bucket and the page table to
+        Internally T is padded to a power-of-two bucket (at least
+        `MIN_PREFILL_TOKENS` when T > 1: decode steps stay at T = 1) and the page table to
         the power-of-two width >= its length (entries past the pages in use
         become the null page): one compiled program per (token bucket, table
         width bucket). A server that passes tables of one fixed width compiles
@@ -386,7 +392,7 @@ class TinyModel:
                 f"{(i + 1) * page_size}) need a real page: pad with {NULL_PAGE} only past entry {used - 1}"
             )
         check_unique(in_use, name="page_table")
-        padded_tokens = np.zeros(bucket(n), np.int32)
+        padded_tokens = np.zeros(bucket(n) if n == 1 else max(bucket(n), MIN_PREFILL_TOKENS), np.int32)
         padded_tokens[:n] = tokens
         padded_table = np.full(bucket(table.size), NULL_PAGE, np.int32)
         padded_table[:used] = in_use

@@ -14,6 +14,7 @@ machine has before anything is allocated (`jaxkv._cli.resources`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 
@@ -250,20 +251,8 @@ def _demo_check(cfg) -> str | None:
 def _demo(args) -> int:
     from jaxkv._cli.demo import DemoConfig, DemoError, format_report, run_demo
 
-    cfg = DemoConfig(
-        model=args.model,
-        dtype=args.dtype,
-        tp=args.tp,
-        system_prompts=args.system_prompts,
-        conversations=args.conversations,
-        turns=args.turns,
-        device_pages=args.device_pages,
-        host_pages=args.host_pages,
-        disk_mib=args.disk_mib,
-        out=args.out,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
+    names = {f.name for f in dataclasses.fields(DemoConfig)}
+    cfg = DemoConfig(**{k: v for k, v in vars(args).items() if k in names}, progress=not args.no_progress)
     problem = _demo_check(cfg)
     if problem is not None:
         return _fail("demo", problem)
@@ -333,7 +322,30 @@ def main(argv: list[str] | None = None) -> int:
 
     # Only the CPU backend reads this; on GPUs/TPUs the real devices are used.
     jax.config.update("jax_num_cpu_devices", SIMULATED_CPU_DEVICES)
+    if args.command == "demo":
+        _use_compilation_cache(jax)
     return {"layout": _layout, "demo": _demo}[args.command](args)
+
+
+def _use_compilation_cache(jax) -> None:
+    """Keep compiled programs across runs (JAX's persistent compilation cache), so a second demo starts warm.
+
+    On an H100 the first demo spent ~91 s of ~92 compiling (bench/results/demo_gpu_mha_bf16.txt). The cache
+    lives in $JAXKV_CACHE_DIR/xla (default ~/.cache/jaxkv/xla) unless the user configured one already.
+    """
+    import os
+    from pathlib import Path
+
+    if jax.config.jax_compilation_cache_dir:
+        return
+    root = Path(os.environ.get("JAXKV_CACHE_DIR", Path.home() / ".cache" / "jaxkv"))
+    try:
+        (root / "xla").mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return  # no writable cache directory: compile every run, as without the cache
+    jax.config.update("jax_compilation_cache_dir", str(root / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 if __name__ == "__main__":

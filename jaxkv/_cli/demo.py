@@ -211,7 +211,10 @@ def _serve(cfg, jax, jaxkv, model, events, layout, disk_dir, out, devices) -> di
     # are all free here: the bytes these warm-up copies move are never read.
     compiles = _CompileCounter(jax)
     t_compile = time.perf_counter()
-    for b in sorted({1 << (n - 1).bit_length() for n in range(1, cfg.max_prompt_tokens() + 1)}):
+    from jaxkv.models import MIN_PREFILL_TOKENS
+
+    sizes = range(1, cfg.max_prompt_tokens() + 1)
+    for b in sorted({1 if n == 1 else max(1 << (n - 1).bit_length(), MIN_PREFILL_TOKENS) for n in sizes}):
         n = min(b, cfg.max_prompt_tokens())
         shadow.add_request("warmup", np.zeros(n, np.int32), cache_salt="warmup")
         step("shadow", shadow, "warmup", np.zeros(n, np.int32), 0)
