@@ -34,11 +34,17 @@ class DemoConfig:
     tp: int | None = None
     """TP degree (devices in the mesh); None: 4, or as many devices as there are if fewer."""
     system_prompts: int = 3
+    """Distinct system prompts, each shared by several conversations."""
     conversations: int = 12
+    """Conversations; their turns interleave at random."""
     turns: int = 4
+    """Turns per conversation: each one's prompt is the whole history so far."""
     system_tokens: int = 192
+    """Tokens of each system prompt."""
     user_tokens: int = 32
+    """Tokens of each user message."""
     reply_tokens: int = 8
+    """Tokens of each reply, decoded one at a time."""
     device_pages: int = 48
     """Device cache pages: too few for the workload on purpose."""
     host_pages: int = 32
@@ -48,7 +54,9 @@ class DemoConfig:
     out: str = "jaxkv-demo"
     """Output directory: report.json, demo.png and the disk tier."""
     seed: int = 0
+    """Seed of the workload and of the model's weights."""
     progress: bool = True
+    """Show progress on stderr."""
 
     def max_prompt_tokens(self) -> int:
         return self.system_tokens + self.turns * (self.user_tokens + self.reply_tokens)

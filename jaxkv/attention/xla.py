@@ -180,14 +180,14 @@ def _attend(q, keys, vals, pos, seq_end, softmax_scale: float) -> jax.Array:
 
 
 def paged_attention_shard(
-    cache: KVCacheBuffer,
-    layer,
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array | None,
-    page_table: jax.Array,
-    start_pos: jax.Array,
-    q_lens: jax.Array,
+    cache: KVCacheBuffer,  # this shard's values/scales
+    layer,  # int or traced int32 scalar
+    q: jax.Array,  # [B, T, query heads of this shard, head_dim]
+    k: jax.Array,  # [B, T, KV heads of this shard, head_dim]; MLA: [B, T, latent]
+    v: jax.Array | None,  # like k; None for MLA
+    page_table: jax.Array,  # [B, pages] int32, the same on every shard
+    start_pos: jax.Array,  # [B] int32
+    q_lens: jax.Array,  # [B] int32
     *,
     softmax_scale: float | None = None,
     value_dim: int | None = None,
