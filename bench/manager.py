@@ -10,8 +10,11 @@ Measures, in one run:
   the same policy (list-based LRU, per-token hashing), checked to make the
   same decisions;
 - the hit rate per tier (device / host / disk / recomputed) for device caches
-  of several sizes, with a real `TieredConnector` (host tier + disk tier)
-  moving real pages.
+  of several sizes, with a real `TieredStore` (host tier + disk tier) planning
+  and an `OffloadWorker` moving real pages.
+
+`--quick` runs a smaller workload and writes `bench/results/manager_quick.json`
+(and its figure beside it), never the committed `manager.json`.
 """
 
 from __future__ import annotations
@@ -39,18 +42,23 @@ FP = hashlib.sha256(b"bench-layout").digest()
 
 
 # -- workload ----------------------------------------------------------------------
-def serve(manager, events, on_step=None) -> None:
-    """Admit each turn, 'compute' prompt and reply, commit, finish."""
+def serve(manager, events, worker=None, cache=None):
+    """Admit each turn, load its outside hits, 'compute' prompt and reply, commit, store, finish.
+
+    Without a store (`worker` None) there is nothing to load or store. Returns the cache.
+    """
     for i, (c, prompt, reply) in enumerate(events):
         rid = f"{c}:{i}"
         req = manager.add_request(rid, prompt)
         if req.load is not None:
-            req.load.synchronize()
+            cache, handle = worker.load(cache, req.load)
+            manager.complete_load(handle.result())
         manager.append_tokens(rid, reply)
-        manager.commit(rid, len(prompt) + len(reply))
+        plan = manager.commit(rid, len(prompt) + len(reply))
+        if plan is not None:
+            manager.complete_store(worker.store(cache, plan).result())
         manager.finish(rid)
-        if on_step:
-            on_step(i)
+    return cache
 
 
 # -- plain-Python reference of the same policy -----------------------------------
@@ -124,10 +132,6 @@ class ReferenceManager:
                 self.free.append(p)
 
 
-class _Req:
-    load = None
-
-
 def serve_reference(ref, events):
     for i, (c, prompt, reply) in enumerate(events):
         rid = f"{c}:{i}"
@@ -151,24 +155,21 @@ def bench_hashing(quick: bool) -> dict:
 
 
 def bench_cycles(events, num_pages: int) -> dict:
+    params = jaxkv.KVCacheParams("bfloat16", 8, 128, 1, PAGE)
+
     def ours():
-        m = jaxkv.PagedKVCacheManager(jaxkv.KVCacheParams("bfloat16", 8, 128, 1, PAGE), num_pages=num_pages)
+        m = jaxkv.PagedKVCacheManager(params, num_pages=num_pages, tp=1)
         serve(m, events)
         return m
 
     def reference():
-        r = ReferenceManager(
-            num_pages,
-            PAGE,
-            jaxkv.PagedKVCacheManager(
-                jaxkv.KVCacheParams("bfloat16", 8, 128, 1, PAGE), num_pages=num_pages
-            ).fingerprint,
-        )
+        r = ReferenceManager(num_pages, PAGE, jaxkv.layout_fingerprint(params, tp=1))
         serve_reference(r, events)
         return r
 
     m, r = ours(), reference()
-    assert m.metrics.tokens_from_device == r.hit_tokens, (m.metrics.tokens_from_device, r.hit_tokens)
+    device = m.metrics.tokens_from["device"]
+    assert device == r.hit_tokens, (device, r.hit_tokens)
     t_ours = _common.median_seconds(ours, repeats=3, warmup=0)
     t_ref = _common.median_seconds(reference, repeats=3, warmup=0)
     tokens = sum(len(p) + len(r_) for _, p, r_ in events)
@@ -179,41 +180,48 @@ def bench_cycles(events, num_pages: int) -> dict:
         cycles_per_s=len(events) / t_ours,
         reference_cycles_per_s=len(events) / t_ref,
         speedup=t_ref / t_ours,
-        device_hit_rate=m.metrics.tokens_from_device / m.metrics.prompt_tokens,
+        device_hit_rate=device / m.metrics.prompt_tokens,
     )
 
 
-def bench_hit_rates(events, device_pages: list[int], host_pages: int, quick: bool) -> list[dict]:
+def bench_hit_rates(events, device_pages: list[int], host_pages: int) -> list[dict]:
     params = jaxkv.KVCacheParams(jnp.bfloat16, n_kv_heads=4, head_dim=64, num_layers=2, page_size=PAGE)
     mesh = jax.make_mesh((4,), ("tp",), devices=jax.devices()[:4])
     rows = []
     for n in device_pages:
         with tempfile.TemporaryDirectory(dir=_common.RESULTS.parent) as tmp:
             cache = jaxkv.allocate_buffer(params, mesh, n)
-            row = params.host_bytes_per_page(4)
-            conn = jaxkv.TieredConnector(cache, host_pages * row, Path(tmp) / "disk", 1 << 34)
-            m = jaxkv.PagedKVCacheManager(cache, conn)
+            row = jaxkv.RowLayout.of(cache).row_bytes
+            store = jaxkv.TieredStore.for_cache(
+                cache, host_pages * row, disk_directory=Path(tmp) / "disk", disk_capacity_bytes=1 << 34
+            )
+            worker = jaxkv.OffloadWorker(cache, store)
+            m = jaxkv.PagedKVCacheManager(cache, store)
             t0 = time.perf_counter()
-            serve(m, events)
+            cache = serve(m, events, worker, cache)
+            worker.flush()
             seconds = time.perf_counter() - t0
             mt = m.metrics
             total = mt.prompt_tokens
+            assert sum(mt.tokens_from.values()) + mt.tokens_recomputed == total
             rows.append(
                 dict(
                     device_pages=n,
                     host_pages=host_pages,
-                    device=mt.tokens_from_device / total,
-                    host=mt.tokens_from_host / total,
-                    disk=mt.tokens_from_disk / total,
+                    device=mt.tokens_from["device"] / total,
+                    host=mt.tokens_from["host"] / total,
+                    disk=mt.tokens_from["disk"] / total,
                     recomputed=mt.tokens_recomputed / total,
                     hit_rate=mt.hit_rate,
                     evictions=m.pool.evictions,
-                    blocks_offloaded=conn.metrics.blocks_offloaded,
-                    blocks_promoted=conn.metrics.blocks_promoted,
+                    blocks_offloaded=mt.blocks_offloaded,
+                    blocks_promoted=store.metrics["disk"].blocks_loaded,  # disk blocks pass through host memory
+                    loads_refused=mt.loads_refused,
+                    loads_failed=mt.loads_failed,
                     seconds=seconds,
                 )
             )
-            conn.close()
+            store.close()
     return rows
 
 
@@ -268,7 +276,7 @@ def main() -> None:
     )
     cycles = [bench_cycles(events, n) for n in (256, 4096)]
     _common.print_table(
-        "scheduler cycles: add_request + append + commit + finish per request (NullConnector)",
+        "scheduler cycles: add_request + append + commit + finish per request (no store)",
         cycles,
         [
             ("requests", "requests", "d"),
@@ -280,9 +288,9 @@ def main() -> None:
         ],
     )
     device_pages = [128, 512] if args.quick else [128, 256, 512, 1024, 2048]
-    hits = bench_hit_rates(events, device_pages, host_pages=256, quick=args.quick)
+    hits = bench_hit_rates(events, device_pages, host_pages=256)
     _common.print_table(
-        "hit rate per tier, TieredConnector (host 256 pages, disk unbounded), real page moves",
+        "hit rate per tier, TieredStore + OffloadWorker (host 256 pages, disk unbounded), real page moves",
         hits,
         [
             ("device_pages", "device pages", "d"),
@@ -293,6 +301,7 @@ def main() -> None:
             ("hit_rate", "hit rate", ".2f"),
             ("evictions", "evictions", "d"),
             ("blocks_promoted", "promoted", "d"),
+            ("loads_refused", "refused", "d"),
             ("seconds", "s", ".1f"),
         ],
     )
@@ -307,7 +316,9 @@ def main() -> None:
             "seconds": time.perf_counter() - t0,
         },
     )
-    png = _common.RESULTS.parent.parent / "docs" / f"{name.replace('manager', 'hit_rates')}.png"
+    # The committed figure lives in docs/; a quick run's stays beside its JSON.
+    docs = _common.RESULTS.parent.parent / "docs"
+    png = _common.RESULTS / "hit_rates_quick.png" if args.quick else docs / "hit_rates.png"
     plot(hits, png)
     print(f"\nwrote {path} and {png} ({time.perf_counter() - t0:.0f} s)")
 

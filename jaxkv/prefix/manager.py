@@ -25,6 +25,7 @@ its pages, tail first, which stay reusable until their pages are needed.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 
@@ -198,19 +199,19 @@ class PagedKVCacheManager:
         sources = self.store.lookup(hashes[n_dev:]) if self.store is not None and n_dev < len(hashes) else []
         # Loads pass through host memory: at most one host tier's worth at once; the rest is recomputed.
         sources = sources[: self.store.host.num_slots] if sources else sources
-        for p in hit_pages:
-            self.pool.acquire(p)
-        new_pages = [self.pool.allocate() for _ in range(total - n_dev)]
+        # The pages `allocate` will hand out once the hits leave the free queue: plan the load onto
+        # them before the pool changes, so a planning error leaves the pool (and its LRU order) as it was.
+        hits = set(hit_pages)
+        new_pages = list(itertools.islice((p for p in self.pool._free if p not in hits), total - n_dev))
         n_ext = len(sources)
         load = None
         if n_ext:
-            try:
-                load = self.store.prepare_load(hashes[n_dev : n_dev + n_ext], new_pages[:n_ext])
-            except BaseException:
-                for p in reversed(hit_pages + new_pages):
-                    self.pool.release(p)
-                raise
+            load = self.store.prepare_load(hashes[n_dev : n_dev + n_ext], new_pages[:n_ext])
             self._loads[load.plan_id] = request_id
+        for p in hit_pages:
+            self.pool.acquire(p)
+        allocated = [self.pool.allocate() for _ in new_pages]
+        assert allocated == new_pages, (allocated, new_pages)
 
         page = self.page_size
         tokens_from = {DEVICE: n_dev * page}
@@ -252,6 +253,11 @@ class PagedKVCacheManager:
         if request_id is None:
             raise ValueError(f"{plan!r} is not a pending load of this manager (completed twice?)")
         self.store.complete_load(result)
+        # Counted even when the request has finished since: the store counts every refusal too.
+        if result.status == "refused":
+            self.metrics.loads_refused += 1
+        elif result.status == "failed":
+            self.metrics.loads_failed += 1
         request = self.requests.get(request_id)
         if request is None or request.load is not plan:
             return None  # finished meanwhile: its pages went back to the pool uncommitted
@@ -262,10 +268,6 @@ class PagedKVCacheManager:
             for p, h in zip(plan.device_pages, plan.block_hashes, strict=True):
                 self.pool.commit(p, h)
             return request
-        if result.status == "refused":
-            self.metrics.loads_refused += 1
-        else:
-            self.metrics.loads_failed += 1
         lost = request.num_cached_tokens - n_dev * page
         for name in list(request.tokens_from):
             if name != DEVICE:
