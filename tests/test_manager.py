@@ -947,3 +947,30 @@ TestManagerMachine = ManagerMachine.TestCase
 TestManagerMachine.settings = settings(
     max_examples=150, stateful_step_count=50, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
+
+
+def test_cancel_load_frees_the_plan_and_recomputes_without_counting_a_refusal():
+    from cachegen import tp_mesh
+
+    params = jaxkv.KVCacheParams(jnp.bfloat16, n_kv_heads=2, head_dim=8, num_layers=1, page_size=4)
+    cache = jaxkv.allocate_buffer(params, tp_mesh(1), 8)
+    row = jaxkv.RowLayout.of(cache).row_bytes
+    store = jaxkv.TieredStore.for_cache(cache, 4 * row)
+    worker = jaxkv.OffloadWorker(cache, store)
+    manager = jaxkv.PagedKVCacheManager(cache, store)
+    prompt = np.arange(13)
+    manager.add_request("a", prompt)
+    manager.complete_store(worker.store(cache, manager.commit("a", 13)).result())
+    manager.finish("a")
+    manager.reset_prefix_cache()  # the device forgets; host memory still holds the 3 blocks
+    req = manager.add_request("b", prompt)
+    assert req.load is not None and req.tokens_from == {"device": 0, "host": 12}
+    pinned = set(req.load.host_slots)
+    assert all(store.host._pins.get(s) for s in pinned)
+    manager.cancel_load("b")
+    assert req.load is None and req.num_cached_tokens == 0 and req.tokens_from == {"device": 0}
+    assert not any(store.host._pins.get(s) for s in pinned)
+    assert manager.metrics.loads_refused == 0 and store.metrics.refused_loads == 0
+    assert manager.metrics.tokens_recomputed == 13 + 13 and manager.metrics.tokens_from["host"] == 0
+    with pytest.raises(ValueError, match="has no pending load"):
+        manager.cancel_load("b")

@@ -262,21 +262,40 @@ class PagedKVCacheManager:
         if request is None or request.load is not plan:
             return None  # finished meanwhile: its pages went back to the pool uncommitted
         request.load = None
-        page = self.page_size
-        n_dev = request.tokens_from.get(DEVICE, 0) // page
         if result.status == "loaded":
             for p, h in zip(plan.device_pages, plan.block_hashes, strict=True):
                 self.pool.commit(p, h)
             return request
-        lost = request.num_cached_tokens - n_dev * page
+        self._fall_back(request)
+        return request
+
+    def cancel_load(self, request_id: str) -> Request:
+        """Drop the request's planned load before it runs (the worker never got it): recompute instead.
+
+        Its host slots are freed and its tokens count as recomputed; nothing
+        counts as a refusal. Use it when a request must go before its load
+        runs; once the worker ran the load, pass its result to `complete_load`.
+        """
+        request = self._get(request_id)
+        if request.load is None:
+            raise ValueError(f"request {request_id!r} has no pending load to cancel")
+        plan, request.load = request.load, None
+        del self._loads[plan.plan_id]
+        self.store.cancel_load(plan)
+        self._fall_back(request)
+        return request
+
+    def _fall_back(self, request: Request) -> None:
+        """The request's outside blocks will not arrive: it keeps its device prefix and recomputes the rest."""
+        n_dev = request.tokens_from.get(DEVICE, 0) // self.page_size
+        lost = request.num_cached_tokens - n_dev * self.page_size
         for name in list(request.tokens_from):
             if name != DEVICE:
                 self.metrics.tokens_from[name] -= request.tokens_from.pop(name)
         self.metrics.tokens_recomputed += lost
-        request.num_cached_tokens = n_dev * page
+        request.num_cached_tokens = n_dev * self.page_size
         request.num_committed_blocks = n_dev
         del request.block_hashes[n_dev:]
-        return request
 
     def append_tokens(self, request_id: str, token_ids) -> list[int]:
         """Grow a request by decoded tokens, allocating pages as needed; returns the page table."""

@@ -178,9 +178,11 @@ class HostTier:
         return len(self._free) + sum(1 for s in self._index.values() if not self._pins.get(s))
 
     def clear(self) -> None:
-        """Forget every held block (reserved and pinned slots stay as they are)."""
-        self._free.extend(self._index.values())
-        self._index.clear()
+        """Forget every held block not pinned by a load in flight (reserved slots stay as they are)."""
+        for h, slot in list(self._index.items()):
+            if not self._pins.get(slot):
+                del self._index[h]
+                self._free.append(slot)
 
     def __repr__(self) -> str:
         return f"HostTier({self.name!r}, {len(self._index)}/{self.num_slots} rows of {self.row_bytes} B)"

@@ -349,6 +349,19 @@ class TieredStore:
             tuple(demotions),
         )
 
+    def cancel_load(self, plan: LoadPlan) -> None:
+        """Drop a plan that will never run (its request went away first): its pins and reserved slots are freed.
+
+        Nothing is counted: no load happened. Across processes every process cancels the same plans.
+        """
+        if not isinstance(plan, LoadPlan):
+            raise ValueError(f"plan must be a LoadPlan, got {type(plan).__name__}")
+        for slot, source in zip(plan.host_slots, plan.sources, strict=False):
+            if source == self.host.name:
+                self.host.unpin(slot)
+            else:
+                self.host.release(slot)
+
     def complete_load(self, result: LoadResult) -> None:
         """Apply a load's outcome: promoted rows join the host index (policy), pins and reservations drop."""
         plan = result.plan
