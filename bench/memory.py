@@ -2,6 +2,8 @@
 
     python bench/memory.py [--quick]
 
+Results: bench/results/memory.json (memory_quick.json with --quick).
+
 to_memory() builds descriptors, so its time and the memory it allocates must
 not grow with the cache. read_pages runs one jitted gather per unit; its
 baseline is a numpy copy of the same number of bytes between preallocated
@@ -145,7 +147,8 @@ def main() -> None:
         ],
     )
     path = _common.write_json(
-        "memory", {"conditions": cond, "to_memory": tm, "read_pages": rp, "seconds": time.perf_counter() - t0}
+        "memory_quick" if args.quick else "memory",
+        {"conditions": cond, "to_memory": tm, "read_pages": rp, "seconds": time.perf_counter() - t0},
     )
     print(f"\nwrote {path}")
 

@@ -5,8 +5,8 @@
 For MHA and MLA caches (TP 4, bfloat16) over a range of page sizes (host row
 bytes, `engine.row_bytes`) and batches, measures in one run:
 
-- D2H: `engine.d2h(ids, slots).synchronize()`, random page ids into random
-  host slots. On CPU both paths ("host" and "xla"); elsewhere only "xla".
+- D2H: `engine.d2h(cache, ids, slots).synchronize()`, random page ids into
+  random host slots. On CPU both paths ("host" and "xla"); elsewhere only "xla".
 - H2D: `engine.h2d(cache, slots, ids)`, the donated cache threaded through.
 - The limit, same run, same bytes: a numpy copy between preallocated arrays;
   on a GPU also a plain `jax.device_put` of one contiguous buffer between
@@ -192,7 +192,7 @@ def check_round_trip(layout: str, mesh, tp: int, paths: list[str]) -> None:
     slots = rng.permutation(k).astype(np.int32)
     engines = [jaxkv.OffloadEngine(buffer, k, d2h_path=p) for p in paths]
     for eng in engines:
-        eng.d2h(ids, slots).synchronize()
+        eng.d2h(buffer, ids, slots).synchronize()
         for i in range(k):
             if not np.array_equal(eng.host_pool[slots[i]], row(ids[i])):
                 raise AssertionError(f"{layout} d2h ({eng.d2h_path}): host slot {slots[i]} != device page {ids[i]}")
@@ -241,7 +241,7 @@ def bench_one(layout: str, mesh, tp: int, row_bytes: int, k: int, *, quick: bool
     for path in paths:
         eng = jaxkv.OffloadEngine(buffer, k, d2h_path=path)
         assert eng.row_bytes == row_bytes, (eng.row_bytes, row_bytes)
-        seconds = _common.median_seconds(lambda eng=eng: eng.d2h(ids, slots).synchronize(), **reps)
+        seconds = _common.median_seconds(lambda eng=eng, cache=buffer: eng.d2h(cache, ids, slots).synchronize(), **reps)
         r[f"d2h_{path}_gbps"] = gbps(nbytes, seconds)
     # `eng` (the last, "xla" engine) now holds the pages in its pool and does the H2D.
 
@@ -362,7 +362,7 @@ def bench_peak(layout, mesh, tp, cache_bytes, batches, row_bytes) -> list[dict]:
 
     def d2h(path, k):
         ids, slots = plan[k]
-        engines[path].d2h(ids, slots, buffer=state[0]).synchronize()
+        engines[path].d2h(state[0], ids, slots).synchronize()
 
     for k in batches:  # compile every bucket and touch every pool first
         h2d(k)
@@ -478,8 +478,14 @@ THROUGHPUT_COLUMNS = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="two page sizes, three batches, few repeats (smoke run)")
-    parser.add_argument("--out-json", default="offload", help="results name: bench/results/NAME.json, docs/NAME.png")
+    parser.add_argument(
+        "--out-json",
+        default=None,
+        help="results name: bench/results/NAME.json, docs/NAME.png (default offload, offload_quick with --quick)",
+    )
     args = parser.parse_args()
+    if args.out_json is None:  # a smoke run never overwrites the committed results
+        args.out_json = "offload_quick" if args.quick else "offload"
     t0 = time.perf_counter()
 
     devices = jax.devices()

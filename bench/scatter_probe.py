@@ -1,6 +1,6 @@
 """Which in-place page scatter keeps every bit, and what it costs, on this backend.
 
-    python bench/scatter_probe.py
+    python bench/scatter_probe.py [--quick] [NAME]
 
 jaxkv's portable H2D kernel scatters the cache as same-width unsigned words
 (bitcast, scatter, bitcast back) so no float op touches the bytes. This probe
@@ -12,12 +12,14 @@ measures, on the backend at hand, for each cache dtype:
   sizes: a kernel whose time grows with the cache is doing whole-cache passes.
 
 Baseline in the same run: `jax.device_put` of the 64 pages' rows alone, the
-cost of moving just the bytes that change.
+cost of moving just the bytes that change. Results: bench/results/NAME.json
+(default scatter_probe_<backend>, or scatter_probe_<backend>_quick with
+--quick: the smaller cache only, 3 repeats).
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 import _common
 import numpy as np
@@ -38,7 +40,7 @@ def typed_scatter(cache, ids, pages):
     return cache.at[ids].set(pages, unique_indices=True, mode="drop")
 
 
-def probe(dtype: str, num_pages: int, rng) -> dict:
+def probe(dtype: str, num_pages: int, rng, repeats: int = 9) -> dict:
     dt = jnp.dtype(dtype)
     word = np.dtype(_pages.word_dtype(dt))
     n = PAGE_BYTES // dt.itemsize
@@ -65,10 +67,10 @@ def probe(dtype: str, num_pages: int, rng) -> dict:
         state["w"] = words(state["w"], ids, rows)
         state["w"].block_until_ready()
 
-    t_typed = _common.median_seconds(run_typed, repeats=9)
-    t_words = _common.median_seconds(run_words, repeats=9)
+    t_typed = _common.median_seconds(run_typed, repeats=repeats)
+    t_words = _common.median_seconds(run_words, repeats=repeats)
     host_rows = np.asarray(rows)
-    t_put = _common.median_seconds(lambda: jax.device_put(host_rows).block_until_ready(), repeats=9)
+    t_put = _common.median_seconds(lambda: jax.device_put(host_rows).block_until_ready(), repeats=repeats)
     return dict(
         dtype=dtype,
         cache_mib=num_pages * PAGE_BYTES / 2**20,
@@ -81,11 +83,19 @@ def probe(dtype: str, num_pages: int, rng) -> dict:
 
 
 def main() -> None:
-    cond = _common.conditions() | {"pages_scattered": K, "page_bytes": PAGE_BYTES}
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the smaller cache only, 3 repeats (smoke run)")
+    parser.add_argument("name", nargs="?", help="results name: bench/results/NAME.json")
+    args = parser.parse_args()
+    platform = jax.devices()[0].platform
+    name = args.name or f"scatter_probe_{platform}" + ("_quick" if args.quick else "")
+    cond = _common.conditions() | {"pages_scattered": K, "page_bytes": PAGE_BYTES, "quick": args.quick}
     print("conditions:", ", ".join(f"{k}={v}" for k, v in cond.items()))
     rng = np.random.default_rng(0)
-    sizes = [256, 4096] if jax.devices()[0].platform != "cpu" else [256, 1024]
-    rows = [probe(d, n, rng) for d in DTYPES for n in sizes]
+    sizes = [256, 4096] if platform != "cpu" else [256, 1024]
+    if args.quick:
+        sizes = sizes[:1]
+    rows = [probe(d, n, rng, repeats=3 if args.quick else 9) for d in DTYPES for n in sizes]
     _common.print_table(
         f"scatter of {K} pages of {PAGE_BYTES // 1024} KiB: typed vs word kernel",
         rows,
@@ -99,7 +109,6 @@ def main() -> None:
             ("put_rows_ms", "device_put rows ms", ".2f"),
         ],
     )
-    name = sys.argv[1] if len(sys.argv) > 1 else f"scatter_probe_{jax.devices()[0].platform}"
     print("wrote", _common.write_json(name, {"conditions": cond, "rows": rows}))
 
 

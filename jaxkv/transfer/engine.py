@@ -105,6 +105,9 @@ class OffloadEngine:
             counts = [u.total_num_pages for u in units]
             raise ValueError(f"units must all have the same total_num_pages, got {counts}")
         if host_pool is not None:
+            if not isinstance(host_pool, np.ndarray) or host_pool.ndim != 2:
+                got = f"shape {host_pool.shape}" if isinstance(host_pool, np.ndarray) else type(host_pool).__name__
+                raise ValueError(f"host_pool must be a 2-D numpy array [num_host_pages, row_bytes], got {got}")
             if num_host_pages is not None and num_host_pages != len(host_pool):
                 raise ValueError(f"num_host_pages ({num_host_pages}) disagrees with host_pool's {len(host_pool)} rows")
             num_host_pages = len(host_pool)
@@ -137,18 +140,8 @@ class OffloadEngine:
         """Bytes of one host slot: one page of every unit."""
         if host_pool is None:
             host_pool = aligned_rows(num_host_pages, self.row_bytes)
-        elif (
-            not isinstance(host_pool, np.ndarray)
-            or host_pool.dtype != np.uint8
-            or host_pool.shape != (num_host_pages, self.row_bytes)
-            or not host_pool.flags.c_contiguous
-            or host_pool.ctypes.data % _ALIGN
-        ):
-            raise ValueError(
-                f"host_pool must be a C-contiguous, {_ALIGN}-byte-aligned uint8 array of shape "
-                f"(num_host_pages, row_bytes) = ({num_host_pages}, {self.row_bytes}) (see aligned_rows), got "
-                f"{getattr(host_pool, 'dtype', type(host_pool).__name__)} {getattr(host_pool, 'shape', '')}"
-            )
+        else:
+            _check_host_pool(host_pool, self.row_bytes)
         self.host_pool = host_pool
         """[num_host_pages, row_bytes] uint8: the host page pool (a `HostTier`'s rows when built by a worker)."""
         self._pending: list[Transfer] = []
@@ -184,10 +177,10 @@ class OffloadEngine:
             return completed("d2h", ids.size, nbytes)
         return self._d2h_xla(units, ids, slots, nbytes)
 
-    def h2d(self, buffer, host_slots, device_page_ids) -> tuple[KVCacheBuffer | MultiKVCacheBuffer, Transfer]:
-        """Write host rows `host_slots` into device pages `device_page_ids` of `buffer`.
+    def h2d(self, cache, host_slots, device_page_ids) -> tuple[KVCacheBuffer | MultiKVCacheBuffer, Transfer]:
+        """Write host rows `host_slots` into device pages `device_page_ids` of `cache`.
 
-        `buffer` is donated: the update is in place and `buffer` must not be
+        `cache` is donated: the update is in place and `cache` must not be
         used afterwards. Returns the new cache and the transfer. Replicated
         units are written to every shard. Bit-exact.
 
@@ -195,16 +188,16 @@ class OffloadEngine:
         process calls it with the same `device_page_ids` and its own
         `host_slots`, and writes only its own shards.
         """
-        units = self._check_buffer(buffer)
+        units = self._check_buffer(cache)
         ids, slots = self._check_batch(device_page_ids, host_slots)
         self.flush()
         if ids.size == 0:
-            return buffer, completed("h2d", 0, 0)
+            return cache, completed("h2d", 0, 0)
         kb = bucket(ids.size)
         # Padding ids point past the cache, so the scatter drops them; all distinct.
         padded_ids = np.concatenate([ids, self.num_device_pages + np.arange(kb - ids.size, dtype=np.int32)])
         padded_slots = np.concatenate([slots, np.full(kb - ids.size, slots[0], np.int32)])
-        leaves = _cache_leaves(buffer)
+        leaves = _cache_leaves(cache)
         groups = self._leaf_groups(units, leaves)
         if self._h2d_fn is None:
             self._h2d_fn = _build_h2d(leaves, self.h2d_path)
@@ -216,11 +209,14 @@ class OffloadEngine:
         else:
             sources = [self._stage_rows(c, a, g, padded_slots) for (c, a), g in zip(leaves, groups, strict=True)]
         nbytes = ids.size * sum(u.bytes_per_page * len(u.devices) for u in units)
-        new_arrays = self._h2d_fn([a for _, a in leaves], sources, padded_ids)
-        new_buffer = jax.tree.unflatten(jax.tree.structure(buffer), new_arrays)
-        transfer = Transfer("h2d", ids.size, nbytes, arrays=new_arrays)
+        new_arrays, done = self._h2d_fn([a for _, a in leaves], sources, padded_ids)
+        new_cache = jax.tree.unflatten(jax.tree.structure(cache), new_arrays)
+        # The handle waits on `done`, not on the new cache: the caller may donate
+        # the cache to its next step at once (deleting those arrays) while this
+        # program still reads the pool rows, and the engine must not keep it.
+        transfer = Transfer("h2d", ids.size, nbytes, arrays=done)
         self._pending.append(transfer)  # the pool rows it reads must not change before it ends
-        return new_buffer, transfer
+        return new_cache, transfer
 
     def flush(self) -> None:
         """Complete every pending transfer: offloads land in the pool, loads stop reading it."""
@@ -260,12 +256,12 @@ class OffloadEngine:
         _pages.check_unique(slots, name="host_slots")
         return ids, slots
 
-    def _check_buffer(self, buffer) -> list[KVCacheMemory]:
-        if not isinstance(buffer, (KVCacheBuffer, MultiKVCacheBuffer)):
-            raise ValueError(f"buffer must be a KVCacheBuffer or MultiKVCacheBuffer, got {type(buffer).__name__}")
-        if any(a.is_deleted() for _, a in _cache_leaves(buffer)):
-            raise ValueError("buffer has been donated (its arrays are deleted); pass the cache the last call returned")
-        units = buffer.to_memory()
+    def _check_buffer(self, cache) -> list[KVCacheMemory]:
+        if not isinstance(cache, (KVCacheBuffer, MultiKVCacheBuffer)):
+            raise ValueError(f"cache must be a KVCacheBuffer or MultiKVCacheBuffer, got {type(cache).__name__}")
+        if any(a.is_deleted() for _, a in _cache_leaves(cache)):
+            raise ValueError("cache has been donated (its arrays are deleted); pass the cache the last call returned")
+        units = cache.to_memory()
         self._check_layout([_layout_key(u) for u in units])
         return units
 
@@ -395,6 +391,24 @@ class OffloadEngine:
 _ALIGN = 64
 
 
+def _check_host_pool(pool: np.ndarray, row_bytes: int) -> None:
+    """Raise ValueError naming what makes `pool` unusable as the engine's rows (see `aligned_rows`)."""
+    fix = f"build it with aligned_rows({len(pool)}, {row_bytes})"
+    if pool.dtype != np.uint8:
+        raise ValueError(f"host_pool must have dtype uint8, got {pool.dtype}; {fix}")
+    if pool.shape[1] != row_bytes:
+        raise ValueError(
+            f"host_pool must have shape (num_host_pages, row_bytes) = ({len(pool)}, {row_bytes}), got {pool.shape}"
+        )
+    if not pool.flags.c_contiguous:
+        raise ValueError(f"host_pool must be C-contiguous, got strides {pool.strides}; {fix}")
+    if pool.ctypes.data % _ALIGN:
+        raise ValueError(
+            f"host_pool data must start on a {_ALIGN}-byte boundary (XLA:CPU copies a less aligned array), "
+            f"got address % {_ALIGN} = {pool.ctypes.data % _ALIGN}; {fix}"
+        )
+
+
 def aligned_rows(num_rows: int, row_bytes: int) -> np.ndarray:
     """A zeroed `[num_rows, row_bytes]` uint8 pool that XLA:CPU can place on a device without a copy.
 
@@ -448,6 +462,11 @@ def _copy_rows(dst: np.ndarray, dst_rows: np.ndarray, src: np.ndarray, src_rows:
         dst[dst_rows] = src[src_rows]  # small rows: per-row Python overhead would dominate
 
 
+def _with_done(shard: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`shard` and its first element: a marker that exists only after the write that produced `shard`."""
+    return shard, shard.reshape(-1)[:1]
+
+
 def _build_h2d(leaves: list[tuple[KVCacheBuffer, jax.Array]], path: str):
     """One jitted, donated computation that writes page bytes into every cache array.
 
@@ -456,6 +475,11 @@ def _build_h2d(leaves: list[tuple[KVCacheBuffer, jax.Array]], path: str):
     'staged': sources are staged rows per array and the backend's scatter
     kernel writes them. Page ids are replicated: the group writes the same
     pages everywhere.
+
+    Returns (new arrays, done): `done` holds, per array, one element of every
+    shard it wrote, computed from the written shard. It is ready on a device
+    only once that device's writes (and so its reads of the host rows) ended,
+    and nobody donates it, unlike the new cache.
     """
     devices = [d for _, a in leaves for d in a.sharding.device_set]
     _, scatter = _pages.kernels(devices)
@@ -465,24 +489,26 @@ def _build_h2d(leaves: list[tuple[KVCacheBuffer, jax.Array]], path: str):
         rows_spec = P() if cache.replicates_kv_across_tp else P(cache.tp_axis, None)
         off_spec = P() if cache.replicates_kv_across_tp else P(cache.tp_axis)
         if path == "pool":
-            body = jax.shard_map(
-                lambda shard, ids, src: _pages.scatter_page_bytes_from_pool(shard, ids, src[0], src[2], src[1]),
-                mesh=array.sharding.mesh,
-                in_specs=(spec, P(), (rows_spec, off_spec, _slots_spec(array))),
-                out_specs=spec,
-                check_vma=False,
-            )
+
+            def write(shard, ids, src):
+                pool, offsets, slots = src
+                return _pages.scatter_page_bytes_from_pool(shard, ids, pool, slots, offsets)
+
+            in_specs = (spec, P(), (rows_spec, off_spec, _slots_spec(array)))
         else:
-            body = jax.shard_map(
-                lambda shard, ids, rows: scatter(shard, ids, rows),
-                mesh=array.sharding.mesh,
-                in_specs=(spec, P(), rows_spec),
-                out_specs=spec,
-                check_vma=False,
-            )
+            write = scatter
+            in_specs = (spec, P(), rows_spec)
+        body = jax.shard_map(
+            lambda shard, ids, src, write=write: _with_done(write(shard, ids, src)),
+            mesh=array.sharding.mesh,
+            in_specs=in_specs,
+            out_specs=(spec, off_spec),
+            check_vma=False,
+        )
         bodies.append(body)
 
     def write_all(arrays, sources, ids):
-        return [body(a, ids, src) for body, a, src in zip(bodies, arrays, sources, strict=True)]
+        outs = [body(a, ids, src) for body, a, src in zip(bodies, arrays, sources, strict=True)]
+        return [new for new, _ in outs], [done for _, done in outs]
 
     return jax.jit(write_all, donate_argnums=0)
