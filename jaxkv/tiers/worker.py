@@ -95,7 +95,7 @@ class OffloadWorker:
         """
         if not isinstance(plan, LoadPlan):
             raise ValueError(f"plan must be a LoadPlan from TieredStore.prepare_load, got {type(plan).__name__}")
-        self.engine._check_buffer(cache)
+        units = self.engine._check_buffer(cache)
         # The store knows no page count: check the pages here, before any row moves.
         _pages.check_page_ids(plan.device_pages, self.engine.num_device_pages, name="plan.device_pages")
         t0 = time.perf_counter()
@@ -116,7 +116,7 @@ class OffloadWorker:
             return cache, LoadHandle(LoadResult(plan, "loaded", (), None, demoted=demoted))
         error = None
         try:
-            cache, transfer = self.engine.h2d(cache, list(plan.host_slots), list(plan.device_pages))
+            cache, transfer = self.engine.h2d(cache, list(plan.host_slots), list(plan.device_pages), _units=units)
         except ValueError:
             raise  # a bad argument, found before anything was written
         except Exception as e:  # the copy itself failed: its pages are undefined

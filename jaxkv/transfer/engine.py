@@ -177,7 +177,9 @@ class OffloadEngine:
             return completed("d2h", ids.size, nbytes)
         return self._d2h_xla(units, ids, slots, nbytes)
 
-    def h2d(self, cache, host_slots, device_page_ids) -> tuple[KVCacheBuffer | MultiKVCacheBuffer, Transfer]:
+    def h2d(
+        self, cache, host_slots, device_page_ids, *, _units: list[KVCacheMemory] | None = None
+    ) -> tuple[KVCacheBuffer | MultiKVCacheBuffer, Transfer]:
         """Write host rows `host_slots` into device pages `device_page_ids` of `cache`.
 
         `cache` is donated: the update is in place and `cache` must not be
@@ -188,7 +190,8 @@ class OffloadEngine:
         process calls it with the same `device_page_ids` and its own
         `host_slots`, and writes only its own shards.
         """
-        units = self._check_buffer(cache)
+        # `_units`: the worker checked this cache a moment ago (to_memory() and the layout cost ~20 µs).
+        units = self._check_buffer(cache) if _units is None else _units
         ids, slots = self._check_batch(device_page_ids, host_slots)
         self.flush()
         if ids.size == 0:
