@@ -89,11 +89,21 @@ def test_demo_reports_a_corrupted_load_and_the_cli_exits_1(tmp_path, monkeypatch
     bi = report["bit_identity"]
     assert bi["identical"] < bi["turns_compared"], bi
     flipped.clear()
+    import dataclasses
+
     import jaxkv._cli.demo as demo
 
-    small = {k: v for k, v in SMALL.items() if k not in ("progress",)}
-    monkeypatch.setattr(demo, "DemoConfig", lambda **kw: DemoConfig(**(kw | small)))
-    assert main(["demo", "--model", "mha", "--tp", "2", "--out", str(tmp_path / "b"), "--no-progress"]) == 1
+    @dataclasses.dataclass(frozen=True)
+    class SmallTokens(DemoConfig):  # the prompt sizes have no CLI option
+        system_tokens: int = SMALL["system_tokens"]
+        user_tokens: int = SMALL["user_tokens"]
+        reply_tokens: int = SMALL["reply_tokens"]
+
+    monkeypatch.setattr(demo, "DemoConfig", SmallTokens)
+    options = ("system_prompts", "conversations", "turns", "device_pages", "host_pages", "disk_mib")
+    args = ["demo", "--model", "mha", "--tp", "2", "--out", str(tmp_path / "b"), "--no-progress"]
+    args += [f"--{k.replace('_', '-')}={SMALL[k]}" for k in options]
+    assert main(args) == 1
     assert "MISMATCH" in capsys.readouterr().out
 
 
