@@ -14,6 +14,10 @@ What each call guarantees (the composition relies on nothing else):
   persists rows must never return a row written under another fingerprint.
 - `block_hash in tier`: advisory. True means "held when asked"; a later
   `get_many` may still find it gone (evicted, corrupt) and say so.
+- `contains_many(block_hashes)` (optional): `[h in tier for h in
+  block_hashes]` in one call, for a tier where each `in` is a round trip (a
+  remote store). `TieredStore` uses it when a tier has it, and `in`
+  otherwise.
 - `touch(block_hashes)`: a hint that these blocks are hot (LRU recency).
 - `put_many([(hash, row), ...])`: per block `True` (stored: `in` is true
   from now on), `False` (already held, refreshed) or an `Exception` (not

@@ -273,6 +273,27 @@ class TieredStore:
                 return name
         return None
 
+    def _where_many(self, hashes: list[bytes], tiers=None) -> list[str | None]:
+        """`where` for several blocks, tier by tier in order, each asked only about blocks not found above it.
+
+        A tier with the optional `contains_many` (a remote one) answers for all
+        of them at once, in one round trip, instead of one `in` per block.
+        """
+        tiers = list(self.tiers.values()) if tiers is None else tiers
+        found: list[str | None] = [None] * len(hashes)
+        todo = list(range(len(hashes)))
+        for tier in tiers:
+            if not todo:
+                break
+            asked = [hashes[i] for i in todo]
+            many = getattr(tier, "contains_many", None)
+            held = many(asked) if many is not None else [h in tier for h in asked]
+            for i, yes in zip(todo, held, strict=True):
+                if yes:
+                    found[i] = tier.name
+            todo = [i for i, yes in zip(todo, held, strict=True) if not yes]
+        return found
+
     def lookup(self, block_hashes) -> list[str]:
         """The tier serving each leading held block (advisory: nothing is reserved).
 
@@ -281,8 +302,7 @@ class TieredStore:
         self._check_open()
         hashes = check_block_hashes(block_hashes)
         found = []
-        for h in hashes:
-            name = self.where(h)
+        for name in self._where_many(hashes):
             if name is None:
                 break
             found.append(name)
@@ -321,12 +341,14 @@ class TieredStore:
                 f"(loads pass through host memory); load in smaller batches or raise its capacity_bytes"
             )
         protect = {s for h in hashes if (s := self.host.slot_of(h)) is not None}
+        elsewhere = [h for h in hashes if self.host.slot_of(h) is None]
+        below = dict(zip(elsewhere, self._where_many(elsewhere, self.lower), strict=True))
         slots, sources, demotions = [], [], []
         for h in hashes:
             slot = self.host.slot_of(h)
             source = self.host.name
             if slot is None:
-                source = next((t.name for t in self.lower if h in t), None)
+                source = below[h]
                 victim = self._lru_victim(protect) if source is not None else None
                 slot = self.host.reserve(protect) if source is not None else None
                 if slot is None:
@@ -410,8 +432,8 @@ class TieredStore:
         self._check_open()
         hashes, pages = self._check_pairs(block_hashes, device_pages)
         todo = []
-        for h, p in zip(hashes, pages, strict=True):
-            if self.where(h) is not None:
+        for h, p, held in zip(hashes, pages, self._where_many(hashes), strict=True):
+            if held is not None:
                 self.touch([h])
             else:
                 todo.append((h, p))

@@ -1,0 +1,501 @@
+"""`RemoteTier`: host rows in a Redis or Valkey server that several server instances share.
+
+One key per block, holding the bytes a `DiskTier` block file holds: the same
+96-byte header (magic `JAXKVBLK`, format version, header length, layout
+fingerprint, block hash, payload length, xxh3-64 checksum of the payload),
+then the payload, one host row. The key names the deployment, the layout and
+the block:
+
+```
+<prefix><first 16 bytes of the layout fingerprint, hex>:<block hash, 64 hex digits>
+```
+
+so instances of another model or layout never read each other's keys, and
+a Redis Cluster spreads the blocks over its hash slots (no hash tags).
+
+- **Write-once.** `SET key value NX`: a block is never overwritten, so a
+  reader never sees a value change under it; a key another instance already
+  wrote answers "already held".
+- **Pipelined.** `put_many` / `get_many` / `contains_many` send their
+  commands in batches (`batch_blocks`, `batch_bytes`), one round trip each.
+- **Verified on every read.** Length first (a value of the wrong size is
+  never copied), then header (magic, version, fingerprint, block hash,
+  payload length), then checksum; only then are the payload bytes copied into
+  the `out` row jaxkv owns. A value that fails is a miss, counted in
+  `corrupt`, and its key is deleted.
+- **Never blocks serving.** Every call runs under the client's socket and
+  connect timeouts, with no retries. A server that cannot be reached, or does
+  not answer in time, makes the tier *unavailable* for `retry_interval`
+  seconds: calls answer at once (misses, `RemoteUnavailable` per block) without
+  touching the network, and the outage is logged once, as is the recovery.
+  A connection that failed is dropped, so a late reply is never read as the
+  answer to a later command.
+
+The server, not this tier, decides what to evict (configure `maxmemory` and
+`maxmemory-policy allkeys-lru`): this instance cannot see what others store
+or read. `used_bytes` is what *this instance* wrote and has not seen go;
+`capacity_bytes` is the budget given, or the server's `maxmemory`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import urllib.parse
+from collections import OrderedDict
+
+import numpy as np
+
+try:
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError("jaxkv.tiers.remote needs redis-py: pip install 'jaxkv[remote]'") from e
+
+from jaxkv.layout.fingerprint import RowLayout
+from jaxkv.tiers.base import check_block_hashes, check_row
+from jaxkv.tiers.disk import _HEADER, HEADER_BYTES, MAGIC, VERSION, CorruptBlockError, checksum
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+"""A server on this machine, database 0."""
+
+UNLIMITED = 2**63 - 1
+"""`capacity_bytes` when the server has no `maxmemory` (or will not say) and no budget was given."""
+
+DEFAULT_BATCH_BLOCKS = 32
+DEFAULT_BATCH_BYTES = 32 << 20
+"""A pipeline's replies are held in memory at once: batches bound that (bench/remote.py: 8-64 MiB
+batches all run at the same speed on loopback; smaller ones pay a round trip more often)."""
+
+_FINGERPRINT_KEY_BYTES = 16
+"""Fingerprint bytes in a key: enough to keep layouts apart; the header carries all 32 and is checked."""
+
+_NETWORK_ERRORS = (redis.exceptions.RedisError, OSError)
+"""What a failed round trip raises: connection refused or reset, a timeout, a server still loading."""
+
+
+class RemoteUnavailable(Exception):
+    """The server could not be reached or did not answer in time: nothing was stored or read."""
+
+
+class RemoteWriteError(Exception):
+    """The server refused to store a block (out of memory under `maxmemory-policy noeviction`, ...)."""
+
+
+class RemoteTier:
+    """Rows in a Redis/Valkey server, one verified key per block, shared by server instances. Implements `Tier`."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        name: str = "remote",
+        prefix: str = "jaxkv:",
+        capacity_bytes: int | None = None,
+        socket_timeout: float = 0.5,
+        connect_timeout: float = 0.5,
+        retry_interval: float = 2.0,
+        batch_blocks: int = DEFAULT_BATCH_BLOCKS,
+        batch_bytes: int = DEFAULT_BATCH_BYTES,
+        ttl_seconds: int | None = None,
+        client=None,
+        fingerprint: bytes | None = None,
+        row_bytes: int | None = None,
+    ):
+        """A tier on the server at `url` (`redis://[user:password@]host:port/db`, `rediss://` for TLS;
+        default `DEFAULT_URL`).
+
+        `prefix` namespaces the keys of one deployment on a shared server.
+        `socket_timeout` / `connect_timeout` (seconds) bound every round trip:
+        past them a call fails, the tier is unavailable for `retry_interval`
+        seconds, and reads are refused rather than waited for. `capacity_bytes`
+        is reported as the budget; None asks the server for its `maxmemory`.
+        `ttl_seconds` expires blocks (None: the server's eviction policy alone
+        removes them). `client`: a redis-py client built by you (a
+        `redis.cluster.RedisCluster`, Sentinel, custom TLS) instead of `url`;
+        its own timeouts and retries apply, and `close()` leaves it open.
+        A composition (`TieredStore`) opens the tier with its row layout; pass
+        `fingerprint` and `row_bytes` to open it at once on its own.
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty str, got {name!r}")
+        if not isinstance(prefix, str):
+            raise ValueError(f"prefix must be a str, got {type(prefix).__name__}")
+        if capacity_bytes is not None and (
+            isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) or capacity_bytes < 0
+        ):
+            raise ValueError(f"remote capacity_bytes must be a non-negative int or None, got {capacity_bytes!r}")
+        for field, value in (
+            ("socket_timeout", socket_timeout),
+            ("connect_timeout", connect_timeout),
+            ("retry_interval", retry_interval),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{field} must be a positive number of seconds, got {value!r}")
+        for field, value in (("batch_blocks", batch_blocks), ("batch_bytes", batch_bytes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{field} must be a positive int, got {value!r}")
+        if ttl_seconds is not None and (
+            isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) or ttl_seconds < 1
+        ):
+            raise ValueError(f"ttl_seconds must be a positive int or None, got {ttl_seconds!r}")
+        self.name = name
+        self.prefix = prefix
+        self.retry_interval = float(retry_interval)
+        self.batch_blocks = batch_blocks
+        self.batch_bytes = batch_bytes
+        self.ttl_seconds = ttl_seconds
+        if client is None:
+            url = DEFAULT_URL if url is None else url
+            if not isinstance(url, str):
+                raise ValueError(f"url must be a str like 'redis://host:6379/0', got {url!r}")
+            self.url = _redacted(url)
+            """The server's URL, password removed (for logs and reprs)."""
+            self._client = redis.Redis.from_url(
+                url,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=connect_timeout,
+                retry=Retry(NoBackoff(), 0),  # a retry doubles a timeout; the caller recomputes instead
+                health_check_interval=0,
+            )
+            self._owns_client = True
+        else:
+            if url is not None:
+                raise ValueError("pass either url or client, not both")
+            self.url = repr(client)
+            self._client = client
+            self._owns_client = False
+        if self._client.get_encoder().decode_responses:
+            raise ValueError("the redis client must return bytes: build it with decode_responses=False")
+        self._configured_capacity = capacity_bytes
+        self.capacity_bytes = capacity_bytes if capacity_bytes is not None else UNLIMITED
+        """The budget reported beside `used_bytes`: the one given, else the server's `maxmemory` (asked when
+        the server is first reached), else `UNLIMITED`. The server enforces it, not this tier."""
+        self.evictions = 0
+        """Blocks this instance stored that it later found gone from the server (evicted, expired, a restart)."""
+        self.corrupt = 0
+        """Values that failed verification (size, header, checksum); their keys were deleted."""
+        self.unavailable = 0
+        """Round trips that failed (no server, a timeout, a lost connection): each started an outage."""
+        self.fingerprint = b""
+        self.row_bytes = 0
+        self.value_bytes = HEADER_BYTES
+        """Bytes of one value on the server: header + row."""
+        self._namespace = b""
+        self._held: OrderedDict[bytes, None] = OrderedDict()  # what this instance stored and believes there
+        self._down_until = 0.0  # time.monotonic() before which the server is not tried
+        self._down = False
+        self._last_error: Exception | None = None
+        self._asked_capacity = False
+        self._open = False
+        if fingerprint is not None or row_bytes is not None:
+            self._open_with(fingerprint, row_bytes)
+
+    # -- Tier protocol -----------------------------------------------------
+    def open(self, layout: RowLayout) -> None:
+        """Bind to `layout`'s rows; try the server once (an unreachable one is logged and served on as misses)."""
+        self._open_with(layout.fingerprint, layout.row_bytes)
+
+    def _open_with(self, fingerprint: bytes, row_bytes: int) -> None:
+        if self._open:
+            raise ValueError(f"remote tier {self.name!r} is already open")
+        if not isinstance(fingerprint, bytes) or len(fingerprint) != 32:
+            raise ValueError(f"fingerprint must be 32 bytes, got {fingerprint!r}")
+        if isinstance(row_bytes, bool) or not isinstance(row_bytes, int) or row_bytes < 1:
+            raise ValueError(f"row_bytes must be a positive int, got {row_bytes!r}")
+        self.fingerprint = fingerprint
+        self.row_bytes = row_bytes
+        self.value_bytes = HEADER_BYTES + row_bytes
+        self._namespace = f"{self.prefix}{fingerprint[:_FINGERPRINT_KEY_BYTES].hex()}:".encode()
+        self._open = True
+        self._round_trip(lambda: self._client.ping())  # learn now whether the server is there, and its maxmemory
+
+    def key(self, block_hash: bytes) -> bytes:
+        """The server key of `block_hash` for this tier's prefix and layout."""
+        return self._namespace + block_hash.hex().encode()
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of values (header included) this instance stored and has not seen gone: at most `capacity_bytes`."""
+        return len(self._held) * self.value_bytes
+
+    @property
+    def available(self) -> bool:
+        """False during an outage (until `retry_interval` after the last failed round trip)."""
+        return time.monotonic() >= self._down_until
+
+    def __contains__(self, block_hash: bytes) -> bool:
+        """Whether the server holds the block now (one `EXISTS`; False while unavailable)."""
+        return self.contains_many([block_hash])[0]
+
+    def __len__(self) -> int:
+        """Blocks this instance stored and believes are still on the server."""
+        return len(self._held)
+
+    def contains_many(self, block_hashes) -> list[bool]:
+        """Which of `block_hashes` the server holds now: pipelined `EXISTS`, one round trip per batch.
+
+        An optional extension of the `Tier` protocol: `TieredStore` asks it once
+        per lookup instead of one `in` per block. All False while unavailable.
+        """
+        self._check_open()
+        hashes = check_block_hashes(block_hashes)
+        answers = [False] * len(hashes)
+        step = max(self.batch_blocks, 1024)  # EXISTS replies are small
+        for start in range(0, len(hashes), step):
+            part = hashes[start : start + step]
+
+            def exists(part=part):
+                pipe = self._client.pipeline(transaction=False)
+                for h in part:
+                    pipe.exists(self.key(h))
+                return pipe.execute()
+
+            replies = self._round_trip(exists)
+            if replies is None:
+                break
+            for i, (h, n) in enumerate(zip(part, replies, strict=True)):
+                answers[start + i] = bool(n)
+                if not n:
+                    self._gone(h)
+        return answers
+
+    def touch(self, block_hashes) -> None:
+        """Refresh local recency only: the server's LRU sees every GET, and a round trip per device hit is not worth it."""
+        for h in [block_hashes] if isinstance(block_hashes, bytes) else block_hashes:
+            if h in self._held:
+                self._held.move_to_end(h)
+
+    def put_many(self, items: list[tuple[bytes, np.ndarray]]) -> list[bool | Exception]:
+        """Store rows (`SET NX`, pipelined); per block True (stored), False (already on the server) or the error.
+
+        `RemoteUnavailable` for blocks of a batch whose round trip failed (some
+        may have landed: whole values, which later reads verify);
+        `RemoteWriteError` for one the server refused.
+        """
+        self._check_open()
+        check_block_hashes([h for h, _ in items])
+        for _, row in items:
+            check_row(row, self.row_bytes, name="row")
+        answers: list[bool | Exception] = []
+        for batch in self._batches(items):
+            values = [(self.key(h), self._value(h, row)) for h, row in batch]
+
+            def set_nx(values=values):
+                pipe = self._client.pipeline(transaction=False)
+                for key, value in values:
+                    pipe.set(key, value, nx=True, ex=self.ttl_seconds)
+                return pipe.execute(raise_on_error=False)
+
+            replies = self._round_trip(set_nx)
+            if replies is None:
+                error = self._unavailable_error()
+                answers += [error] * (len(items) - len(answers))
+                break
+            for (h, _), reply in zip(batch, replies, strict=True):
+                if isinstance(reply, Exception):
+                    answers.append(RemoteWriteError(f"block {h.hex()[:16]}: the server refused it: {reply}"))
+                    continue
+                answers.append(bool(reply))  # None: the key exists (written by us or another instance)
+                self._held[h] = None
+                self._held.move_to_end(h)
+            self._trim()
+        return answers
+
+    def get_many(self, items: list[tuple[bytes, np.ndarray]]) -> list[Exception | None]:
+        """Read rows into their `out` arrays (pipelined `GET`); per block None (exact, verified) or the error.
+
+        KeyError: not on the server (never stored, evicted, expired).
+        CorruptBlockError: the value failed verification; its key was deleted.
+        RemoteUnavailable: the round trip failed; the block may still be there.
+        An `out` row is written only for a None answer.
+        """
+        self._check_open()
+        check_block_hashes([h for h, _ in items])
+        for _, out in items:
+            check_row(out, self.row_bytes)
+        answers: list[Exception | None] = []
+        for batch in self._batches(items):
+
+            def get(batch=batch):
+                pipe = self._client.pipeline(transaction=False)
+                for h, _ in batch:
+                    pipe.get(self.key(h))
+                return pipe.execute(raise_on_error=False)
+
+            replies = self._round_trip(get)
+            if replies is None:
+                error = self._unavailable_error()
+                answers += [error] * (len(items) - len(answers))
+                break
+            bad = []
+            for (h, out), reply in zip(batch, replies, strict=True):
+                if reply is None:
+                    self._gone(h)
+                    answers.append(KeyError(f"block {h.hex()[:16]} is not on the server of remote tier {self.name!r}"))
+                    continue
+                why = self._verify(h, reply)
+                if why is not None:
+                    self.corrupt += 1
+                    self._held.pop(h, None)
+                    bad.append(self.key(h))
+                    answers.append(CorruptBlockError(f"block {h.hex()[:16]}: {why}; its key was deleted"))
+                    continue
+                out[:] = np.frombuffer(reply, np.uint8, count=self.row_bytes, offset=HEADER_BYTES)
+                if h in self._held:
+                    self._held.move_to_end(h)
+                answers.append(None)
+            if bad:
+                self._round_trip(lambda bad=bad: self._delete(bad))
+        return answers
+
+    def close(self) -> None:
+        """Drop the connections (a client passed in is left open: it is yours)."""
+        if self._owns_client:
+            self._client.close()
+
+    # -- housekeeping ------------------------------------------------------
+    def clear(self) -> int:
+        """Delete every block of this prefix and layout from the server (every instance's); returns the count."""
+        self._check_open()
+        keys = list(self._client.scan_iter(match=self._namespace + b"*", count=1000))
+        if keys:
+            self._delete(keys)
+        self._held.clear()
+        return len(keys)
+
+    def _delete(self, keys: list[bytes]) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        for key in keys:
+            pipe.delete(key)  # one key per command: works on a cluster, whose keys live on many nodes
+        pipe.execute(raise_on_error=False)
+
+    # -- internals ---------------------------------------------------------
+    def _value(self, block_hash: bytes, row: np.ndarray) -> bytearray:
+        """Header + row in one buffer: the row is copied once (the host slot is reused when put_many returns)."""
+        value = bytearray(self.value_bytes)
+        _HEADER.pack_into(
+            value, 0, MAGIC, VERSION, HEADER_BYTES, self.fingerprint, block_hash, self.row_bytes, checksum(row)
+        )
+        np.frombuffer(value, np.uint8)[HEADER_BYTES:] = row
+        return value
+
+    def _verify(self, block_hash: bytes, reply) -> str | None:
+        """Why `reply` is not this block's value for this layout, or None when it is."""
+        if isinstance(reply, Exception):  # e.g. WRONGTYPE: something else under our key
+            return f"the server answered {reply}"
+        if not isinstance(reply, bytes):
+            return f"the server answered a {type(reply).__name__}"
+        if len(reply) != self.value_bytes:  # before any copy: never a short row
+            return f"value is {len(reply)} bytes, expected {self.value_bytes}"
+        magic, version, header_len, fingerprint, stored_hash, length, check = _HEADER.unpack_from(reply)
+        if magic != MAGIC or version != VERSION or header_len != HEADER_BYTES:
+            return f"bad magic/version {magic!r}/{version}"
+        if fingerprint != self.fingerprint:
+            return "written for another layout"
+        if stored_hash != block_hash:
+            return "holds another block"
+        if length != self.row_bytes:
+            return f"payload length {length} != row_bytes {self.row_bytes}"
+        if checksum(memoryview(reply)[HEADER_BYTES:]) != check:
+            return "checksum mismatch"
+        return None
+
+    def _batches(self, items):
+        """Consecutive slices of `items` of at most `batch_blocks` blocks and `batch_bytes` bytes (at least one)."""
+        per_batch = max(1, min(self.batch_blocks, self.batch_bytes // self.value_bytes))
+        for start in range(0, len(items), per_batch):
+            yield items[start : start + per_batch]
+
+    def _round_trip(self, call):
+        """`call()`'s result, or None when the server is unavailable or the call failed (then it is for a while)."""
+        if not self.available:
+            return None
+        try:
+            result = call()
+        except _NETWORK_ERRORS as e:
+            self._fail(e)
+            return None
+        if self._down:
+            self._down = False
+            log.warning("remote tier %r: %s answers again", self.name, self.url)
+        if self._configured_capacity is None and not self._asked_capacity:
+            self._asked_capacity = True
+            self._ask_capacity()
+        return result
+
+    def _ask_capacity(self) -> None:
+        """capacity_bytes = the server's maxmemory, when it says (managed services may refuse CONFIG)."""
+        try:
+            reply = self._client.config_get("maxmemory")
+            maxmemory = int(next(iter(reply.values()))) if reply else 0
+        except (*_NETWORK_ERRORS, ValueError, StopIteration, AttributeError):
+            return
+        if maxmemory > 0:
+            self.capacity_bytes = maxmemory
+            self._trim()
+
+    def _fail(self, error: Exception) -> None:
+        self.unavailable += 1
+        self._down_until = time.monotonic() + self.retry_interval
+        self._drop_connections()  # a late reply must never be read as the answer to a later command
+        if not self._down:
+            self._down = True
+            log.warning(
+                "remote tier %r: %s unavailable (%s: %s); serving on without it (misses), retrying every %g s",
+                self.name,
+                self.url,
+                type(error).__name__,
+                error,
+                self.retry_interval,
+            )
+        self._last_error = error
+
+    def _unavailable_error(self) -> RemoteUnavailable:
+        why = self._last_error
+        return RemoteUnavailable(
+            f"remote tier {self.name!r}: {self.url} unavailable" + (f" ({type(why).__name__}: {why})" if why else "")
+        )
+
+    def _drop_connections(self) -> None:
+        pool = getattr(self._client, "connection_pool", None)
+        try:
+            if pool is not None:
+                pool.disconnect()
+            elif hasattr(self._client, "disconnect_connection_pools"):  # RedisCluster
+                self._client.disconnect_connection_pools()
+        except Exception:  # dropping a broken connection may fail again; it is dropped either way
+            pass
+
+    def _gone(self, block_hash: bytes) -> None:
+        """A block this instance stored is no longer on the server: the server evicted it (or lost it)."""
+        if block_hash in self._held:
+            del self._held[block_hash]
+            self.evictions += 1
+
+    def _trim(self) -> None:
+        """Forget the oldest stored blocks beyond `capacity_bytes`: the server must have evicted some by then."""
+        while self._held and self.used_bytes > self.capacity_bytes:
+            self._held.popitem(last=False)
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise ValueError(
+                f"remote tier {self.name!r} is not open: a TieredStore opens it, or pass fingerprint and row_bytes"
+            )
+
+    def __repr__(self) -> str:
+        return f"RemoteTier({self.name!r}, {self.url}, prefix={self.prefix!r})"
+
+
+def _redacted(url: str) -> str:
+    """`url` without its password."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urllib.parse.urlunsplit(parts._replace(netloc=user + netloc))
