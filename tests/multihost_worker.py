@@ -423,6 +423,7 @@ def agreement_cost(mesh, params, repeats: int = 200) -> dict:
             times.append(time.perf_counter() - t0)
         out[f"{mechanism}_median_s"] = float(np.median(times))
         out[f"{mechanism}_p90_s"] = float(np.percentile(times, 90))
+    out["fallback"] = agreement_fallback(cache)
     hashes = [block_hash(i) for i in range(4)]
     for name, agreement in (("alone", None), ("agreed", "auto")):
         store = TieredStore.for_cache(cache, 4 * params.host_bytes_per_page(TP), agreement=agreement)
@@ -440,6 +441,36 @@ def agreement_cost(mesh, params, repeats: int = 200) -> dict:
     return out
 
 
+def agreement_fallback(cache) -> dict:
+    """The agreement when `_jax_compat` finds no coordination client (as on a jax it was not
+    checked against): "auto" warns and takes the collective, which agrees all the same."""
+    import warnings
+
+    from jaxkv import _jax_compat
+    from jaxkv.transfer.agreement import GroupAgreement
+
+    real = _jax_compat.coordination_client
+    _jax_compat.coordination_client = lambda: None
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            agreement = GroupAgreement.for_cache(cache, timeout_s=AGREEMENT_TIMEOUT_S)
+        out = {
+            "mechanism": agreement.mechanism,
+            "warnings": [f"{w.category.__name__}: {w.message}" for w in caught],
+            # Process p votes v + 10 p: the group's minimum is process 0's vote.
+            "mins": [agreement.min(v + 10 * jax_process()) for v in (7, 3, 12)],
+        }
+        try:
+            GroupAgreement.for_cache(cache, mechanism="store")
+            out["store_error"] = None
+        except ValueError as e:
+            out["store_error"] = str(e)
+        return out
+    finally:
+        _jax_compat.coordination_client = real
+
+
 def jax_process() -> int:
     import jax
 
@@ -447,9 +478,12 @@ def jax_process() -> int:
 
 
 def barrier(name: str, timeout_s: float = 60.0) -> None:
-    from jax._src import distributed
+    """All processes reach `name` (the coordination service's barrier: host-side, with a timeout)."""
+    from jaxkv import _jax_compat
 
-    distributed.global_state.client.wait_at_barrier(name, int(timeout_s * 1000))
+    client = _jax_compat.coordination_client()
+    assert client is not None, "the coordination client is what the 'store' agreement runs on"
+    client.wait_at_barrier(name, int(timeout_s * 1000))
 
 
 def roundtrip(process: int, port: int, out: Path) -> dict:

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from cachegen import random_buffer, tp_mesh
@@ -31,7 +32,7 @@ from multihost_worker import (
     source_arrays,
 )
 
-from jaxkv import OffloadEngine, TieredStore, layout_fingerprint
+from jaxkv import OffloadEngine, TieredStore, _jax_compat, layout_fingerprint
 from jaxkv.tiers.disk import DiskTier
 from jaxkv.transfer import native
 from jaxkv.transfer.agreement import GroupAgreement
@@ -214,6 +215,19 @@ def test_lookup_agreement_cost(roundtrip):
     )
 
 
+def test_agreement_falls_back_to_the_collective_without_the_client(roundtrip):
+    """With `_jax_compat` finding no coordination client (a jax it was not checked against), both
+    processes warn, take the collective, and agree on the group's minimum; 'store' is refused, saying why."""
+    _, reports, _ = roundtrip
+    for r in reports:
+        fallback = r["cost"]["fallback"]
+        assert fallback["mechanism"] == "collective"
+        assert fallback["mins"] == [7, 3, 12]  # process 1 voted 17, 13, 22
+        (warning,) = fallback["warnings"]
+        assert warning.startswith("RuntimeWarning") and "falls back to mechanism='collective'" in warning
+        assert "no public API" in fallback["store_error"] and "use mechanism='collective'" in fallback["store_error"]
+
+
 def test_killed_process_neither_hangs_nor_corrupts(tmp_path):
     """Process 1 dies mid-offload (SIGKILL inside a disk write). Process 0 finishes its
     store, gets a timeout error from the next lookup instead of a hang, and both
@@ -299,3 +313,28 @@ def test_collective_agreement_in_one_process():
     agreement = GroupAgreement([0], mesh=tp_mesh(8))
     assert agreement.mechanism == "collective"
     assert [agreement.min(v) for v in (7, 3)] == [7, 3] and agreement.calls == 2
+
+
+def test_collective_agreement_needs_no_private_api(monkeypatch):
+    """mechanism='collective' never asks `_jax_compat` for the coordination client."""
+
+    def private_api(*_):
+        raise AssertionError("the collective mechanism reached for the private coordination client")
+
+    monkeypatch.setattr(_jax_compat, "coordination_client", private_api)
+    agreement = GroupAgreement([0], mesh=tp_mesh(8), mechanism="collective")
+    assert [agreement.min(v) for v in (7, 3)] == [7, 3]
+
+
+def test_auto_agreement_falls_back_when_the_client_is_out_of_reach(monkeypatch):
+    """Under jax.distributed on a jax `_jax_compat` does not know, "auto" warns and takes the
+    collective, and "store" is refused with the versions it was checked on."""
+    monkeypatch.setattr(jax, "__version_info__", (0, 11, 0))
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    assert _jax_compat.coordination_client() is None
+    with pytest.warns(RuntimeWarning, match=r"only on jax >=0\.10\.0,<0\.11\.0.*falls back to mechanism='collective'"):
+        agreement = GroupAgreement([0], mesh=tp_mesh(8))
+    assert agreement.mechanism == "collective"
+    assert [agreement.min(v) for v in (7, 3)] == [7, 3]
+    with pytest.raises(ValueError, match=r"this is jax .*; use mechanism='collective'"):
+        GroupAgreement([0], mesh=tp_mesh(8), mechanism="store")

@@ -19,7 +19,12 @@ Two mechanisms:
 - ``"collective"``: a jitted min over the cache's devices. For runtimes
   without a coordination client. It queues behind device work and a dead
   peer makes it wait for the backend's collective timeout, so it is not the
-  default.
+  default. It needs no private JAX API.
+
+JAX has no public accessor for the coordination client: jaxkv reads it in
+`jaxkv._jax_compat.coordination_client`, on the JAX versions where it was
+checked. Where that answers None although `jax.distributed` is initialized,
+``"auto"`` warns and takes the collective.
 
 Calls are matched by order, like collectives: every process of the group
 must make the same calls in the same order, which it does when it runs the
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +43,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxkv import _jax_compat
 from jaxkv.layout.buffer import KVCacheBuffer, MultiKVCacheBuffer
 
 MECHANISMS = ("auto", "store", "collective")
@@ -79,14 +86,6 @@ def spans_processes(cache) -> bool:
     return len(cache_processes(cache)) > 1
 
 
-def _coordination_client():
-    # jax keeps the client of `jax.distributed.initialize` here (orbax reads it
-    # the same way); there is no public accessor in jax 0.10.
-    from jax._src import distributed
-
-    return distributed.global_state.client
-
-
 class GroupAgreement:
     """Agrees on the minimum of one int across the processes of a TP group.
 
@@ -112,10 +111,24 @@ class GroupAgreement:
             raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
         if mechanism not in MECHANISMS:
             raise ValueError(f"mechanism must be one of {MECHANISMS}, got {mechanism!r}")
-        client = _coordination_client()
+        # The collective needs no client: only "auto" and "store" reach for it.
+        client = None if mechanism == "collective" else _jax_compat.coordination_client()
         if mechanism == "auto":
             mechanism = "store" if client is not None else "collective"
+            if client is None and jax.distributed.is_initialized():
+                warnings.warn(
+                    f"{_jax_compat.coordination_client_unavailable()}: GroupAgreement falls back to "
+                    "mechanism='collective' (a dead peer surfaces after the backend's collective timeout, "
+                    "not after timeout_s)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         if mechanism == "store" and client is None:
+            if jax.distributed.is_initialized():
+                raise ValueError(
+                    f"mechanism 'store' needs the coordination client: "
+                    f"{_jax_compat.coordination_client_unavailable()}; use mechanism='collective'"
+                )
             raise ValueError(
                 "mechanism 'store' needs the jax.distributed coordination service: call "
                 "jax.distributed.initialize() first, or use mechanism='collective'"
