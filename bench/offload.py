@@ -437,8 +437,8 @@ def plot(rows: list[dict], layouts: list[str], path: Path, platform: str) -> Non
 
 
 def native_kernels() -> str:
-    """Whether jaxkv's native CPU page kernels are in use (jaxkv/native)."""
-    from jaxkv.transfer import native
+    """Whether jaxkv's native CPU page kernels are in use (jaxkv/_native)."""
+    from jaxkv import _native as native
 
     return "on" if native.available() else "off"
 

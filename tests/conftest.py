@@ -13,10 +13,10 @@ import pytest  # noqa: E402
 @pytest.fixture(params=["native", "xla"])
 def kernels(request, monkeypatch):
     """Run a test with the native CPU page kernels and with the pure-XLA ones (what GPUs/TPUs use)."""
-    from jaxkv.transfer import native
+    from jaxkv import _native as native
 
     if request.param == "xla":
         monkeypatch.setattr(native, "available", lambda: False)
     elif not native.available():
-        pytest.skip("native CPU kernels unavailable (no C++ compiler)")
+        pytest.skip("native CPU kernels unavailable (not built at install, or JAXKV_NATIVE=0)")
     return request.param

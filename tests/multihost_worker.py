@@ -180,7 +180,7 @@ def shard_bytes(cache) -> dict[int, bytes]:
 
 def engine_round_trip(params, mesh, arrays, process, kernels) -> dict:
     from jaxkv import OffloadEngine, allocate_buffer
-    from jaxkv.transfer import native
+    from jaxkv import _native as native
 
     src = global_cache(params, mesh, arrays)
     replicated = params.replicated(TP)
@@ -488,7 +488,7 @@ def barrier(name: str, timeout_s: float = 60.0) -> None:
 
 def roundtrip(process: int, port: int, out: Path) -> dict:
     mesh = start(process, port, recoverable=False)
-    from jaxkv.transfer import native
+    from jaxkv import _native as native
 
     result = {"engine": {}}
     t0 = time.perf_counter()

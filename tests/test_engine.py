@@ -61,7 +61,7 @@ def test_round_trip_is_bit_exact(dtype, scale_dtype, tp, mla, path):
 @pytest.mark.parametrize(("dtype", "scale_dtype"), DTYPES)
 def test_round_trip_is_bit_exact_with_xla_kernels(dtype, scale_dtype, tp, mla, monkeypatch):
     """The pure-XLA kernels (GPU/TPU) keep every bit too, NaN payloads included."""
-    from jaxkv.transfer import native
+    from jaxkv import _native as native
 
     monkeypatch.setattr(native, "available", lambda: False)
     engine = check_round_trip(dtype, scale_dtype, tp, mla, "xla")

@@ -33,8 +33,8 @@ from multihost_worker import (
 )
 
 from jaxkv import OffloadEngine, TieredStore, _jax_compat, layout_fingerprint
+from jaxkv import _native as native
 from jaxkv.tiers.disk import DiskTier
-from jaxkv.transfer import native
 from jaxkv.transfer.agreement import GroupAgreement
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
@@ -50,7 +50,6 @@ def free_port() -> int:
 
 def launch(scenario: str, out: Path) -> tuple[list[int], list[dict], float]:
     """Run both processes of `scenario`; return their exit codes, JSON reports and the wall time."""
-    native.available()  # build the native kernels once, before two workers race to
     for _ in range(3):
         result = launch_once(scenario, out)
         if result is not None:

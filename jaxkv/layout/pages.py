@@ -12,7 +12,7 @@ computation (directly, or per shard inside `jax.shard_map`). Two families:
   runs on the gathered pages only. On XLA:CPU even the same-width bitcast of
   the cache is a real pass (a loop fusion), so the XLA scatter costs two
   whole-cache passes there; on GPU it does not (bench/scatter_probe.py).
-- Native (`*_native`, XLA:CPU only, jaxkv/transfer/native): one memcpy per page through
+- Native (`*_native`, XLA:CPU only, jaxkv/_native): one memcpy per page through
   the XLA FFI, the cache aliased to the output so a donated write is in place.
 
 `kernels(devices)` picks the family for the devices at hand.
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxkv.transfer import native
+from jaxkv import _native as native
 
 _WORD_DTYPES = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
 
@@ -88,7 +88,7 @@ def _page_bytes(shard: jax.Array) -> int:
 
 
 def gather_page_bytes_native(shard: jax.Array, page_ids: jax.Array) -> jax.Array:
-    """`gather_page_bytes` as one memcpy per page (XLA:CPU only; see jaxkv/transfer/native)."""
+    """`gather_page_bytes` as one memcpy per page (XLA:CPU only; see jaxkv/_native)."""
     out = jax.ShapeDtypeStruct((page_ids.shape[0], _page_bytes(shard)), jnp.uint8)
     return jax.ffi.ffi_call("jaxkv_page_gather", out)(shard, page_ids)
 

@@ -1,1 +1,1 @@
-"""Moving pages: the offload engine, transfer handles, native page kernels, multi-process agreement."""
+"""Moving pages: the offload engine, transfer handles, multi-process agreement."""

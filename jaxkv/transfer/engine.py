@@ -47,11 +47,11 @@ import numpy as np
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxkv import _native as native
 from jaxkv.layout import pages as _pages
 from jaxkv.layout.buffer import KVCacheBuffer, MultiKVCacheBuffer
 from jaxkv.layout.fingerprint import RowLayout, RowUnit
 from jaxkv.layout.memory import KVCacheMemory
-from jaxkv.transfer import native
 from jaxkv.transfer.handle import Transfer, completed
 
 D2H_PATHS = ("auto", "xla", "host")
@@ -122,6 +122,7 @@ class OffloadEngine:
         if host_memory_kind not in kinds:
             raise ValueError(f"host_memory_kind {host_memory_kind!r} is not a memory of these devices: {sorted(kinds)}")
 
+        self._on_cpu = on_cpu
         self.d2h_path = ("host" if on_cpu else "xla") if d2h_path == "auto" else d2h_path
         """The device-to-host path in use: 'xla' or 'host'."""
         self.host_memory_kind = host_memory_kind
@@ -299,7 +300,7 @@ class OffloadEngine:
             # finished and is dropped before returning (a live numpy view would
             # disable donation of the cache).
             view = np.asarray(unit.shard).reshape(unit.total_num_pages, -1).view(np.uint8)
-            _copy_rows(self.host_pool[:, offset : offset + unit.bytes_per_page], slots, view, ids)
+            _copy_rows(self.host_pool[:, offset : offset + unit.bytes_per_page], slots, view, ids, on_cpu=True)
             del view
 
     def _gather_fn(self, device: jax.Device):
@@ -378,6 +379,7 @@ class OffloadEngine:
                 np.arange(slots.size, dtype=np.int32),
                 self.host_pool[:, offset : offset + unit.bytes_per_page],
                 slots,
+                on_cpu=self._on_cpu,
             )
             pieces.extend(jax.device_put(staged, d) for d in unit.devices)
         width = group[0][0].bytes_per_page
@@ -454,9 +456,13 @@ def _slots_arg(array: jax.Array, slots: np.ndarray):
     return jax.make_array_from_callback((mesh.size * slots.size,), NamedSharding(mesh, spec), lambda _: slots)
 
 
-def _copy_rows(dst: np.ndarray, dst_rows: np.ndarray, src: np.ndarray, src_rows: np.ndarray) -> None:
-    """dst[dst_rows[i]] = src[src_rows[i]]: one memcpy per row, natively when the kernels are built."""
-    if native.available():
+def _copy_rows(dst: np.ndarray, dst_rows: np.ndarray, src: np.ndarray, src_rows: np.ndarray, *, on_cpu: bool) -> None:
+    """dst[dst_rows[i]] = src[src_rows[i]]: one memcpy per row, natively on a CPU engine when the kernels are built.
+
+    `on_cpu` is False for an engine on GPU/TPU: its staging copies run in numpy
+    and never load the native library.
+    """
+    if on_cpu and native.available():
         native.copy_rows(dst, dst_rows, src, src_rows)
     elif src.shape[1] >= _LOOP_MIN_PAGE_BYTES:
         for d, s in zip(dst_rows.tolist(), src_rows.tolist(), strict=True):

@@ -134,15 +134,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxkv_page_scatter_from_pool, PageScatterFromPool,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>());
 
-// Plain C entry point (called through ctypes, not XLA): for i < k,
-// copy `nbytes` from src + src_rows[i] * src_stride to dst + dst_rows[i] * dst_stride.
-// The host offload path uses it to move pages between a CPU shard and the
-// host pool without a Python-level loop per page.
-extern "C" void jaxkv_copy_rows(uint8_t* dst, int64_t dst_stride, const uint8_t* src,
-                                int64_t src_stride, int64_t nbytes, const int32_t* dst_rows,
-                                const int32_t* src_rows, int64_t k) {
+// Plain C entry point (called through ctypes, not XLA): for i < k, copy
+// `nbytes` from row src_rows[i] of `src` to row dst_rows[i] of `dst` (rows
+// `*_stride` bytes apart, `*_num_rows` of them). The host offload path uses it
+// to move pages between a CPU shard and the host pool without a Python-level
+// loop per page. Every row is checked before any byte moves: returns -1 when
+// all were copied, or the first i whose dst_rows[i] or src_rows[i] lies outside
+// its array (nothing copied).
+extern "C" int64_t jaxkv_copy_rows(uint8_t* dst, int64_t dst_stride, int64_t dst_num_rows,
+                                   const uint8_t* src, int64_t src_stride, int64_t src_num_rows,
+                                   int64_t nbytes, const int32_t* dst_rows,
+                                   const int32_t* src_rows, int64_t k) {
+  for (int64_t i = 0; i < k; ++i) {
+    if (dst_rows[i] < 0 || dst_rows[i] >= dst_num_rows || src_rows[i] < 0 ||
+        src_rows[i] >= src_num_rows) {
+      return i;
+    }
+  }
   for (int64_t i = 0; i < k; ++i) {
     std::memcpy(dst + dst_rows[i] * dst_stride, src + src_rows[i] * src_stride,
                 static_cast<size_t>(nbytes));
   }
+  return -1;
 }

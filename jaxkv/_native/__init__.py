@@ -1,0 +1,152 @@
+"""jaxkv's native CPU kernels: one shared library, built when jaxkv is installed.
+
+The build (CMakeLists.txt at the repository root, run by scikit-build-core at
+`pip install`) compiles every `*.cc` beside this file into `LIBRARY` and puts it
+in this package's directory; nothing compiles at import or first use. This
+module finds it, checks that it was built against this jaxlib (major.minor:
+its XLA FFI headers come from jaxlib), loads it with ctypes, and registers its
+XLA FFI handlers (`FFI_TARGETS`) for the CPU platform.
+
+The kernels serve XLA:CPU only: callers check the platform before asking
+`available()`, so a GPU or TPU process never loads the library. Where it was
+not built (no C++ compiler, `JAXKV_NATIVE=0` at install), does not load, or was
+built for another jaxlib, `available()` is False, one warning says why, and
+jaxkv runs its pure-XLA kernels (bit-exact, slower). `JAXKV_NATIVE=0` at run
+time turns the kernels off without a warning.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import jax
+import numpy as np
+
+LIBRARY = {"darwin": "libjaxkv_native.dylib", "win32": "jaxkv_native.dll"}.get(sys.platform, "libjaxkv_native.so")
+"""File name of the built library (CMake's name for the `jaxkv_native` target on this platform)."""
+
+FFI_TARGETS = ("jaxkv_page_gather", "jaxkv_page_scatter", "jaxkv_page_scatter_from_pool")
+"""XLA FFI handlers in page_copy.cc, registered under these names for platform 'cpu'."""
+
+
+def library_path() -> Path | None:
+    """The built library, or None when the install built none.
+
+    Searched in every directory of this package's `__path__`: the package
+    directory of a regular install; for an editable install (scikit-build-core's
+    redirect mode) the source tree and the tree the build installed into.
+    """
+    for directory in __path__:
+        path = Path(directory) / LIBRARY
+        if path.is_file():
+            return path
+    return None
+
+
+def _jaxlib_version() -> str:
+    import jaxlib
+
+    return jaxlib.__version__
+
+
+def _major_minor(version: str) -> tuple[str, ...]:
+    return tuple(version.split(".")[:2])
+
+
+def _unavailable(reason: str) -> None:
+    # Called once per process: library() is cached.
+    warnings.warn(f"jaxkv: native CPU kernels unavailable, using the pure-XLA kernels: {reason}", stacklevel=3)
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded library with its FFI handlers registered, or None (see the module docstring).
+
+    Other native entry points (plain C functions called through ctypes) are
+    attributes of it; test one with `hasattr`, since a build may lack a source
+    whose dependency it did not find.
+    """
+    if os.environ.get("JAXKV_NATIVE", "1") == "0":
+        return None
+    path = library_path()
+    if path is None:
+        _unavailable(
+            f"{LIBRARY} was not built when jaxkv was installed (it needs a C++ compiler); "
+            "reinstall jaxkv where one is present to build it"
+        )
+        return None
+    try:
+        lib = ctypes.CDLL(str(path))
+        lib.jaxkv_built_with_jaxlib.restype = ctypes.c_char_p
+        built = lib.jaxkv_built_with_jaxlib().decode()
+    except (OSError, AttributeError) as e:
+        _unavailable(f"cannot load {path}: {e}")
+        return None
+    running = _jaxlib_version()
+    if _major_minor(built) != _major_minor(running):
+        _unavailable(
+            f"{path} was built against jaxlib {built}, but jaxlib {running} is running; "
+            "reinstall jaxkv to rebuild it against this jaxlib"
+        )
+        return None
+    for name in FFI_TARGETS:
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+    lib.jaxkv_copy_rows.restype = ctypes.c_int64
+    lib.jaxkv_copy_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]  # dst, stride, rows
+    lib.jaxkv_copy_rows.argtypes += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]  # src, stride, rows
+    lib.jaxkv_copy_rows.argtypes += [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    return lib
+
+
+def available() -> bool:
+    """Whether the native CPU kernels are built, match this jaxlib, and are registered with XLA."""
+    return library() is not None
+
+
+def _check_rows_array(name: str, a) -> None:
+    if not isinstance(a, np.ndarray) or a.ndim != 2 or a.dtype != np.uint8 or a.strides[1] != 1:
+        got = f"{a.dtype} array of shape {a.shape}, strides {a.strides}" if isinstance(a, np.ndarray) else type(a)
+        raise ValueError(f"{name} must be a 2-D uint8 numpy array with contiguous rows, got {got}")
+
+
+def _check_row_ids(name: str, ids) -> None:
+    if not isinstance(ids, np.ndarray) or ids.ndim != 1 or ids.dtype != np.int32:
+        got = f"{ids.dtype} array of shape {ids.shape}" if isinstance(ids, np.ndarray) else type(ids).__name__
+        raise ValueError(f"{name} must be a 1-D int32 numpy array, got {got}")
+
+
+def copy_rows(dst: np.ndarray, dst_rows: np.ndarray, src: np.ndarray, src_rows: np.ndarray) -> None:
+    """dst[dst_rows[i]] = src[src_rows[i]] for 2-D uint8 arrays whose rows are contiguous: one memcpy per row.
+
+    `dst` and `src` may be column slices of wider arrays (row strides differ
+    from the width). Raises `ValueError` naming the argument at fault, before
+    any byte moves: a wrong array kind, widths that differ, a read-only `dst`,
+    row ids that are not 1-D int32 of one length, or a row id out of range.
+    Raises `RuntimeError` if the library is not available (check `available()`).
+    """
+    _check_rows_array("dst", dst)
+    _check_rows_array("src", src)
+    if dst.shape[1] != src.shape[1]:
+        raise ValueError(f"dst and src rows must have one width, got {dst.shape[1]} and {src.shape[1]} bytes")
+    if not dst.flags.writeable:
+        raise ValueError("dst must be writeable")
+    _check_row_ids("dst_rows", dst_rows)
+    _check_row_ids("src_rows", src_rows)
+    if dst_rows.size != src_rows.size:
+        raise ValueError(f"dst_rows and src_rows must have one length, got {dst_rows.size} and {src_rows.size}")
+    lib = library()
+    if lib is None:
+        raise RuntimeError("jaxkv's native library is not available; check jaxkv._native.available() first")
+    d, s = np.ascontiguousarray(dst_rows), np.ascontiguousarray(src_rows)
+    bad = lib.jaxkv_copy_rows(
+        dst.ctypes.data, dst.strides[0], len(dst), src.ctypes.data, src.strides[0], len(src), dst.shape[1],
+        d.ctypes.data, s.ctypes.data, d.size,
+    )  # fmt: skip
+    if bad >= 0:
+        name, rows, limit = ("dst_rows", d, len(dst)) if not 0 <= d[bad] < len(dst) else ("src_rows", s, len(src))
+        raise ValueError(f"{name}[{bad}] is {int(rows[bad])}, outside the valid range [0, {limit})")

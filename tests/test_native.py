@@ -1,0 +1,171 @@
+"""The native CPU kernels: built at install, loaded without compiling, refused when stale, optional."""
+
+import os
+import subprocess
+import sys
+import warnings
+
+import chex
+import numpy as np
+import pytest
+from cachegen import random_buffer, tp_mesh
+from test_memory import make_params
+
+from jaxkv import OffloadEngine, allocate_buffer
+from jaxkv import _native as native
+from jaxkv.transfer import engine as engine_module
+
+DISABLED = os.environ.get("JAXKV_NATIVE") == "0"
+
+
+@pytest.fixture
+def reload_library():
+    """Forget the loaded library before and after the test: the next use loads (and registers) it again."""
+    native.library.cache_clear()
+    yield
+    native.library.cache_clear()
+
+
+@pytest.mark.skipif(DISABLED, reason="JAXKV_NATIVE=0")
+def test_install_built_the_library_for_this_jaxlib():
+    import jaxlib
+
+    path = native.library_path()
+    assert path is not None, f"no {native.LIBRARY} in {list(native.__path__)}: the install did not build it"
+    assert native.available()
+    built = native.library().jaxkv_built_with_jaxlib().decode()
+    assert built.split(".")[:2] == jaxlib.__version__.split(".")[:2]
+
+
+@pytest.mark.skipif(DISABLED, reason="JAXKV_NATIVE=0")
+def test_loading_compiles_nothing():
+    """With no compiler reachable, a fresh process still loads the kernels: they were built at install."""
+    code = "import jaxkv._native as n; assert n.available(), n.library_path()"
+    env = {**os.environ, "PATH": "/nonexistent", "CXX": "/bin/false", "CC": "/bin/false", "HOME": "/nonexistent"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def round_trip(tp: int = 2) -> OffloadEngine:
+    """d2h then h2d on CPU; checks the pages came back bit for bit."""
+    params = make_params("bfloat16", None, mla=False)
+    src, values, _ = random_buffer(params, tp, num_pages=8, seed=3)
+    engine = OffloadEngine(src, num_host_pages=4)
+    engine.d2h(src, [5, 0, 7], [3, 1, 2]).synchronize()
+    dst, transfer = engine.h2d(allocate_buffer(params, tp_mesh(tp), num_pages=8), [3, 1, 2], [1, 6, 3])
+    transfer.synchronize()
+    want = np.zeros_like(values).view(np.uint8)
+    want[[1, 6, 3]] = values.view(np.uint8)[[5, 0, 7]]
+    chex.assert_trees_all_equal(np.asarray(dst.values).view(np.uint8), want)
+    return engine
+
+
+def test_missing_library_warns_once_and_takes_the_portable_path(monkeypatch, reload_library):
+    monkeypatch.delenv("JAXKV_NATIVE", raising=False)
+    monkeypatch.setattr(native, "library_path", lambda: None)
+    with pytest.warns(UserWarning, match=r"libjaxkv_native\.\w+ was not built when jaxkv was installed"):
+        assert not native.available()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning per process, not one per call
+        assert not native.available()
+        engine = round_trip()
+    assert (engine.d2h_path, engine.h2d_path) == ("host", "staged")
+
+
+def test_library_built_for_another_jaxlib_is_refused(monkeypatch, reload_library):
+    if native.library_path() is None or DISABLED:
+        pytest.skip("no native library built")
+    monkeypatch.setattr(native, "_jaxlib_version", lambda: "0.99.0")
+    with pytest.warns(UserWarning, match=r"built against jaxlib \S+, but jaxlib 0\.99\.0 is running"):
+        assert not native.available()
+    assert round_trip(tp=1).h2d_path == "staged"
+
+    native.library.cache_clear()  # another patch release of the same minor: loads
+    built = _built_version()
+    monkeypatch.setattr(native, "_jaxlib_version", lambda: ".".join([*built.split(".")[:2], "999"]))
+    assert native.available()
+
+
+def _built_version() -> str:
+    import ctypes
+
+    lib = ctypes.CDLL(str(native.library_path()))
+    lib.jaxkv_built_with_jaxlib.restype = ctypes.c_char_p
+    return lib.jaxkv_built_with_jaxlib().decode()
+
+
+def test_jaxkv_native_0_turns_the_kernels_off_silently(monkeypatch, reload_library):
+    monkeypatch.setenv("JAXKV_NATIVE", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not native.available()
+
+
+def test_engine_off_cpu_never_touches_the_library(monkeypatch):
+    """The staged H2D path on GPU/TPU copies rows with numpy: no native load in a GPU process."""
+
+    def fail():
+        raise AssertionError("native library used by a non-CPU engine")
+
+    monkeypatch.setattr(native, "library", fail)
+    monkeypatch.setattr(native, "available", fail)
+    for width in (16, engine_module._LOOP_MIN_PAGE_BYTES):  # both numpy branches
+        src = np.resize(np.arange(251, dtype=np.uint8), (6, width))
+        dst = np.zeros((3, width), np.uint8)
+        rows = np.array([4, 0, 5], np.int32)
+        engine_module._copy_rows(dst, np.arange(3, dtype=np.int32), src, rows, on_cpu=False)
+        chex.assert_trees_all_equal(dst, src[rows])
+
+
+# -- copy_rows arguments -----------------------------------------------------------
+
+
+needs_library = pytest.mark.skipif(DISABLED or native.library_path() is None, reason="no native library built")
+
+
+@needs_library
+def test_copy_rows_copies_between_column_slices():
+    pool = np.zeros((4, 48), np.uint8)
+    src = np.arange(5 * 16, dtype=np.uint8).reshape(5, 16)
+    native.copy_rows(pool[:, 16:32], np.array([3, 0], np.int32), src, np.array([1, 4], np.int32))
+    want = np.zeros((4, 48), np.uint8)
+    want[[3, 0], 16:32] = src[[1, 4]]
+    chex.assert_trees_all_equal(pool, want)
+
+
+@needs_library
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(dst=np.zeros((4, 16), np.int8)), r"dst must be a 2-D uint8 numpy array"),
+        (dict(dst=[[0] * 16] * 4), r"dst must be a 2-D uint8 numpy array"),
+        (dict(src=np.zeros((5, 16, 1), np.uint8)), r"src must be a 2-D uint8 numpy array"),
+        (dict(src=np.zeros((5, 32), np.uint8)[:, ::2]), r"src must be a 2-D uint8 numpy array with contiguous rows"),
+        (dict(src=np.zeros((5, 8), np.uint8)), r"dst and src rows must have one width, got 16 and 8 bytes"),
+        (dict(dst_rows=np.array([0, 1], np.int64)), r"dst_rows must be a 1-D int32 numpy array, got int64"),
+        (dict(src_rows=[0, 1]), r"src_rows must be a 1-D int32 numpy array, got list"),
+        (dict(src_rows=np.array([0], np.int32)), r"dst_rows and src_rows must have one length, got 2 and 1"),
+        (dict(dst_rows=np.array([0, 4], np.int32)), r"dst_rows\[1\] is 4, outside the valid range \[0, 4\)"),
+        (dict(src_rows=np.array([-1, 0], np.int32)), r"src_rows\[0\] is -1, outside the valid range \[0, 5\)"),
+    ],
+)
+def test_copy_rows_argument_errors_name_the_argument(change, message):
+    args = dict(
+        dst=np.zeros((4, 16), np.uint8),
+        dst_rows=np.array([0, 1], np.int32),
+        src=np.ones((5, 16), np.uint8),
+        src_rows=np.array([2, 3], np.int32),
+    )
+    args.update(change)
+    with pytest.raises(ValueError, match=message):
+        native.copy_rows(**args)
+    if isinstance(args["dst"], np.ndarray) and args["dst"].dtype == np.uint8:
+        assert not args["dst"].any(), "a refused copy moved bytes"
+
+
+@needs_library
+def test_copy_rows_refuses_a_read_only_dst():
+    dst = np.zeros((2, 8), np.uint8)
+    dst.flags.writeable = False
+    with pytest.raises(ValueError, match="dst must be writeable"):
+        native.copy_rows(dst, np.array([0], np.int32), np.ones((1, 8), np.uint8), np.array([0], np.int32))
