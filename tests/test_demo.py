@@ -35,7 +35,7 @@ def test_demo_end_to_end_uses_every_tier_bit_exactly(model, dtype, tmp_path):
     assert bi["turns_compared"] > 0 and bi["identical"] == bi["turns_compared"], bi
     assert report["bytes"]["device_to_host"] > 0 and report["bytes"]["disk_to_host"] > 0
     assert json.loads((tmp_path / "report.json").read_text())["requests"] == 18
-    assert (tmp_path / "demo.png").stat().st_size > 0
+    assert (tmp_path / "demo.png").stat().st_size > 0 and report["plot"] == "demo.png"
     assert_headline_is_the_listed_turns(report)
 
 
@@ -89,22 +89,37 @@ def test_demo_reports_a_corrupted_load_and_the_cli_exits_1(tmp_path, monkeypatch
     bi = report["bit_identity"]
     assert bi["identical"] < bi["turns_compared"], bi
     flipped.clear()
+    assert main(small_cli_args(monkeypatch, tmp_path / "b")) == 1
+    assert "MISMATCH" in capsys.readouterr().out
+
+
+def small_cli_args(monkeypatch, out) -> list[str]:
+    """`jaxkv demo` arguments for the SMALL workload (the prompt sizes, which have no option, patched in)."""
     import dataclasses
 
     import jaxkv._cli.demo as demo
 
     @dataclasses.dataclass(frozen=True)
-    class SmallTokens(DemoConfig):  # the prompt sizes have no CLI option
+    class SmallTokens(DemoConfig):
         system_tokens: int = SMALL["system_tokens"]
         user_tokens: int = SMALL["user_tokens"]
         reply_tokens: int = SMALL["reply_tokens"]
 
     monkeypatch.setattr(demo, "DemoConfig", SmallTokens)
     options = ("system_prompts", "conversations", "turns", "device_pages", "host_pages", "disk_mib")
-    args = ["demo", "--model", "mha", "--tp", "2", "--out", str(tmp_path / "b"), "--no-progress"]
-    args += [f"--{k.replace('_', '-')}={SMALL[k]}" for k in options]
-    assert main(args) == 1
-    assert "MISMATCH" in capsys.readouterr().out
+    args = ["demo", "--model", "mha", "--tp", "2", "--out", str(out), "--no-progress"]
+    return args + [f"--{k.replace('_', '-')}={SMALL[k]}" for k in options]
+
+
+def test_demo_without_matplotlib_writes_the_report_and_says_how_to_get_the_plot(tmp_path, monkeypatch, capsys):
+    from jaxkv._cli import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    assert main(small_cli_args(monkeypatch, tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {tmp_path}/report.json; {tmp_path}/demo.png needs matplotlib: pip install 'jaxkv[demo]'\n" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+    assert json.loads((tmp_path / "report.json").read_text())["plot"] is None
 
 
 def test_demo_deletes_nothing_it_did_not_create(tmp_path):

@@ -249,7 +249,7 @@ def _demo_check(cfg) -> str | None:
 
 
 def _demo(args) -> int:
-    from jaxkv._cli.demo import DemoConfig, DemoError, format_report, run_demo
+    from jaxkv._cli.demo import PLOT_EXTRA, DemoConfig, DemoError, format_report, run_demo
 
     names = {f.name for f in dataclasses.fields(DemoConfig)}
     cfg = DemoConfig(**{k: v for k, v in vars(args).items() if k in names}, progress=not args.no_progress)
@@ -261,7 +261,10 @@ def _demo(args) -> int:
     except DemoError as e:
         return _fail("demo", str(e))
     print(format_report(report))
-    print(f"\nwrote {args.out}/report.json and {args.out}/demo.png")
+    if report["plot"] is None:
+        print(f"\nwrote {args.out}/report.json; {args.out}/demo.png needs matplotlib: {PLOT_EXTRA}")
+    else:
+        print(f"\nwrote {args.out}/report.json and {args.out}/demo.png")
     bi = report["bit_identity"]
     return 0 if bi["identical"] == bi["turns_compared"] else 1
 
@@ -278,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         "offload worker -> tiny model, with a device cache too small on purpose. Prints where every prompt "
         "token came from, prefill time with reuse vs full recomputation, bytes moved per direction, and checks "
         "that logits computed from pages that went to host/disk and back are bit-identical to logits from "
-        "pages that never left the device. Writes report.json and demo.png to --out. Exit status 1 if the "
+        "pages that never left the device. Writes report.json and demo.png (which needs matplotlib: "
+        "jaxkv[demo]) to --out. Exit status 1 if the "
         "bit-identity check fails.",
     )
     demo.add_argument(

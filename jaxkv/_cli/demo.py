@@ -351,8 +351,11 @@ def _serve(cfg, jax, jaxkv, model, events, layout, disk_dir, out, devices) -> di
         "bit_identity": {"turns_compared": compared, "identical": identical},
         "turns": per_turn,
     }
+    plt = _pyplot()
+    report["plot"] = None if plt is None else "demo.png"  # None: matplotlib (the `demo` extra) is not installed
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    _plot(report, out / "demo.png")
+    if plt is not None:
+        _plot(plt, report, out / "demo.png")
     return report
 
 
@@ -428,12 +431,23 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _plot(r: dict, path: Path) -> None:
-    import matplotlib
+PLOT_EXTRA = "pip install 'jaxkv[demo]'"
+"""What installs matplotlib, which only demo.png needs: jaxkv itself never imports it."""
 
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _plot(plt, r: dict, path: Path) -> None:
     turns = r["turns"]
     x = np.arange(1, len(turns) + 1)
     prompt = np.cumsum([t["prompt_tokens"] for t in turns])
