@@ -12,7 +12,8 @@ from pathlib import Path
 
 import jax
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# $JAXKV_BENCH_RESULTS redirects the JSON and a smoke run's figures (CI's smoke runs write to a temp dir).
+RESULTS = Path(os.environ.get("JAXKV_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def setup_devices(n_cpu: int = 8) -> None:

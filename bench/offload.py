@@ -481,7 +481,8 @@ def main() -> None:
     parser.add_argument(
         "--out-json",
         default=None,
-        help="results name: bench/results/NAME.json, docs/NAME.png (default offload, offload_quick with --quick)",
+        help="results name: bench/results/NAME.json, docs/NAME.png (default offload; offload_quick with --quick, "
+        "its figure beside the JSON)",
     )
     args = parser.parse_args()
     if args.out_json is None:  # a smoke run never overwrites the committed results
@@ -594,7 +595,8 @@ def main() -> None:
             "seconds": seconds,
         },
     )
-    png = ROOT / "docs" / f"{args.out_json}.png"
+    # The committed figure lives in docs/; a quick run's stays beside its JSON.
+    png = _common.RESULTS / f"{args.out_json}.png" if args.quick else ROOT / "docs" / f"{args.out_json}.png"
     plot(throughput, list(LAYOUTS), png, platform)
     print(f"\nwrote {path} and {png} ({seconds:.0f} s)")
 
