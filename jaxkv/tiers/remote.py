@@ -175,7 +175,8 @@ class RemoteTier:
         """The budget reported beside `used_bytes`: the one given, else the server's `maxmemory` (asked when
         the server is first reached), else `UNLIMITED`. The server enforces it, not this tier."""
         self.evictions = 0
-        """Blocks this instance stored that it later found gone from the server (evicted, expired, a restart)."""
+        """Blocks this instance stored and no longer counts in `used_bytes`: found gone from the server (evicted,
+        expired, lost in a restart), or past `capacity_bytes` (the server must have evicted as much by then)."""
         self.corrupt = 0
         """Values that failed verification (size, header, checksum); their keys were deleted."""
         self.unavailable = 0
@@ -297,7 +298,11 @@ class RemoteTier:
                 break
             for (h, _), reply in zip(batch, replies, strict=True):
                 if isinstance(reply, Exception):
-                    answers.append(RemoteWriteError(f"block {h.hex()[:16]}: the server refused it: {reply}"))
+                    answers.append(
+                        RemoteWriteError(
+                            f"block {h.hex()[:16]}: the server refused it: {type(reply).__name__}: {reply}"
+                        )
+                    )
                     continue
                 answers.append(bool(reply))  # None: the key exists (written by us or another instance)
                 self._held[h] = None
@@ -374,14 +379,11 @@ class RemoteTier:
         pipe.execute(raise_on_error=False)
 
     # -- internals ---------------------------------------------------------
-    def _value(self, block_hash: bytes, row: np.ndarray) -> bytearray:
-        """Header + row in one buffer: the row is copied once (the host slot is reused when put_many returns)."""
-        value = bytearray(self.value_bytes)
-        _HEADER.pack_into(
-            value, 0, MAGIC, VERSION, HEADER_BYTES, self.fingerprint, block_hash, self.row_bytes, checksum(row)
-        )
-        np.frombuffer(value, np.uint8)[HEADER_BYTES:] = row
-        return value
+    def _value(self, block_hash: bytes, row: np.ndarray) -> bytes:
+        """Header + row as one bytes object: the row is copied once, here (the host slot is reused when
+        put_many returns); redis-py's hiredis packer would copy a bytearray or memoryview to bytes first."""
+        header = _HEADER.pack(MAGIC, VERSION, HEADER_BYTES, self.fingerprint, block_hash, self.row_bytes, checksum(row))
+        return b"".join((header, memoryview(row)))
 
     def _verify(self, block_hash: bytes, reply) -> str | None:
         """Why `reply` is not this block's value for this layout, or None when it is."""
@@ -480,6 +482,7 @@ class RemoteTier:
         """Forget the oldest stored blocks beyond `capacity_bytes`: the server must have evicted some by then."""
         while self._held and self.used_bytes > self.capacity_bytes:
             self._held.popitem(last=False)
+            self.evictions += 1
 
     def _check_open(self) -> None:
         if not self._open:
