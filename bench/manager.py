@@ -3,8 +3,12 @@
     python bench/manager.py [--quick]
 
 Measures, in one run:
-- block hashing throughput (blocks/s) of `hash_blocks` against a plain-Python
-  reference that packs token by token;
+- block hashing throughput (blocks/s) of `hash_blocks` on 16- and 128-token
+  blocks, as one long chain and as one chain per 2,560-token request: jaxkv
+  as installed (native OpenSSL chain where built), its hashlib path, and MAX's
+  SHA-256 path when a Python with MAX is at hand (`JAXKV_MAX_PYTHON`, else
+  /tmp/maxvenv/bin/python; bench/max_hashing.py runs there on the same
+  tokens); plus a plain-Python reference that packs token by token;
 - scheduler cycles (add_request + commit + finish per request) per second of
   `PagedKVCacheManager` against `ReferenceManager`, a plain-Python version of
   the same policy (list-based LRU, per-token hashing), checked to make the
@@ -21,10 +25,15 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
+import os
+import statistics
 import struct
+import subprocess
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import _common
 import numpy as np
@@ -36,6 +45,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import jaxkv  # noqa: E402
 from jaxkv._cli.workload import chat_workload  # noqa: E402
+from jaxkv.prefix import hashing  # noqa: E402
 
 PAGE = 16
 FP = hashlib.sha256(b"bench-layout").digest()
@@ -142,16 +152,143 @@ def serve_reference(ref, events):
 
 
 # -- measurements --------------------------------------------------------------------
+HASH_PAGES = (16, 128)
+HASH_REQUEST_TOKENS = 2_560  # one chain per request of this many tokens: 160 or 20 blocks, a call each
+MAX_VENV = Path("/tmp/maxvenv")  # where docs/benchmarks.md's set-up puts MAX (pip install max, Python 3.12)
+
+
+def max_python() -> str | None:
+    """A Python with MAX installed: `JAXKV_MAX_PYTHON`, else /tmp/maxvenv's, else None (no MAX comparison)."""
+    if os.environ.get("JAXKV_MAX_PYTHON"):
+        return os.environ["JAXKV_MAX_PYTHON"]
+    python = MAX_VENV / "bin" / "python"
+    return str(python) if python.exists() else None
+
+
+class MaxHasher:
+    """bench/max_hashing.py running under a Python with MAX: times one case per `seconds(i)` call.
+
+    A separate process (MAX wants its own Python), driven one run at a time
+    so that its runs interleave with jaxkv's under the same machine load.
+    """
+
+    def __init__(self, python: str, chains: list[np.ndarray], cases: list[dict], tmp: Path):
+        npz, spec = tmp / "chains.npz", tmp / "spec.json"
+        np.savez(npz, **{f"case{i}": c for i, c in enumerate(chains)})
+        spec.write_text(json.dumps(dict(cases=cases)))
+        script = Path(__file__).with_name("max_hashing.py")
+        # stderr to a file: MAX's import warnings must not fill a pipe nobody reads.
+        stderr = tmp / "stderr.txt"
+        with stderr.open("w") as err:
+            self.proc = subprocess.Popen(
+                [python, str(script), str(npz), str(spec)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+            )
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            lines = stderr.read_text().strip().splitlines()
+            raise RuntimeError(f"{python} {script.name} failed: {lines[-1] if lines else 'no output'}")
+        self.info = dict(interpreter=python, **json.loads(line))
+
+    def seconds(self, case: int) -> float:
+        self.proc.stdin.write(f"{case}\n")
+        self.proc.stdin.flush()
+        return float(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def timed(fn):
+    """fn, made to return the seconds it took."""
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    return run
+
+
+def hash_case(i: int, case: dict, tokens: np.ndarray, root: bytes, theirs: MaxHasher | None, repeats: int) -> dict:
+    """One hashing case: jaxkv, its hashlib path and MAX, runs interleaved, medians."""
+    page, request_tokens = case["page_size"], case["request_tokens"]
+    requests = [tokens] if request_tokens is None else np.split(tokens, len(tokens) // request_tokens)
+
+    def ours():
+        return [jaxkv.hash_blocks(r, page, root) for r in requests]
+
+    def hashlib_path():
+        with mock.patch.object(hashing, "_native_chain", lambda: None):
+            return [jaxkv.hash_blocks(r, page, root) for r in requests]
+
+    n_blocks = len(tokens) // page
+    assert ours() == hashlib_path(), "native and hashlib chains disagree"
+    contenders = {"jaxkv": timed(ours), "hashlib": timed(hashlib_path)}
+    if theirs is not None:
+        assert theirs.info["blocks"][i] == n_blocks, (i, theirs.info["blocks"][i], n_blocks)
+        contenders["max"] = lambda: theirs.seconds(i)
+    runs = [{k: run() for k, run in contenders.items()} for _ in range(repeats + 1)][1:]  # round 0 warms up
+    median = {k: statistics.median(r[k] for r in runs) for k in contenders}
+    row = dict(
+        case,
+        chain="one chain" if request_tokens is None else f"{request_tokens}-token requests",
+        blocks=n_blocks,
+        blocks_per_s=n_blocks / median["jaxkv"],
+        hashlib_blocks_per_s=n_blocks / median["hashlib"],
+        vs_hashlib=median["hashlib"] / median["jaxkv"],
+    )
+    if theirs is not None:
+        row["max_blocks_per_s"] = n_blocks / median["max"]
+        row["vs_max"] = median["max"] / median["jaxkv"]
+    return row
+
+
 def bench_hashing(quick: bool) -> dict:
+    """Chained SHA-256 blocks/s: jaxkv as installed, its hashlib path, MAX (if at hand), on the same tokens.
+
+    Per case, the runs interleave (jaxkv, hashlib path, MAX, jaxkv, ...) so
+    that every contender sees the same load on a shared machine; each figure
+    is the median of its runs.
+    """
+    n_blocks = 2_560 if quick else 20_000  # both divide into whole 2,560-token requests at 16 and 128 tokens
+    repeats = 5 if quick else 15
     rng = np.random.default_rng(0)
-    tokens = rng.integers(0, 32000, (2_000 if quick else 20_000) * PAGE)
     root = jaxkv.root_hash(0, FP)
-    fast = _common.median_seconds(lambda: jaxkv.hash_blocks(tokens, PAGE, root), repeats=5, warmup=1)
-    listed = tokens.tolist()
-    slow = _common.median_seconds(lambda: reference_hashes(listed, PAGE, root), repeats=3, warmup=1)
-    assert jaxkv.hash_blocks(tokens, PAGE, root) == reference_hashes(listed, PAGE, root)
-    n = tokens.size // PAGE
-    return dict(blocks=n, page_tokens=PAGE, blocks_per_s=n / fast, reference_blocks_per_s=n / slow, speedup=slow / fast)
+    cases, chains = [], []
+    for page in HASH_PAGES:
+        tokens = rng.integers(0, 32000, n_blocks * page, dtype=np.int32)
+        for request_tokens in (None, HASH_REQUEST_TOKENS):
+            cases.append(dict(page_size=page, request_tokens=request_tokens))
+            chains.append(tokens)
+
+    python = max_python()
+    theirs, max_info = None, dict(error=f"no Python with MAX (set JAXKV_MAX_PYTHON, or a venv at {MAX_VENV})")
+    with tempfile.TemporaryDirectory() as tmp:
+        if python is not None:
+            try:
+                theirs = MaxHasher(python, chains, cases, Path(tmp))
+                max_info = dict(theirs.info)
+            except (OSError, RuntimeError, ValueError) as e:
+                max_info = dict(interpreter=python, error=str(e))
+        rows = [
+            hash_case(i, case, tokens, root, theirs, repeats)
+            for i, (case, tokens) in enumerate(zip(cases, chains, strict=True))
+        ]
+        if theirs is not None:
+            theirs.close()
+    # The plain-Python reference (token-by-token packing), on the first case only: it is slow.
+    listed = chains[0].tolist()
+    t_ref = _common.median_seconds(lambda: reference_hashes(listed, HASH_PAGES[0], root), repeats=3, warmup=1)
+    assert jaxkv.hash_blocks(chains[0], HASH_PAGES[0], root) == reference_hashes(listed, HASH_PAGES[0], root)
+    rows[0]["reference_blocks_per_s"] = n_blocks / t_ref
+    max_info.pop("blocks", None)
+    return dict(backend=hashing.backend(), token_dtype="int32", repeats=repeats, max=max_info, rows=rows)
 
 
 def bench_cycles(events, num_pages: int) -> dict:
@@ -264,14 +401,25 @@ def main() -> None:
     t0 = time.perf_counter()
 
     hashing = bench_hashing(args.quick)
+    mx = hashing["max"]
+    against = (
+        f"MAX {mx['max']} via {mx['entry']} (Python {mx['python']})"
+        if "error" not in mx
+        else f"no MAX: {mx['error']}; compared against jaxkv's hashlib path"
+    )
     _common.print_table(
-        "block hashing (chained SHA-256, 16-token blocks)",
-        [hashing],
+        f"block hashing (chained SHA-256, int32 tokens), jaxkv: {hashing['backend']}; {against}",
+        hashing["rows"],
         [
+            ("page_size", "page tokens", "d"),
+            ("chain", "chains", "s"),
             ("blocks", "blocks", "d"),
             ("blocks_per_s", "jaxkv blocks/s", ",.0f"),
-            ("reference_blocks_per_s", "reference blocks/s", ",.0f"),
-            ("speedup", "speedup", ".1f"),
+            ("hashlib_blocks_per_s", "hashlib path blocks/s", ",.0f"),
+            ("max_blocks_per_s", "MAX blocks/s", ",.0f"),
+            ("vs_max", "jaxkv/MAX", ".2f"),
+            ("vs_hashlib", "jaxkv/hashlib", ".2f"),
+            ("reference_blocks_per_s", "per-token reference blocks/s", ",.0f"),
         ],
     )
     cycles = [bench_cycles(events, n) for n in (256, 4096)]
