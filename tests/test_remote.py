@@ -25,7 +25,7 @@ from redis_server import RedisServer
 from test_tiers import BF16_MHA, FP8_MLA, ROW, all_pages, h, load, offload, page_bytes
 
 from jaxkv import HostTier, KVCacheParams, OffloadWorker, RowLayout, TieredStore, allocate_buffer
-from jaxkv.tiers.disk import HEADER_BYTES, SUFFIX, DiskTier
+from jaxkv.tiers.disk import _HEADER, HEADER_BYTES, SUFFIX, DiskTier, checksum
 from jaxkv.tiers.remote import RemoteTier, RemoteUnavailable, RemoteWriteError
 
 TEST_DEADLINE_S = 60  # each test takes a few seconds at most; past this something hangs
@@ -233,8 +233,8 @@ def test_server_not_running_at_start_logs_once_and_serves_on(tmp_path, caplog):
     want = all_pages(src)
     caplog.set_level(logging.WARNING, logger="jaxkv.tiers.remote")
     try:
-        store, worker, remote = remote_store(src, server.url)
-        assert not remote.available
+        store, worker, remote = remote_store(src, server.url, retry_interval=1.0)
+        assert not remote.available and remote.unavailable == 1
         t0 = time.perf_counter()
         result = offload(store, worker, src, [0, 1, 2], [h(i) for i in range(3)])
         assert all(isinstance(a, RemoteUnavailable) for a in result.written["remote"])
@@ -245,8 +245,11 @@ def test_server_not_running_at_start_logs_once_and_serves_on(tmp_path, caplog):
         assert handle.status == "loaded" and page_bytes(cache, 5) == want[2]  # host hits serve on
         store.complete_load(handle.result())
         assert time.perf_counter() - t0 < 2.0
+        assert remote.unavailable == 1  # within retry_interval nothing tried the server again
+        time.sleep(remote.retry_interval)
+        assert store.lookup([h(0)]) == [] and remote.unavailable == 2  # tried again: still down
         outages = [r for r in caplog.records if "unavailable" in r.getMessage()]
-        assert len(outages) == 1 and server.url in outages[0].getMessage()
+        assert len(outages) == 1 and server.url in outages[0].getMessage()  # one outage, one line
 
         server.start()  # the server comes up: after retry_interval the tier uses it
         time.sleep(remote.retry_interval)
@@ -318,7 +321,8 @@ def test_server_restarted_empty(server):
     assert handle.status == "refused" and cache is fresh
     store.complete_load(handle.result())
     time.sleep(remote.retry_interval)  # in case the first command met the dead connection
-    assert store.lookup([h(0), h(1)]) == [] and remote.contains_many([h(2), h(3)]) == [False, False]
+    assert store.lookup([h(0), h(1)]) == [] and h(2) not in remote
+    assert remote.contains_many([h(2), h(3)]) == [False, False]
     assert store.bytes()["remote"][0] == 0 and remote.evictions == 4  # all it stored, seen gone
     result = offload(store, worker, src, [0], [h(0)])  # stored again on the new server
     assert result.written == {"remote": (True,)}
@@ -398,6 +402,15 @@ def truncate_value(r, key, **_):
     r.set(key, r.get(key)[:-1])
 
 
+def truncate_with_a_matching_checksum(r, key, **_):
+    """A short row whose header checksum was recomputed: only the length check stands between it and a copy."""
+    value = r.get(key)
+    fields = list(_HEADER.unpack_from(value))
+    payload = value[HEADER_BYTES:-64]
+    fields[-1] = checksum(payload)
+    r.set(key, _HEADER.pack(*fields) + payload)
+
+
 def another_blocks_bytes(r, key, other_key, **_):
     r.set(key, r.get(other_key))
 
@@ -415,6 +428,7 @@ DAMAGE = [
     flip_payload_byte,
     flip_header_byte,
     truncate_value,
+    truncate_with_a_matching_checksum,
     another_blocks_bytes,
     another_layouts_bytes,
     not_a_string,

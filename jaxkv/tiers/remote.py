@@ -387,10 +387,8 @@ class RemoteTier:
 
     def _verify(self, block_hash: bytes, reply) -> str | None:
         """Why `reply` is not this block's value for this layout, or None when it is."""
-        if isinstance(reply, Exception):  # e.g. WRONGTYPE: something else under our key
-            return f"the server answered {reply}"
-        if not isinstance(reply, bytes):
-            return f"the server answered a {type(reply).__name__}"
+        if not isinstance(reply, bytes):  # e.g. a WRONGTYPE error: something else under our key
+            return f"the server answered {type(reply).__name__}: {reply}"
         if len(reply) != self.value_bytes:  # before any copy: never a short row
             return f"value is {len(reply)} bytes, expected {self.value_bytes}"
         magic, version, header_len, fingerprint, stored_hash, length, check = _HEADER.unpack_from(reply)
