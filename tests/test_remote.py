@@ -511,6 +511,43 @@ def test_a_server_slower_than_the_timeout_is_a_refusal(slow, server):
     store.close()
 
 
+def test_a_cluster_client_spreads_blocks_over_hash_slots(tmp_path):
+    """One key per block, no hash tags: a Redis Cluster spreads them (here one node holding all 16384 slots)."""
+    from redis.cluster import RedisCluster
+
+    server = make_server(tmp_path, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
+    try:
+        server.start()
+        with server.admin() as r:
+            r.execute_command("CLUSTER", "ADDSLOTS", *range(16384))
+            deadline = time.monotonic() + 10
+            while b"cluster_state:ok" not in r.execute_command("CLUSTER", "INFO"):
+                assert time.monotonic() < deadline, "the one-node cluster never became ready"
+                time.sleep(0.02)
+        client = RedisCluster(host="127.0.0.1", port=server.port, socket_timeout=2)
+        src, _, _ = random_buffer(BF16_MHA, 2, 8)
+        want = all_pages(src)
+        store = TieredStore(RowLayout.of(src), [HostTier(2 * ROW), RemoteTier(client=client)])
+        worker = OffloadWorker(src, store)
+        remote = store.tiers["remote"]
+        offload(store, worker, src, list(range(6)), [h(i) for i in range(6)])
+        with server.admin() as r:
+            slots = {r.execute_command("CLUSTER", "KEYSLOT", remote.key(h(i))) for i in range(6)}
+            assert len(slots) == 6
+            r.set(remote.key(h(1)), b"junk")
+        assert store.lookup([h(i) for i in range(6)]) == ["remote"] * 4 + ["host"] * 2
+        fresh = allocate_buffer(BF16_MHA, tp_mesh(2), 8)
+        cache, result = load(store, worker, fresh, [h(0), h(1)], [6, 7])
+        assert result.status == "refused" and remote.corrupt == 1 and h(1) not in remote
+        cache, result = load(store, worker, cache, [h(2), h(3)], [6, 7])
+        assert result.status == "loaded" and [page_bytes(cache, p) for p in (6, 7)] == want[2:4]
+        store.close()
+        assert client.ping()  # a client passed in is the caller's: close() left it open
+        client.close()
+    finally:
+        server.stop()
+
+
 def test_unavailable_tier_answers_every_call_without_the_network(server):
     src, _, _ = random_buffer(BF16_MHA, 2, 4)
     layout = RowLayout.of(src)

@@ -432,7 +432,7 @@ class RemoteTier:
         try:
             reply = self._client.config_get("maxmemory")
             maxmemory = int(next(iter(reply.values()))) if reply else 0
-        except (*_NETWORK_ERRORS, ValueError, StopIteration, AttributeError):
+        except (*_NETWORK_ERRORS, ValueError, TypeError, StopIteration, AttributeError):
             return
         if maxmemory > 0:
             self.capacity_bytes = maxmemory
