@@ -308,6 +308,7 @@ class RemoteTier:
                 self._held[h] = None
                 self._held.move_to_end(h)
             self._trim()
+            del values, set_nx  # before the next batch's values are built: they reuse this memory
         return answers
 
     def get_many(self, items: list[tuple[bytes, np.ndarray]]) -> list[Exception | None]:
@@ -336,26 +337,32 @@ class RemoteTier:
                 error = self._unavailable_error()
                 answers += [error] * (len(items) - len(answers))
                 break
-            bad = []
-            for (h, out), reply in zip(batch, replies, strict=True):
-                if reply is None:
-                    self._gone(h)
-                    answers.append(KeyError(f"block {h.hex()[:16]} is not on the server of remote tier {self.name!r}"))
-                    continue
-                why = self._verify(h, reply)
-                if why is not None:
-                    self.corrupt += 1
-                    self._held.pop(h, None)
-                    bad.append(self.key(h))
-                    answers.append(CorruptBlockError(f"block {h.hex()[:16]}: {why}; its key was deleted"))
-                    continue
-                out[:] = np.frombuffer(reply, np.uint8, count=self.row_bytes, offset=HEADER_BYTES)
-                if h in self._held:
-                    self._held.move_to_end(h)
-                answers.append(None)
+            bad = self._land(batch, replies, answers)
+            del replies  # before the next batch arrives: its replies then reuse this memory (no fresh page faults)
             if bad:
                 self._round_trip(lambda bad=bad: self._delete(bad))
         return answers
+
+    def _land(self, batch, replies, answers: list) -> list[bytes]:
+        """Verify one batch's replies and copy the good ones into their `out` rows; the keys of bad values."""
+        bad = []
+        for (h, out), reply in zip(batch, replies, strict=True):
+            if reply is None:
+                self._gone(h)
+                answers.append(KeyError(f"block {h.hex()[:16]} is not on the server of remote tier {self.name!r}"))
+                continue
+            why = self._verify(h, reply)
+            if why is not None:
+                self.corrupt += 1
+                self._held.pop(h, None)
+                bad.append(self.key(h))
+                answers.append(CorruptBlockError(f"block {h.hex()[:16]}: {why}; its key was deleted"))
+                continue
+            out[:] = np.frombuffer(reply, np.uint8, count=self.row_bytes, offset=HEADER_BYTES)
+            if h in self._held:
+                self._held.move_to_end(h)
+            answers.append(None)
+        return bad
 
     def close(self) -> None:
         """Drop the connections (a client passed in is left open: it is yours)."""
