@@ -76,8 +76,8 @@ def library() -> ctypes.CDLL | None:
     path = library_path()
     if path is None:
         _unavailable(
-            f"{LIBRARY} was not built when jaxkv was installed (it needs a C++ compiler); "
-            "reinstall jaxkv where one is present to build it"
+            f"{LIBRARY} was not built when jaxkv was installed (no C++ compiler, or JAXKV_NATIVE=0); "
+            "reinstall jaxkv with a C++ compiler to build it"
         )
         return None
     try:
