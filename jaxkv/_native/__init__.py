@@ -7,8 +7,11 @@ module finds it, checks that it was built against this jaxlib (major.minor:
 its XLA FFI headers come from jaxlib), loads it with ctypes, and registers its
 XLA FFI handlers (`FFI_TARGETS`) for the CPU platform.
 
-The kernels serve XLA:CPU only: callers check the platform before asking
-`available()`, so a GPU or TPU process never loads the library. Where it was
+The page kernels serve XLA:CPU only: the engine checks the platform before
+asking `available()`, so a GPU or TPU process never moves pages through them.
+Block hashing (jaxkv.prefix.hashing, scheduler-side CPU work in any process)
+loads the library too; registering CPU FFI handlers in a GPU process costs
+nothing and changes nothing there. Where it was
 not built (no C++ compiler, `JAXKV_NATIVE=0` at install), does not load, or was
 built for another jaxlib, `available()` is False, one warning says why, and
 jaxkv runs its pure-XLA kernels (bit-exact, slower). `JAXKV_NATIVE=0` at run
