@@ -367,22 +367,28 @@ def main() -> None:
             url, binary = stack.enter_context(local_server())
         with redis.Redis.from_url(url) as r:
             info = r.info("server") | r.info("memory")
-        cond = _common.conditions() | {
-            "server": f"{'valkey' if 'valkey_version' in info else 'redis'} {info.get('valkey_version', info['redis_version'])}",
-            "server_allocator": info.get("mem_allocator"),
-            "server_binary": binary,
-            "server_url": RemoteTier(url).url,
-            "server_maxmemory": info.get("maxmemory"),
-            "redis_py": redis.__version__,
-            "hiredis_parser": HIREDIS_AVAILABLE,
-            "row_sizes_kib": ROW_KIBS[:1] if args.quick else ROW_KIBS,
-            "bytes_per_row_size": total,
-            "value_header_bytes": HEADER_BYTES,
-            "checksum": "xxh3_64, verified on every get",
-            "tp_for_load": TP,
-            "layout_for_load": "MHA bf16, 8 KV heads, head_dim 128, 16 layers, 16-token pages (1 MiB rows at TP 4)",
-            "git": _common.git_state(),
-        }
+        cond = (
+            _common.conditions()
+            | {
+                "server": f"{'valkey' if 'valkey_version' in info else 'redis'} {info.get('valkey_version', info['redis_version'])}",
+                "server_allocator": info.get("mem_allocator"),
+                "server_binary": binary,
+                "server_url": RemoteTier(url).url,
+                "server_maxmemory": info.get("maxmemory"),
+                "redis_py": redis.__version__,
+                "hiredis_parser": HIREDIS_AVAILABLE,
+                "malloc_env": {
+                    k: v for k, v in os.environ.items() if k.startswith("MALLOC_")
+                },  # glibc tunables, if any
+                "row_sizes_kib": ROW_KIBS[:1] if args.quick else ROW_KIBS,
+                "bytes_per_row_size": total,
+                "value_header_bytes": HEADER_BYTES,
+                "checksum": "xxh3_64, verified on every get",
+                "tp_for_load": TP,
+                "layout_for_load": "MHA bf16, 8 KV heads, head_dim 128, 16 layers, 16-token pages (1 MiB rows at TP 4)",
+                "git": _common.git_state(),
+            }
+        )
         print("conditions:", ", ".join(f"{k}={v}" for k, v in cond.items()))
         put_get = []
         for kib in cond["row_sizes_kib"]:

@@ -191,6 +191,8 @@ class RemoteTier:
         self._down = False
         self._last_error: Exception | None = None
         self._asked_capacity = False
+        self._staging: np.ndarray | None = None  # [batch blocks, value_bytes]: put_many builds values here
+        self._heap_pin = None  # one reply of the last batch read (see get_many)
         self._open = False
         if fingerprint is not None or row_bytes is not None:
             self._open_with(fingerprint, row_bytes)
@@ -283,7 +285,7 @@ class RemoteTier:
             check_row(row, self.row_bytes, name="row")
         answers: list[bool | Exception] = []
         for batch in self._batches(items):
-            values = [(self.key(h), self._value(h, row)) for h, row in batch]
+            values = [(self.key(h), self._value(i, h, row)) for i, (h, row) in enumerate(batch)]
 
             def set_nx(values=values):
                 pipe = self._client.pipeline(transaction=False)
@@ -338,7 +340,12 @@ class RemoteTier:
                 answers += [error] * (len(items) - len(answers))
                 break
             bad = self._land(batch, replies, answers)
-            del replies  # before the next batch arrives: its replies then reuse this memory (no fresh page faults)
+            # Free the batch before the next one arrives, so the next one reuses its memory; but keep one reply:
+            # glibc returns a freed block at the top of the heap to the system, and the next batch would
+            # page-fault it all back in (1 MiB rows here: 33,700 minor faults per 128 MiB and 0.65 GB/s
+            # without the pin, 6,900 and 0.94 GB/s with it).
+            self._heap_pin = replies[-1]
+            del replies
             if bad:
                 self._round_trip(lambda bad=bad: self._delete(bad))
         return answers
@@ -366,6 +373,7 @@ class RemoteTier:
 
     def close(self) -> None:
         """Drop the connections (a client passed in is left open: it is yours)."""
+        self._staging = self._heap_pin = None
         if self._owns_client:
             self._client.close()
 
@@ -386,11 +394,21 @@ class RemoteTier:
         pipe.execute(raise_on_error=False)
 
     # -- internals ---------------------------------------------------------
-    def _value(self, block_hash: bytes, row: np.ndarray) -> bytes:
-        """Header + row as one bytes object: the row is copied once, here (the host slot is reused when
-        put_many returns); redis-py's hiredis packer would copy a bytearray or memoryview to bytes first."""
-        header = _HEADER.pack(MAGIC, VERSION, HEADER_BYTES, self.fingerprint, block_hash, self.row_bytes, checksum(row))
-        return b"".join((header, memoryview(row)))
+    def _value(self, i: int, block_hash: bytes, row: np.ndarray) -> memoryview:
+        """Header + row in row `i` of the staging buffer, which the batch's SETs send; the row is copied once.
+
+        One buffer for every batch, kept: values built in fresh memory would
+        page-fault it in for every batch (glibc returns freed large blocks).
+        """
+        if self._staging is None:
+            per_batch = max(1, min(self.batch_blocks, self.batch_bytes // self.value_bytes))
+            self._staging = np.empty((per_batch, self.value_bytes), np.uint8)
+        value = self._staging[i]
+        _HEADER.pack_into(
+            value, 0, MAGIC, VERSION, HEADER_BYTES, self.fingerprint, block_hash, self.row_bytes, checksum(row)
+        )
+        value[HEADER_BYTES:] = row
+        return memoryview(value)
 
     def _verify(self, block_hash: bytes, reply) -> str | None:
         """Why `reply` is not this block's value for this layout, or None when it is."""
