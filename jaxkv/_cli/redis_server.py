@@ -42,11 +42,31 @@ def find_binary() -> str | None:
     return None
 
 
+# A cluster-enabled redis-server also listens on port + 10000 and refuses ports above this.
+MAX_PORT = 55535
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    """A TCP port on 127.0.0.1 that nothing listens on now, at most `MAX_PORT` (so cluster mode can use it)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port <= MAX_PORT and _free(port + 10000):
+            return port
+    for port in range(20000, MAX_PORT):  # the kernel keeps handing out high ports: look below them
+        if _free(port) and _free(port + 10000):
+            return port
+    raise OSError(f"no free TCP port on 127.0.0.1 at or below {MAX_PORT}")
+
+
+def _free(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 class RedisServer:

@@ -153,3 +153,41 @@ def check_row(out, row_bytes: int, *, name: str = "out") -> None:
     ):
         got = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
         raise ValueError(f"{name} must be a contiguous uint8 array of shape ({row_bytes},), got {got}")
+
+
+class OpensOnce:
+    """Mixin for a tier opened once with a row layout: by a composition (`open`) or at construction.
+
+    Subclasses call `_open_at_construction(fingerprint, row_bytes)` at the end of `__init__`
+    and implement `_opened()`, which runs once the fingerprint and row width are set.
+    """
+
+    _open = False
+
+    def _open_at_construction(self, fingerprint, row_bytes) -> None:
+        if fingerprint is not None or row_bytes is not None:
+            self._open_with(fingerprint, row_bytes)
+
+    def open(self, layout: RowLayout) -> None:
+        """Bind to `layout`'s rows (width and fingerprint); called once by the composition."""
+        self._open_with(layout.fingerprint, layout.row_bytes)
+
+    def _open_with(self, fingerprint: bytes, row_bytes: int) -> None:
+        if self._open:
+            raise ValueError(f"{type(self).__name__} {self.name!r} is already open")
+        check_row_layout(fingerprint, row_bytes)
+        self.fingerprint = fingerprint
+        self.row_bytes = row_bytes
+        self._opened()
+        self._open = True
+
+    def _opened(self) -> None:
+        raise NotImplementedError
+
+
+def check_row_layout(fingerprint, row_bytes) -> None:
+    """What a persistent tier is opened with: a 32-byte layout fingerprint and a positive row width."""
+    if not isinstance(fingerprint, bytes) or len(fingerprint) != 32:
+        raise ValueError(f"fingerprint must be 32 bytes, got {fingerprint!r}")
+    if isinstance(row_bytes, bool) or not isinstance(row_bytes, int) or row_bytes < 1:
+        raise ValueError(f"row_bytes must be a positive int, got {row_bytes!r}")

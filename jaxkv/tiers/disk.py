@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from jaxkv.layout.fingerprint import RowLayout
+from jaxkv.tiers.base import OpensOnce
 
 MAGIC = b"JAXKVBLK"
 VERSION = 1
@@ -76,7 +76,7 @@ def checksum(payload) -> int:
     return xxhash.xxh3_64_intdigest(payload)
 
 
-class DiskTier:
+class DiskTier(OpensOnce):
     """Blocks of `row_bytes` bytes in `directory`, at most `capacity_bytes` of files, LRU-evicted."""
 
     def __init__(
@@ -120,27 +120,13 @@ class DiskTier:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._tmp_ids = itertools.count()
         self._index: OrderedDict[bytes, None] = OrderedDict()  # LRU order, oldest first
-        self._open = False
-        if fingerprint is not None or row_bytes is not None:
-            self._open_with(fingerprint, row_bytes)
+        self._open_at_construction(fingerprint, row_bytes)
 
-    def open(self, layout: RowLayout) -> None:
-        """Bind to `layout`'s rows and index the blocks already in the directory (warm restart)."""
-        self._open_with(layout.fingerprint, layout.row_bytes)
-
-    def _open_with(self, fingerprint: bytes, row_bytes: int) -> None:
-        if self._open:
-            raise ValueError(f"disk tier {self.name!r} at {self.directory} is already open")
-        if not isinstance(fingerprint, bytes) or len(fingerprint) != 32:
-            raise ValueError(f"fingerprint must be 32 bytes, got {fingerprint!r}")
-        if isinstance(row_bytes, bool) or not isinstance(row_bytes, int) or row_bytes < 1:
-            raise ValueError(f"row_bytes must be a positive int, got {row_bytes!r}")
-        self.fingerprint = fingerprint
-        self.row_bytes = row_bytes
-        self.file_bytes = HEADER_BYTES + row_bytes
+    def _opened(self) -> None:
+        """Index the blocks already in the directory (warm restart)."""
+        self.file_bytes = HEADER_BYTES + self.row_bytes
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._rebuild()
-        self._open = True
 
     # -- index -------------------------------------------------------------
     def _path(self, block_hash: bytes) -> Path:

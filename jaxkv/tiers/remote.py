@@ -53,8 +53,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("jaxkv.tiers.remote needs redis-py: pip install 'jaxkv[remote]'") from e
 
-from jaxkv.layout.fingerprint import RowLayout
-from jaxkv.tiers.base import check_block_hashes, check_row
+from jaxkv.tiers.base import OpensOnce, check_block_hashes, check_row
 from jaxkv.tiers.disk import _HEADER, HEADER_BYTES, MAGIC, VERSION, CorruptBlockError, checksum
 
 log = logging.getLogger(__name__)
@@ -86,7 +85,7 @@ class RemoteWriteError(Exception):
     """The server refused to store a block (out of memory under `maxmemory-policy noeviction`, ...)."""
 
 
-class RemoteTier:
+class RemoteTier(OpensOnce):
     """Rows in a Redis/Valkey server, one verified key per block, shared by server instances. Implements `Tier`."""
 
     def __init__(
@@ -194,27 +193,14 @@ class RemoteTier:
         self._asked_capacity = False
         self._staging: np.ndarray | None = None  # [batch blocks, value_bytes]: put_many builds values here
         self._heap_pin = None  # one reply of the last batch read (see get_many)
-        self._open = False
-        if fingerprint is not None or row_bytes is not None:
-            self._open_with(fingerprint, row_bytes)
+        self._open_at_construction(fingerprint, row_bytes)
 
     # -- Tier protocol -----------------------------------------------------
-    def open(self, layout: RowLayout) -> None:
-        """Bind to `layout`'s rows; try the server once (an unreachable one is logged and served on as misses)."""
-        self._open_with(layout.fingerprint, layout.row_bytes)
-
-    def _open_with(self, fingerprint: bytes, row_bytes: int) -> None:
-        if self._open:
-            raise ValueError(f"remote tier {self.name!r} is already open")
-        if not isinstance(fingerprint, bytes) or len(fingerprint) != 32:
-            raise ValueError(f"fingerprint must be 32 bytes, got {fingerprint!r}")
-        if isinstance(row_bytes, bool) or not isinstance(row_bytes, int) or row_bytes < 1:
-            raise ValueError(f"row_bytes must be a positive int, got {row_bytes!r}")
-        self.fingerprint = fingerprint
-        self.row_bytes = row_bytes
-        self.value_bytes = HEADER_BYTES + row_bytes
-        self._namespace = f"{self.prefix}{fingerprint[:_FINGERPRINT_KEY_BYTES].hex()}:".encode()
-        self._open = True
+    def _opened(self) -> None:
+        """Key namespace for this layout; try the server once (an unreachable one is logged and served on as misses)."""
+        self.value_bytes = HEADER_BYTES + self.row_bytes
+        self._namespace = f"{self.prefix}{self.fingerprint[:_FINGERPRINT_KEY_BYTES].hex()}:".encode()
+        self._open = True  # _round_trip needs an open tier
         self._round_trip(lambda: self._client.ping())  # learn now whether the server is there, and its maxmemory
 
     def key(self, block_hash: bytes) -> bytes:
