@@ -129,11 +129,13 @@ class RedisServer:
 
     def stop(self, sig: int = signal.SIGKILL) -> None:
         """Stop the process by its pid (SIGKILL: no shutdown save, as a crash) and reap it."""
-        if self.process is not None:
+        process = self.process  # another thread may start a new one meanwhile: clear only this one
+        if process is not None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.process.pid, sig)
-            self.process.wait(timeout=10)
-            self.process = None
+                os.kill(process.pid, sig)
+            process.wait(timeout=10)
+            if self.process is process:
+                self.process = None
 
     def restart(self) -> RedisServer:
         """Kill and start again on the same port: an empty server (no persistence)."""
