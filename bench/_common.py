@@ -86,3 +86,80 @@ def save_figure(fig, path: Path, dpi: int = 110) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
+
+
+def rounds(cases: dict, *, repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds of each case's `fn()` per timed round; cases: name -> (setup or None, fn).
+
+    Each round runs every case once, `setup()` (not timed) right before its
+    `fn()`; the order reverses every round, so a drift of the machine (page
+    cache writeback, CPU clocks, a neighbour's load) spreads over the tier and
+    its baseline alike, and ratios are taken within a round (`paired`).
+    """
+    names = list(cases)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(warmup + repeats):
+        for name in names if i % 2 == 0 else names[::-1]:
+            setup, fn = cases[name]
+            if setup is not None:
+                setup()
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            if i >= warmup:
+                times[name].append(dt)
+    return times
+
+
+def timed(fn):
+    """fn, made to return the seconds it took."""
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    return run
+
+
+MAX_VENV = Path("/tmp/maxvenv")  # where docs/benchmarks.md's set-up puts MAX (pip install max, Python 3.12)
+
+
+def max_python() -> str | None:
+    """A Python with MAX installed: `JAXKV_MAX_PYTHON`, else /tmp/maxvenv's, else None (no MAX comparison)."""
+    if os.environ.get("JAXKV_MAX_PYTHON"):
+        return os.environ["JAXKV_MAX_PYTHON"]
+    python = MAX_VENV / "bin" / "python"
+    return str(python) if python.exists() else None
+
+
+class MaxProcess:
+    """A bench helper script running under a Python with MAX (it wants its own Python, 3.12).
+
+    The script prints one JSON line of conditions, then answers each request line on stdin with the
+    seconds of one timed run, so MAX's runs interleave with jaxkv's under the same machine load.
+    """
+
+    def __init__(self, python: str, script: str, args: list[str], tmp: Path):
+        path = Path(__file__).with_name(script)
+        stderr = tmp / "stderr.txt"  # MAX's import warnings must not fill a pipe nobody reads
+        with stderr.open("w") as err:
+            self.proc = subprocess.Popen(
+                [python, str(path), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True
+            )
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            lines = stderr.read_text().strip().splitlines()
+            raise RuntimeError(f"{python} {path.name} failed: {lines[-1] if lines else 'no output'}")
+        self.info = dict(interpreter=python, **json.loads(line))
+
+    def ask(self, request: str) -> float:
+        """Seconds of one timed run of `request` (a line the script understands)."""
+        self.proc.stdin.write(f"{request}\n")
+        self.proc.stdin.flush()
+        return float(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)

@@ -81,29 +81,6 @@ def verdict(x: float | None) -> str | None:
     return None if x is None else ("pass" if x >= TARGET else "MISS")
 
 
-def rounds(cases: dict, *, repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds of each case's `fn()` per timed round; cases: name -> (setup or None, fn).
-
-    Each round runs every case once, `setup()` (not timed) right before its
-    `fn()`; the order reverses every round, so a drift of the machine (page
-    cache writeback, CPU clocks, a neighbour's load) spreads over the tier and
-    its baseline alike, and ratios are taken within a round (`paired`).
-    """
-    names = list(cases)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for i in range(warmup + repeats):
-        for name in names if i % 2 == 0 else names[::-1]:
-            setup, fn = cases[name]
-            if setup is not None:
-                setup()
-            t0 = time.perf_counter()
-            fn()
-            dt = time.perf_counter() - t0
-            if i >= warmup:
-                times[name].append(dt)
-    return times
-
-
 def med(samples: list[float]) -> float:
     return statistics.median(samples)
 
@@ -264,12 +241,12 @@ def bench_disk(root: Path, row_kibs, total_bytes: int, *, quick: bool, rng) -> l
             for i, h in enumerate(hashes):
                 st.plain.get(h, dest[i])
 
-        w = rounds(
+        w = _common.rounds(
             {"tier": (st.fresh_tier, tier_put), "plain": (st.fresh_plain, plain_put)}, repeats=repeats, warmup=warmup
         )
         # The last round's stores stay populated for the reads.
         assert len(st.tier) == n and st.tier.corrupt == 0, (len(st.tier), st.tier.corrupt)
-        r = rounds({"tier": (None, tier_get), "plain": (None, plain_get)}, repeats=repeats, warmup=warmup)
+        r = _common.rounds({"tier": (None, tier_get), "plain": (None, plain_get)}, repeats=repeats, warmup=warmup)
         tier_get()
         assert np.array_equal(dest, rows), "DiskTier.get returned other bytes than were put"
         dest[:] = 0
@@ -278,7 +255,7 @@ def bench_disk(root: Path, row_kibs, total_bytes: int, *, quick: bool, rng) -> l
         os.sync()
         tier_paths = st.tier_paths(hashes)
         plain_paths = [st.plain.path(h) for h in hashes]
-        c = rounds(
+        c = _common.rounds(
             {
                 "tier": (lambda p=tier_paths: drop_cached(p), tier_get),
                 "plain": (lambda p=plain_paths: drop_cached(p), plain_get),
@@ -415,7 +392,7 @@ def bench_host_hits(mesh, batches, *, quick: bool, rng) -> tuple[list[dict], dic
             state["cache"], t = engine.h2d(state["cache"], slots, ids)
             t.synchronize()
 
-        t = rounds({"load": (None, load), "h2d": (None, h2d)}, **load_reps)
+        t = _common.rounds({"load": (None, load), "h2d": (None, h2d)}, **load_reps)
         extra = [(a - b) / k * 1e6 for a, b in zip(t["load"], t["h2d"], strict=True)]
         state["cache"] = zero_pages(state["cache"], ids)
         assert not device_rows(engine, state["cache"], ids).any()
@@ -501,7 +478,7 @@ def bench_tiered(mesh, root: Path, *, quick: bool, rng) -> dict:
 
     probe = jaxkv.OffloadEngine(state["cache"], k)  # the engine alone: its own pool, same cache, same pages
     probe_slots = np.arange(k, dtype=np.int32)
-    w = rounds(
+    w = _common.rounds(
         {
             "offload": (offload_setup, offload),
             "plain": (plain_setup, plain_write),
@@ -546,7 +523,7 @@ def bench_tiered(mesh, root: Path, *, quick: bool, rng) -> dict:
 
     load_disk()  # compile the h2d bucket outside the rounds
     promoted.clear(), disk_read.clear()
-    r = rounds(
+    r = _common.rounds(
         {"load_disk": (None, load_disk), "h2d": (None, h2d), "plain": (None, plain_read)},
         repeats=repeats,
         warmup=warmup,

@@ -26,10 +26,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import statistics
 import struct
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -154,65 +152,20 @@ def serve_reference(ref, events):
 # -- measurements --------------------------------------------------------------------
 HASH_PAGES = (16, 128)
 HASH_REQUEST_TOKENS = 2_560  # one chain per request of this many tokens: 160 or 20 blocks, a call each
-MAX_VENV = Path("/tmp/maxvenv")  # where docs/benchmarks.md's set-up puts MAX (pip install max, Python 3.12)
 
 
-def max_python() -> str | None:
-    """A Python with MAX installed: `JAXKV_MAX_PYTHON`, else /tmp/maxvenv's, else None (no MAX comparison)."""
-    if os.environ.get("JAXKV_MAX_PYTHON"):
-        return os.environ["JAXKV_MAX_PYTHON"]
-    python = MAX_VENV / "bin" / "python"
-    return str(python) if python.exists() else None
-
-
-class MaxHasher:
-    """bench/max_hashing.py running under a Python with MAX: times one case per `seconds(i)` call.
-
-    A separate process (MAX wants its own Python), driven one run at a time
-    so that its runs interleave with jaxkv's under the same machine load.
-    """
+class MaxHasher(_common.MaxProcess):
+    """bench/max_hashing.py running under a Python with MAX: times one case per `seconds(i)` call."""
 
     def __init__(self, python: str, chains: list[np.ndarray], cases: list[dict], tmp: Path):
         npz, spec = tmp / "chains.npz", tmp / "spec.json"
         np.savez(npz, **{f"case{i}": c for i, c in enumerate(chains)})
         spec.write_text(json.dumps(dict(cases=cases)))
-        script = Path(__file__).with_name("max_hashing.py")
-        # stderr to a file: MAX's import warnings must not fill a pipe nobody reads.
-        stderr = tmp / "stderr.txt"
-        with stderr.open("w") as err:
-            self.proc = subprocess.Popen(
-                [python, str(script), str(npz), str(spec)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                text=True,
-            )
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait()
-            lines = stderr.read_text().strip().splitlines()
-            raise RuntimeError(f"{python} {script.name} failed: {lines[-1] if lines else 'no output'}")
-        self.info = dict(interpreter=python, **json.loads(line))
+        super().__init__(python, "max_hashing.py", [str(npz), str(spec)], tmp)
 
     def seconds(self, case: int) -> float:
-        self.proc.stdin.write(f"{case}\n")
-        self.proc.stdin.flush()
-        return float(self.proc.stdout.readline())
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
-
-
-def timed(fn):
-    """fn, made to return the seconds it took."""
-
-    def run() -> float:
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-
-    return run
+        """Seconds of one MAX run of hashing case `case`."""
+        return self.ask(str(case))
 
 
 def hash_case(i: int, case: dict, tokens: np.ndarray, root: bytes, theirs: MaxHasher | None, repeats: int) -> dict:
@@ -229,7 +182,7 @@ def hash_case(i: int, case: dict, tokens: np.ndarray, root: bytes, theirs: MaxHa
 
     n_blocks = len(tokens) // page
     assert ours() == hashlib_path(), "native and hashlib chains disagree"
-    contenders = {"jaxkv": timed(ours), "hashlib": timed(hashlib_path)}
+    contenders = {"jaxkv": _common.timed(ours), "hashlib": _common.timed(hashlib_path)}
     if theirs is not None:
         assert theirs.info["blocks"][i] == n_blocks, (i, theirs.info["blocks"][i], n_blocks)
         contenders["max"] = lambda: theirs.seconds(i)
@@ -267,8 +220,8 @@ def bench_hashing(quick: bool) -> dict:
             cases.append(dict(page_size=page, request_tokens=request_tokens))
             chains.append(tokens)
 
-    python = max_python()
-    theirs, max_info = None, dict(error=f"no Python with MAX (set JAXKV_MAX_PYTHON, or a venv at {MAX_VENV})")
+    python = _common.max_python()
+    theirs, max_info = None, dict(error=f"no Python with MAX (set JAXKV_MAX_PYTHON, or a venv at {_common.MAX_VENV})")
     with tempfile.TemporaryDirectory() as tmp:
         if python is not None:
             try:

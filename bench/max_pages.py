@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -54,15 +53,6 @@ ROW_KIBS = (256, 1024, 2048)
 BATCHES = (64, 256)
 HEADS, HEAD_DIM, PAGE_SIZE = 8, 128, 16  # MHA: 2 x 8 x 128 bf16 = 4 KiB per token and layer
 GOAL_VS_MAX = 1.1  # issue 13: jaxkv >= 1.1x MAX's page copy, D2H and H2D
-MAX_VENV = Path("/tmp/maxvenv")  # where docs/benchmarks.md's set-up puts MAX (pip install max, Python 3.12)
-
-
-def max_python() -> str | None:
-    """A Python with MAX installed: `JAXKV_MAX_PYTHON`, else /tmp/maxvenv's, else None (no MAX comparison)."""
-    if os.environ.get("JAXKV_MAX_PYTHON"):
-        return os.environ["JAXKV_MAX_PYTHON"]
-    python = MAX_VENV / "bin" / "python"
-    return str(python) if python.exists() else None
 
 
 def params_for(row_bytes: int) -> jaxkv.KVCacheParams:
@@ -73,44 +63,17 @@ def params_for(row_bytes: int) -> jaxkv.KVCacheParams:
     return params
 
 
-class MaxPages:
+class MaxPages(_common.MaxProcess):
     """bench/max_pages_max.py under a Python with MAX: one timed op per `seconds(op, case)` call."""
 
     def __init__(self, python: str, cases: list[dict], tmp: Path):
         spec = tmp / "spec.json"
         spec.write_text(json.dumps(dict(cases=cases)))
-        script = Path(__file__).with_name("max_pages_max.py")
-        stderr = tmp / "stderr.txt"  # MAX's import warnings must not fill a pipe nobody reads
-        with stderr.open("w") as err:
-            self.proc = subprocess.Popen(
-                [python, str(script), str(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True
-            )
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait()
-            lines = stderr.read_text().strip().splitlines()
-            raise RuntimeError(f"{python} {script.name} failed: {lines[-1] if lines else 'no output'}")
-        self.info = dict(interpreter=python, **json.loads(line))
+        super().__init__(python, "max_pages_max.py", [str(spec)], tmp)
 
     def seconds(self, op: str, case: int) -> float:
-        self.proc.stdin.write(f"{op} {case}\n")
-        self.proc.stdin.flush()
-        return float(self.proc.stdout.readline())
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
-
-
-def timed(fn):
-    """fn, made to return the seconds it took."""
-
-    def run() -> float:
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-
-    return run
+        """Seconds of one MAX run of `op` ('d2h' / 'h2d' / 'copy') on case `case`."""
+        return self.ask(f"{op} {case}")
 
 
 class JaxkvCase:
@@ -154,7 +117,7 @@ def gbps(nbytes: int, seconds: float) -> float:
 
 
 def bench_case(i: int, case: dict, ours: JaxkvCase, theirs: MaxPages | None, repeats: int) -> dict:
-    contenders = {"d2h": timed(ours.d2h), "h2d": timed(ours.h2d), "copy": timed(ours.copy)}
+    contenders = {"d2h": _common.timed(ours.d2h), "h2d": _common.timed(ours.h2d), "copy": _common.timed(ours.copy)}
     if theirs is not None:
         for op in ("d2h", "h2d", "copy"):
             contenders[f"max_{op}"] = lambda op=op: theirs.seconds(op, i)
@@ -214,10 +177,10 @@ def main() -> None:
             shape = [2 * k, params.kv_dim, params.num_layers, params.page_size, HEADS, HEAD_DIM]
             cases.append(dict(row_bytes=kib * KIB, shape=shape, ids=ids.tolist(), slots=slots.tolist()))
 
-    python = max_python()
+    python = _common.max_python()
     theirs, max_info = (
         None,
-        dict(error=f"MAX not found: no Python with MAX (set JAXKV_MAX_PYTHON, or a venv at {MAX_VENV})"),
+        dict(error=f"MAX not found: no Python with MAX (set JAXKV_MAX_PYTHON, or a venv at {_common.MAX_VENV})"),
     )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -91,23 +91,6 @@ def delete_keys(client, keys) -> None:
 
 
 # -- timing -----------------------------------------------------------------------
-def rounds(cases: dict, *, repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds of each case's `fn()` per timed round; cases: name -> (setup or None, fn); order reverses each round."""
-    names = list(cases)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for i in range(warmup + repeats):
-        for name in names if i % 2 == 0 else names[::-1]:
-            setup, fn = cases[name]
-            if setup is not None:
-                setup()
-            t0 = time.perf_counter()
-            fn()
-            dt = time.perf_counter() - t0
-            if i >= warmup:
-                times[name].append(dt)
-    return times
-
-
 def ratio(tier: list[float], base: list[float]) -> tuple[float, str]:
     """Median and range of per-round throughput ratios tier/base (= base seconds / tier seconds)."""
     rs = [b / t for t, b in zip(tier, base, strict=True)]
@@ -142,7 +125,7 @@ def bench_put_get(url: str, prefix: str, row_kib: int, total: int, *, repeats: i
         answers = tier.put_many(list(zip(hashes, rows, strict=True)))
         assert answers == [True] * n, answers[:3]
 
-    w = rounds(
+    w = _common.rounds(
         {
             "tier": (lambda: delete_keys(client, tier_keys), tier_put),
             "plain": (lambda: delete_keys(client, plain_keys), plain_set),
@@ -173,7 +156,7 @@ def bench_put_get(url: str, prefix: str, row_kib: int, total: int, *, repeats: i
         answers = tier.get_many(list(zip(hashes, out, strict=True)))
         assert answers == [None] * n, answers[:3]
 
-    r = rounds(
+    r = _common.rounds(
         {"tier": (None, tier_get), "plain": (None, plain_get), "plain_copy": (None, plain_get_copy)},
         repeats=repeats,
         warmup=warmup,
@@ -290,7 +273,7 @@ def bench_load(url: str, prefix: str, k: int, *, repeats: int, warmup: int, rng)
     load_remote()  # compiles the h2d bucket outside the rounds
     h2d()
     reads.clear()
-    t = rounds(
+    t = _common.rounds(
         {"load": (None, load_remote), "plain": (None, plain_get_device_put), "h2d": (None, h2d)},
         repeats=repeats,
         warmup=warmup,
