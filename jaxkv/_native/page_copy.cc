@@ -10,11 +10,58 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <emmintrin.h>  // SSE2: part of every x86-64 CPU
+#define JAXKV_STREAM_STORES 1
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+// A batch at least this large is copied with non-temporal (streaming) stores:
+// it does not fit in the caches anyway, and ordinary stores first read every
+// destination line into the cache (read-for-ownership). Measured here (2-core
+// x86-64, random 256 KiB-2 MiB pages, 16-512 MiB batches): memcpy per page
+// 7.3-13.9 GB/s, streaming 10.3-18.2 GB/s, one contiguous np.copyto 11.2-16.6.
+// glibc's memcpy switches to such stores only for single copies of several MiB.
+constexpr size_t kStreamMinBatchBytes = size_t{4} << 20;
+
+// Copy `n` bytes; `stream`: with non-temporal stores (the caller fences).
+inline void CopyPage(uint8_t* dst, const uint8_t* src, size_t n, bool stream) {
+#ifdef JAXKV_STREAM_STORES
+  if (stream) {
+    size_t head = (-reinterpret_cast<uintptr_t>(dst)) & 15;  // align the stores to 16 bytes
+    if (head > n) head = n;
+    std::memcpy(dst, src, head);
+    size_t i = head;
+    for (; i + 64 <= n; i += 64) {
+      __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+      __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 16));
+      __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 32));
+      __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 48));
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), a);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 16), b);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 32), c);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 48), d);
+    }
+    std::memcpy(dst + i, src + i, n - i);
+    return;
+  }
+#endif
+  std::memcpy(dst, src, n);
+}
+
+// Makes streaming stores visible before the kernel returns.
+inline void FenceStreams(bool stream) {
+#ifdef JAXKV_STREAM_STORES
+  if (stream) _mm_sfence();
+#else
+  (void)stream;
+#endif
+}
 
 // Bytes of one page of `cache` ([num_pages, ...]).
 size_t PageBytes(const ffi::AnyBuffer& cache) {
@@ -37,14 +84,16 @@ ffi::Error PageGather(ffi::AnyBuffer cache, ffi::Buffer<ffi::S32> ids,
   const auto* src = static_cast<const uint8_t*>(cache.untyped_data());
   auto* dst = rows->typed_data();
   const int32_t* id = ids.typed_data();
+  const bool stream = k * page_bytes >= kStreamMinBatchBytes;
   for (int64_t i = 0; i < k; ++i) {
     const int64_t p = id[i];
     if (p < 0 || p >= num_pages) {
       std::memset(dst + i * page_bytes, 0, page_bytes);
     } else {
-      std::memcpy(dst + i * page_bytes, src + p * page_bytes, page_bytes);
+      CopyPage(dst + i * page_bytes, src + p * page_bytes, page_bytes, stream);
     }
   }
+  FenceStreams(stream);
   return ffi::Error::Success();
 }
 
@@ -66,11 +115,13 @@ ffi::Error PageScatter(ffi::AnyBuffer cache, ffi::Buffer<ffi::S32> ids,
   if (dst != src) std::memcpy(dst, src, cache.size_bytes());  // not donated: copy first
   const uint8_t* r = rows.typed_data();
   const int32_t* id = ids.typed_data();
+  const bool stream = k * page_bytes >= kStreamMinBatchBytes;
   for (int64_t i = 0; i < k; ++i) {
     const int64_t p = id[i];
     if (p < 0 || p >= num_pages) continue;
-    std::memcpy(dst + p * page_bytes, r + i * page_bytes, page_bytes);
+    CopyPage(dst + p * page_bytes, r + i * page_bytes, page_bytes, stream);
   }
+  FenceStreams(stream);
   return ffi::Error::Success();
 }
 
@@ -101,12 +152,14 @@ ffi::Error PageScatterFromPool(ffi::AnyBuffer cache, ffi::Buffer<ffi::S32> ids,
   const uint8_t* rows = pool.typed_data();
   const int32_t* id = ids.typed_data();
   const int32_t* slot = slots.typed_data();
+  const bool stream = k * page_bytes >= kStreamMinBatchBytes;
   for (int64_t i = 0; i < k; ++i) {
     const int64_t p = id[i];
     const int64_t s = slot[i];
     if (p < 0 || p >= num_pages || s < 0 || s >= num_rows) continue;
-    std::memcpy(dst + p * page_bytes, rows + s * row_bytes + off, page_bytes);
+    CopyPage(dst + p * page_bytes, rows + s * row_bytes + off, page_bytes, stream);
   }
+  FenceStreams(stream);
   return ffi::Error::Success();
 }
 
@@ -151,9 +204,10 @@ extern "C" int64_t jaxkv_copy_rows(uint8_t* dst, int64_t dst_stride, int64_t dst
       return i;
     }
   }
+  const bool stream = static_cast<size_t>(k) * static_cast<size_t>(nbytes) >= kStreamMinBatchBytes;
   for (int64_t i = 0; i < k; ++i) {
-    std::memcpy(dst + dst_rows[i] * dst_stride, src + src_rows[i] * src_stride,
-                static_cast<size_t>(nbytes));
+    CopyPage(dst + dst_rows[i] * dst_stride, src + src_rows[i] * src_stride, static_cast<size_t>(nbytes), stream);
   }
+  FenceStreams(stream);
   return -1;
 }
