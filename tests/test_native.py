@@ -169,3 +169,49 @@ def test_copy_rows_refuses_a_read_only_dst():
     dst.flags.writeable = False
     with pytest.raises(ValueError, match="dst must be writeable"):
         native.copy_rows(dst, np.array([0], np.int32), np.ones((1, 8), np.uint8), np.array([0], np.int32))
+
+
+# Rows of 87,108 bytes per shard (odd head_dim: not a multiple of 16, so the streaming copies' unaligned
+# head and tail run too) and 64 pages per batch: 5.6 MB per unit, above the 4 MiB streaming threshold of
+# page_copy.cc, so every native path below copies with non-temporal stores.
+STREAMED = dict(n_kv_heads=2, head_dim=21, num_layers=61, page_size=17)
+
+
+@pytest.mark.parametrize("d2h_path", ["host", "xla"])
+def test_batches_above_the_streaming_threshold_are_bit_exact(d2h_path):
+    import jax.numpy as jnp
+
+    import jaxkv
+
+    assert native.available()
+    params = jaxkv.KVCacheParams(jnp.bfloat16, **STREAMED)
+    assert params.shard_bytes_per_page(2) % 16 and 64 * params.shard_bytes_per_page(2) > 4 << 20
+    src, _, _ = random_buffer(params, 2, num_pages=80, seed=3)
+    rng = np.random.default_rng(0)
+    ids = rng.permutation(80)[:64].astype(np.int32)
+    slots = rng.permutation(64).astype(np.int32)
+    engine = OffloadEngine(src, 64, d2h_path=d2h_path)
+    assert engine.h2d_path == "pool"
+    engine.d2h(src, ids, slots).synchronize()
+
+    def by_tp(array):  # each shard's bytes, in TP order (the order of a host row's units)
+        pieces = sorted(array.addressable_shards, key=lambda s: s.index[4].start or 0)
+        return [np.asarray(s.data).view(np.uint8).reshape(80, -1) for s in pieces]
+
+    shards = by_tp(src.values)
+    want = np.concatenate([np.stack([sh[i] for i in ids]) for sh in shards], axis=1)
+    assert engine.host_pool[slots].tobytes() == want.tobytes()  # D2H: copy_rows / the gather kernel
+
+    dst = allocate_buffer(params, tp_mesh(2), 80)
+    dst, t = engine.h2d(dst, slots, ids)  # H2D: scatter_from_pool, streaming
+    t.synchronize()
+    got = by_tp(dst.values)
+    for sh_src, sh_dst in zip(shards, got, strict=True):
+        assert sh_dst[ids].tobytes() == sh_src[ids].tobytes()
+    del shards, got
+
+    # The plain scatter kernel (KVCacheMemory.write_pages), streaming too.
+    unit = dst.to_memory()[0]
+    rows = rng.integers(0, 256, size=(64, unit.bytes_per_page), dtype=np.uint8)
+    new_unit = unit.write_pages(ids, rows)
+    assert np.asarray(new_unit.read_pages(ids)).tobytes() == rows.tobytes()
