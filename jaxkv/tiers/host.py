@@ -130,20 +130,30 @@ class HostTier:
 
         None when there is none. The slot is reserved until `commit` or `release`.
         """
+        got = self.reserve_evicting(protect)
+        return None if got is None else got[0]
+
+    def reserve_evicting(self, protect=()) -> tuple[int, bytes | None] | None:
+        """`reserve`, also saying which block it evicted to free the slot: (slot, its hash or None).
+
+        The evicted block's bytes stay in the slot until new bytes arrive, so a
+        write-back can still hand them down.
+        """
+        evicted = None
         if self._free:
             slot = self._free.pop()
         else:
             slot = None
             for h, s in self._index.items():
                 if s not in protect and not self._pins.get(s):
-                    slot = s
+                    slot, evicted = s, h
                     del self._index[h]
                     self.evictions += 1
                     break
             if slot is None:
                 return None
         self._reserved.add(slot)
-        return slot
+        return slot, evicted
 
     def commit(self, block_hash: bytes, slot: int) -> bool:
         """A reserved slot now holds `block_hash`'s bytes: index it (most recent). False if already held elsewhere."""

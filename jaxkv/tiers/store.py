@@ -349,12 +349,9 @@ class TieredStore:
             source = self.host.name
             if slot is None:
                 source = below[h]
-                victim = self._lru_victim(protect) if source is not None else None
-                slot = self.host.reserve(protect) if source is not None else None
+                slot = self._reserve(protect, demotions) if source is not None else None
                 if slot is None:
                     break
-                if victim is not None and victim[1] == slot and not self.policy.write_through:
-                    demotions.append(victim)  # write-back: its only copy is in this slot
                 protect.add(slot)
             else:
                 self.host.pin(slot)
@@ -443,12 +440,9 @@ class TieredStore:
         want = len(todo) if not write_through else min(len(todo), self.host.num_slots)
         slots, demotions = [], []
         while len(slots) < want:
-            victim = self._lru_victim()
-            slot = self.host.reserve()
+            slot = self._reserve((), demotions)
             if slot is None:
                 break
-            if victim is not None and not self.policy.write_through and self.lower and victim[1] == slot:
-                demotions.append(victim)
             slots.append(slot)
         if not slots:
             self.metrics.dropped_offloads += len(todo)
@@ -471,14 +465,19 @@ class TieredStore:
             tuple(demotions),
         )
 
-    def _lru_victim(self, protect=()) -> tuple[bytes, int] | None:
-        """The held row `reserve(protect)` would evict next, when no slot is free (for write-back)."""
-        if self.host._free:
+    def _reserve(self, protect, demotions: list[tuple[bytes, int]]) -> int | None:
+        """A host slot for arriving bytes; with write-back, the block it evicts joins `demotions`.
+
+        Without write-through the evicted block's only copy is in that slot: the
+        worker hands it to the first lower tier before the slot is overwritten.
+        """
+        got = self.host.reserve_evicting(protect)
+        if got is None:
             return None
-        for h, s in self.host._index.items():
-            if s not in protect and not self.host._pins.get(s):
-                return h, s
-        return None
+        slot, evicted = got
+        if evicted is not None and not self.policy.write_through and self.lower:
+            demotions.append((evicted, slot))
+        return slot
 
     def _count_demotions(self, answers) -> int:
         """Count write-back answers under the first lower tier; returns the blocks newly stored."""
