@@ -25,7 +25,6 @@ its pages, tail first, which stay reusable until their pages are needed.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 
 import numpy as np
 
@@ -201,8 +200,7 @@ class PagedKVCacheManager:
         sources = sources[: self.store.host.num_slots] if sources else sources
         # The pages `allocate` will hand out once the hits leave the free queue: plan the load onto
         # them before the pool changes, so a planning error leaves the pool (and its LRU order) as it was.
-        hits = set(hit_pages)
-        new_pages = list(itertools.islice((p for p in self.pool._free if p not in hits), total - n_dev))
+        new_pages = self.pool.next_free(total - n_dev, skip=set(hit_pages))
         n_ext = len(sources)
         load = None
         if n_ext:

@@ -14,6 +14,7 @@ All operations are O(1): the free queue is an ordered dict.
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 
 NULL_PAGE = 0
@@ -51,6 +52,13 @@ class BlockPool:
     def lookup(self, block_hash: bytes) -> int | None:
         """The page holding `block_hash`, or None."""
         return self.hash_to_page.get(block_hash)
+
+    def next_free(self, n: int, skip=()) -> list[int]:
+        """The `n` pages `allocate` would hand out next, once the pages in `skip` left the free queue.
+
+        Nothing changes: a caller plans on these pages before taking them.
+        """
+        return list(itertools.islice((p for p in self._free if p not in skip), n))
 
     def allocate(self) -> int:
         """Take the least recently freed page (evicting the block it held)."""
