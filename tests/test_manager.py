@@ -1,7 +1,7 @@
 """`PagedKVCacheManager` with a real cache, `TieredStore` and `OffloadWorker`: plans, late completions, failures."""
 
 import hashlib
-from collections import Counter, OrderedDict
+from collections import Counter
 from functools import lru_cache
 
 import jax
@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from cachegen import random_buffer
+from dict_tier import DictTier
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -524,60 +525,6 @@ def test_complete_load_and_commit_check_their_arguments():
 # -- property-based: random interleavings of plans and late completions ------------------------
 
 
-class DictTier:
-    """An in-memory lower tier (a `jaxkv.Tier`), LRU-evicted; the test can drop blocks from it."""
-
-    def __init__(self, name: str, capacity_bytes: int):
-        self.name = name
-        self.capacity_bytes = capacity_bytes
-        self.evictions = 0
-        self.corrupt = 0
-        self.rows: OrderedDict[bytes, np.ndarray] = OrderedDict()
-        self.row_bytes = 0
-
-    @property
-    def used_bytes(self) -> int:
-        return len(self.rows) * self.row_bytes
-
-    def open(self, layout) -> None:
-        self.row_bytes = layout.row_bytes
-
-    def __contains__(self, block_hash) -> bool:
-        return block_hash in self.rows
-
-    def touch(self, block_hashes) -> None:
-        for h in block_hashes:
-            if h in self.rows:
-                self.rows.move_to_end(h)
-
-    def put_many(self, items):
-        out = []
-        for h, row in items:
-            if h in self.rows:
-                self.rows.move_to_end(h)
-                out.append(False)
-                continue
-            while self.used_bytes + self.row_bytes > self.capacity_bytes:
-                self.rows.popitem(last=False)
-                self.evictions += 1
-            self.rows[h] = np.array(row, copy=True)
-            out.append(True)
-        return out
-
-    def get_many(self, items):
-        out = []
-        for h, row in items:
-            if h not in self.rows:
-                out.append(KeyError(f"block {h.hex()[:16]} is not in {self.name!r}"))
-                continue
-            row[:] = self.rows[h]
-            out.append(None)
-        return out
-
-    def close(self) -> None:
-        pass
-
-
 SYSTEM_PROMPTS = [list(range(1, 10)), list(range(50, 58)), []]
 NUM_PAGES = 8  # 7 usable: small, so device evictions happen
 HOST_SLOTS = 8
@@ -603,7 +550,7 @@ class ManagerMachine(RuleBasedStateMachine):
         self.cache, _, _ = random_buffer(PARAMS, 1, NUM_PAGES)
         layout = jaxkv.RowLayout.of(self.cache)
         self.row_bytes = layout.row_bytes
-        self.lower = DictTier("remote", LOWER_SLOTS * self.row_bytes)
+        self.lower = DictTier(LOWER_SLOTS * self.row_bytes, name="remote")
         self.store = TieredStore(layout, [HostTier(HOST_SLOTS * self.row_bytes), self.lower])
         self.worker = OffloadWorker(self.cache, self.store)
         # Every example's cache has the same layout: compile the engine's load once, not once per example.
@@ -883,7 +830,7 @@ class ManagerMachine(RuleBasedStateMachine):
         for h, slot in host._index.items():
             assert host.pool[slot].tobytes() == self.expect(self.key_of[h])
         for h, row in self.lower.rows.items():
-            assert row.tobytes() == self.expect(self.key_of[h])
+            assert row == self.expect(self.key_of[h])
 
     @invariant()
     def loads_in_flight_are_not_indexed(self):
