@@ -471,23 +471,23 @@ class _CompileCounter:
     def __init__(self, jax):
         import jax.monitoring
 
+        self._monitoring = jax.monitoring
         self.requests = self.hits = 0
-        self._live = True
+        jax.monitoring.register_event_listener(self._on_event)
+        jax.monitoring.register_event_duration_secs_listener(self._on_duration)
 
-        def on_event(event, **_):
-            if self._live and event == "/jax/compilation_cache/cache_hits":
-                self.hits += 1
+    def _on_event(self, event, **_):
+        if event == "/jax/compilation_cache/cache_hits":
+            self.hits += 1
 
-        def on_duration(event, _seconds, **_):
-            if self._live and event == "/jax/core/compile/backend_compile_duration":
-                self.requests += 1  # one per program, compiled or loaded from the persistent cache
-
-        jax.monitoring.register_event_listener(on_event)
-        jax.monitoring.register_event_duration_secs_listener(on_duration)
+    def _on_duration(self, event, _seconds, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.requests += 1  # one per program, compiled or loaded from the persistent cache
 
     def snapshot(self) -> dict:
         """{'programs': compiled or loaded, 'from_persistent_cache': of those, loaded}; stops counting."""
-        self._live = False
+        self._monitoring.unregister_event_listener(self._on_event)
+        self._monitoring.unregister_event_duration_listener(self._on_duration)
         return {"programs": self.requests, "from_persistent_cache": self.hits}
 
 
