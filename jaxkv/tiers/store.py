@@ -268,10 +268,7 @@ class TieredStore:
 
     def where(self, block_hash: bytes) -> str | None:
         """The first tier holding `block_hash`, or None."""
-        for name, tier in self.tiers.items():
-            if block_hash in tier:
-                return name
-        return None
+        return self._where_many([block_hash])[0]
 
     def _where_many(self, hashes: list[bytes], tiers=None) -> list[str | None]:
         """`where` for several blocks, tier by tier in order, each asked only about blocks not found above it.
