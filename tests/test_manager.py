@@ -219,11 +219,11 @@ def test_layout_fingerprint_change_invalidates_everything():
     assert m.fingerprint == store.fingerprint == jaxkv.RowLayout.of(cache).fingerprint
     other_params = KVCacheParams(jnp.float16, n_kv_heads=2, head_dim=8, num_layers=1, page_size=4)
     other = PagedKVCacheManager(other_params, num_pages=16, tp=1)
-    assert other.fingerprint != m.fingerprint
-    assert root_hash(0, other.fingerprint) != root_hash(0, m.fingerprint)
+    assert other.fingerprint != m.fingerprint and other.block_fingerprint != m.block_fingerprint
+    assert root_hash(0, other.block_fingerprint) != root_hash(0, m.block_fingerprint)
     # The same layout from params and TP degree gives the same hashes as from the cache.
     same = PagedKVCacheManager(PARAMS, num_pages=16, tp=1)
-    assert same.fingerprint == m.fingerprint
+    assert (same.fingerprint, same.block_fingerprint) == (m.fingerprint, m.block_fingerprint)
 
 
 def test_a_store_of_another_layout_is_refused():
@@ -279,7 +279,7 @@ def test_device_host_and_disk_hits_touch_only_device_blocks(tmp_path):
     assert m.sources == ["device", "host", "disk"] and m.metrics.tokens_from == {"device": 0, "host": 0, "disk": 0}
     prompt = list(range(25))  # 6 full blocks + 1: 7 of the 8 usable pages
     cache, _, want = serve(m, worker, cache, "a", prompt)
-    hashes = hash_blocks(prompt[:-1], 4, root_hash(0, m.fingerprint))
+    hashes = hash_blocks(prompt[:-1], 4, root_hash(0, m.block_fingerprint))
     # Write-through in chunks of 5 host slots: the disk has all 6 blocks, host memory the last 5.
     assert [store.where(h) for h in hashes] == ["disk"] + ["host"] * 5
     m.add_request("keep", prompt[:5])  # block 0 stays on the device
@@ -316,7 +316,7 @@ def test_touch_after_a_load_names_the_device_prefix_only():
     cache, store, worker, m = setup(num_pages=8)
     prompt = list(range(13))
     cache, _, _ = serve(m, worker, cache, "a", prompt)
-    hashes = hash_blocks(prompt[:-1], 4, root_hash(0, m.fingerprint))
+    hashes = hash_blocks(prompt[:-1], 4, root_hash(0, m.block_fingerprint))
     cache = evict_device(m, cache)
     calls = []
     store.touch = calls.append
@@ -581,7 +581,7 @@ class ManagerMachine(RuleBasedStateMachine):
         return block_row(key, self.row_bytes)
 
     def hashes(self, salt, tokens) -> list[bytes]:
-        hs = hash_blocks(tokens, 4, root_hash(0, self.m.fingerprint, salt))
+        hs = hash_blocks(tokens, 4, root_hash(0, self.m.block_fingerprint, salt))
         for b, h in enumerate(hs):
             self.key_of[h] = self.key(salt, tokens, b)
         return hs

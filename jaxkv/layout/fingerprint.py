@@ -7,21 +7,41 @@ exactly that: per unit its kind, dtype, typed page shape and width, and, when
 the cache spans processes, which TP shards this process's rows hold.
 
 It is computed here and nowhere else, from a cache or from its params and TP
-degree, and both give the same digest for the same layout. Stored blocks
-carry it (a row written for another layout is never loaded), and the
-prefix-caching manager mixes it into every block hash.
+degree, and both give the same digest for the same layout.
+
+A host row depends on the TP degree: a shard's page is `[kv_dim, layers,
+tokens, heads, dim]` for *its* heads, so the same logical page is laid out
+differently at TP 2 and TP 4. Tiers that outlive an instance (disk, a shared
+remote store) keep the *stored* form instead (`RowLayout.stored`): per cache
+and kind, the page heads-major, `[heads, kv_dim, layers, tokens, dim]`. Any
+TP shard's heads are then one contiguous byte range, and a process's rows
+(its shards, in TP order) are the same bytes whatever the TP degree. Three
+fingerprints follow:
+
+- `RowLayout.fingerprint`: the host row (TP-local). Host tiers and engines.
+- `RowLayout.block_fingerprint`: the model's page geometry only (no TP, no
+  process layout). The prefix-caching manager mixes it into every block
+  hash, so a block has one identity at every TP degree.
+- `StoredLayout.fingerprint`: the stored form of this process's heads
+  (which heads of how many). Stored blocks carry it: a block stored at TP 4
+  loads at TP 2 or 8, and a row written for another model never loads.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+
+import numpy as np
 
 from jaxkv.layout.buffer import KVCacheBuffer, MultiKVCacheBuffer
 from jaxkv.layout.params import KVCacheParams
 
 # Bump when the meaning of a row changes: every stored block becomes a miss.
 _TAG = b"jaxkv-row-layout-v2"
+_BLOCK_TAG = b"jaxkv-block-layout-v1"
+_STORED_TAG = b"jaxkv-stored-layout-v1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +56,10 @@ class RowUnit:
     """Typed shape of one page of this unit: `[kv_dim, layers, tokens, heads, dim]`."""
     bytes_per_page: int
     """Width of this unit in the row."""
+    shards: int = 1
+    """Shards the heads axis is split into (the TP degree); 1 for a replicated (MLA) or TP-1 unit."""
+    shard: int = 0
+    """This unit's position along the TP axis (which heads it holds); 0 when `shards` is 1."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +99,29 @@ class RowLayout:
             desc.append(("owned TP shards", self.owned_shards))
         return hashlib.sha256(_TAG + repr(desc).encode()).digest()
 
+    @property
+    def block_fingerprint(self) -> bytes:
+        """SHA-256 of the model's page geometry, whatever the TP degree and process layout.
+
+        Per cache and kind: dtype and the whole page's typed shape (all heads).
+        The prefix-caching manager roots every block hash in it.
+        """
+        desc: list[tuple] = []
+        last = None
+        for r in self.stored.runs:
+            key = (r.kind, r.dtype, r.full_shape)
+            if last is not None and key == desc[-1] and r.first_head > last.first_head:
+                last = r  # more heads of the same array (this process's shards are not all adjacent)
+                continue
+            desc.append(key)
+            last = r
+        return hashlib.sha256(_BLOCK_TAG + repr(desc).encode()).digest()
+
+    @functools.cached_property
+    def stored(self) -> StoredLayout:
+        """The TP-independent form of this layout's rows, for tiers that outlive an instance."""
+        return StoredLayout.of(self)
+
     @classmethod
     def of(cls, cache: KVCacheBuffer | MultiKVCacheBuffer | KVCacheParams, *, tp: int | None = None) -> RowLayout:
         """The row layout of a cache, or of the cache `KVCacheParams` describe at TP degree `tp`.
@@ -103,7 +150,7 @@ class RowLayout:
                 f"got num_pages {sorted(pages)} and page_size {sorted(sizes)}"
             )
         units = tuple(
-            RowUnit(u.kind, u.dtype.name, tuple(u.page_shape), u.bytes_per_page)
+            RowUnit(u.kind, u.dtype.name, tuple(u.page_shape), u.bytes_per_page, *_position(c, u))
             for c in children
             for u in c.to_memory()
         )
@@ -111,7 +158,8 @@ class RowLayout:
 
 
 def _units_from_params(params: KVCacheParams, tp: int) -> tuple[RowUnit, ...]:
-    copies = 1 if params.replicated(tp) else tp
+    replicated = params.replicated(tp)
+    copies = 1 if replicated else tp
     kinds = [("values", params.dtype, params.shape_per_page(tp))]
     if params.quant is not None:
         kinds.append(("scales", params.quant.scale_dtype, params.shape_per_scale_page(tp)))
@@ -120,8 +168,16 @@ def _units_from_params(params: KVCacheParams, tp: int) -> tuple[RowUnit, ...]:
         width = dtype.itemsize
         for d in shape:
             width *= d
-        units += [RowUnit(kind, dtype.name, tuple(shape), width)] * copies
+        shards = 1 if replicated else tp
+        units += [RowUnit(kind, dtype.name, tuple(shape), width, shards, i) for i in range(copies)]
     return tuple(units)
+
+
+def _position(cache: KVCacheBuffer, unit) -> tuple[int, int]:
+    """(shards, shard) of a unit: its place along the heads split."""
+    if cache.replicates_kv_across_tp or cache.tp_degree == 1:
+        return 1, 0
+    return cache.tp_degree, unit.shard_index
 
 
 def _owned_shards(children: list[KVCacheBuffer]) -> tuple:
@@ -136,3 +192,116 @@ def _owned_shards(children: list[KVCacheBuffer]) -> tuple:
 def layout_fingerprint(cache, *, tp: int | None = None) -> bytes:
     """`RowLayout.of(cache, tp=tp).fingerprint`: the one layout fingerprint of a cache."""
     return RowLayout.of(cache, tp=tp).fingerprint
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredRun:
+    """Consecutive units of a row that hold consecutive heads of one cache's values or scales."""
+
+    kind: str
+    dtype: str
+    offset: int
+    """Where the run starts in a row (the same in the host row and the stored row)."""
+    units: int
+    """Shards in the run."""
+    rows: int
+    """`kv_dim * layers * tokens`: the head-interleaved rows of one shard's page."""
+    heads: int
+    """Heads per shard."""
+    head_bytes: int
+    """Bytes of one head in one of those rows (`dim * itemsize`)."""
+    full_shape: tuple[int, ...]
+    """Typed shape of the whole page, all heads: `[kv_dim, layers, tokens, total heads, dim]`."""
+    first_head: int
+    """First head the run holds."""
+
+    @property
+    def nbytes(self) -> int:
+        return self.units * self.rows * self.heads * self.head_bytes
+
+    @property
+    def identity(self) -> bool:
+        """Whether host and stored bytes are the same (one row or one head per shard)."""
+        return self.rows == 1 or self.heads == 1
+
+    def to_stored(self, src: np.ndarray, dst: np.ndarray) -> None:
+        """`[units, rows, heads, head_bytes]` -> `[units * heads, rows, head_bytes]` (heads-major)."""
+        shape = (self.units, self.rows, self.heads, self.head_bytes)
+        dst.reshape(self.units, self.heads, self.rows, self.head_bytes)[...] = src.reshape(shape).transpose(0, 2, 1, 3)
+
+    def from_stored(self, src: np.ndarray, dst: np.ndarray) -> None:
+        """The inverse of `to_stored`."""
+        shape = (self.units, self.heads, self.rows, self.head_bytes)
+        dst.reshape(self.units, self.rows, self.heads, self.head_bytes)[...] = src.reshape(shape).transpose(0, 2, 1, 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredLayout:
+    """The stored (TP-independent) form of a `RowLayout`'s rows: same width, bytes permuted.
+
+    Each run of units holding consecutive heads of one cache's values (or
+    scales) is stored heads-major, `[heads, kv_dim, layers, tokens, dim]`; a
+    replicated (MLA) unit is stored as it is. The stored row of a process
+    holding heads `[a, b)` of every cache is the same at every TP degree, so
+    `fingerprint` names only the model's geometry and which heads.
+    """
+
+    runs: tuple[StoredRun, ...]
+    row_bytes: int
+
+    @classmethod
+    def of(cls, layout: RowLayout) -> StoredLayout:
+        runs: list[StoredRun] = []
+        offset, i = 0, 0
+        units = layout.units
+        while i < len(units):
+            u = units[i]
+            j = i + 1
+            while (
+                j < len(units)
+                and u.shards > 1
+                and (units[j].kind, units[j].dtype, units[j].page_shape, units[j].shards)
+                == (u.kind, u.dtype, u.page_shape, u.shards)
+                and units[j].shard == units[j - 1].shard + 1
+            ):
+                j += 1
+            kv, layers, tokens, heads, dim = u.page_shape
+            head_bytes = u.bytes_per_page // (kv * layers * tokens * heads)
+            full = (kv, layers, tokens, heads * u.shards, dim)
+            runs.append(
+                StoredRun(
+                    u.kind, u.dtype, offset, j - i, kv * layers * tokens, heads, head_bytes, full, u.shard * heads
+                )
+            )
+            offset += (j - i) * u.bytes_per_page
+            i = j
+        return cls(tuple(runs), offset)
+
+    @property
+    def identity(self) -> bool:
+        """Whether stored rows are byte-identical to host rows (no conversion needed)."""
+        return all(r.identity for r in self.runs)
+
+    @property
+    def fingerprint(self) -> bytes:
+        """SHA-256 of what a stored row's bytes mean: the model's geometry and the heads it holds (no TP degree)."""
+        desc = [(r.kind, r.dtype, r.full_shape, r.first_head, r.first_head + r.units * r.heads) for r in self.runs]
+        return hashlib.sha256(_STORED_TAG + repr(desc).encode()).digest()
+
+    def to_stored(self, row: np.ndarray, out: np.ndarray) -> None:
+        """Write the stored form of host `row` into `out` (both `[row_bytes]` uint8, not overlapping)."""
+        for r in self.runs:
+            src, dst = row[r.offset : r.offset + r.nbytes], out[r.offset : r.offset + r.nbytes]
+            if r.identity:
+                dst[...] = src
+            else:
+                r.to_stored(src, dst)
+
+    def from_stored(self, stored: np.ndarray, out: np.ndarray) -> None:
+        """Write the host row of `stored` into `out` (both `[row_bytes]` uint8, not overlapping)."""
+        for r in self.runs:
+            src, dst = stored[r.offset : r.offset + r.nbytes], out[r.offset : r.offset + r.nbytes]
+            if r.identity:
+                dst[...] = src
+            else:
+                r.from_stored(src, dst)

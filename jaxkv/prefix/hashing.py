@@ -1,14 +1,15 @@
 """Block hashes: the identity of a full page of tokens and everything before it.
 
 ```
-root    = SHA-256("jaxkv-root-v1" | seed | layout fingerprint | cache_salt)
+root    = SHA-256("jaxkv-root-v1" | seed | block fingerprint | cache_salt)
 hash[0] = SHA-256(root    | tokens[0 : P]      | extra keys)
 hash[i] = SHA-256(hash[i-1] | tokens[iP : (i+1)P] | extra keys)
 ```
 
 Chaining makes a block's hash depend on its whole prefix, so equal hashes
 mean equal K/V (for the same model and layout). The seed is per deployment,
-the fingerprint ties blocks to the cache layout, and a request's `cache_salt`
+the block fingerprint (`RowLayout.block_fingerprint`: the model's page
+geometry, not the TP degree) ties blocks to the model, and a request's `cache_salt`
 keeps tenants apart: different salts never share a block. Token ids enter as
 little-endian int32 bytes; extra keys (LoRA id, image digests, ...) as bytes.
 

@@ -121,7 +121,10 @@ class PagedKVCacheManager:
             num_pages = (next(iter(cache.children.values())) if hasattr(cache, "children") else cache).total_num_pages
         self.page_size = layout.page_size
         self.fingerprint: bytes = layout.fingerprint
-        """The layout fingerprint (`RowLayout.fingerprint`) mixed into every block hash."""
+        """The host rows' layout fingerprint (`RowLayout.fingerprint`): the store must have the same."""
+        self.block_fingerprint: bytes = layout.block_fingerprint
+        """The model's page geometry (`RowLayout.block_fingerprint`), at the root of every block hash:
+        a block has the same hash at every TP degree and process layout."""
         if store is not None:
             if not isinstance(store, TieredStore):
                 raise ValueError(f"store must be a TieredStore or None, got {type(store).__name__}")
@@ -175,7 +178,7 @@ class PagedKVCacheManager:
         tokens = np.asarray(token_ids)
         if tokens.ndim != 1 or tokens.size == 0 or not np.issubdtype(tokens.dtype, np.integer):
             raise ValueError(f"token_ids must be a non-empty rank-1 sequence of ints, got shape {tokens.shape}")
-        root = root_hash(self.seed, self.fingerprint, cache_salt)
+        root = root_hash(self.seed, self.block_fingerprint, cache_salt)
         # The last token is never served from cache: hash only blocks before it.
         hashes = hash_blocks(tokens[:-1], self.page_size, root, extra_keys)
 

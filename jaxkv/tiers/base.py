@@ -12,6 +12,11 @@ What each call guarantees (the composition relies on nothing else):
 - `open(layout)`: called once, before anything else, by the composition:
   the tier learns the row width and the layout fingerprint. A tier that
   persists rows must never return a row written under another fingerprint.
+  A tier that outlives the instance (jaxkv's disk and remote tiers) keeps
+  rows in `layout.stored`'s TP-independent form under
+  `layout.stored.fingerprint`, so an instance at another TP degree reads
+  them (`OpensOnce` does both); `put_many` and `get_many` still take and
+  return host rows.
 - `block_hash in tier`: advisory. True means "held when asked"; a later
   `get_many` may still find it gone (evicted, corrupt) and say so.
 - `contains_many(block_hashes)` (optional): `[h in tier for h in
@@ -42,7 +47,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from jaxkv.layout.fingerprint import RowLayout
+from jaxkv.layout.fingerprint import RowLayout, StoredLayout
 
 BLOCK_HASH_BYTES = 32
 """Block hashes are SHA-256 digests (jaxkv.prefix.hashing)."""
@@ -156,30 +161,58 @@ def check_row(out, row_bytes: int, *, name: str = "out") -> None:
 
 
 class OpensOnce:
-    """Mixin for a tier opened once with a row layout: by a composition (`open`) or at construction.
+    """Mixin for a tier that outlives an instance, opened once: by a composition (`open`) or at construction.
+
+    Opened by a composition, it stores rows in the layout's TP-independent
+    form (`RowLayout.stored`) under the stored fingerprint: `to_stored` /
+    `from_stored` convert at the tier boundary. Opened at construction with a
+    fingerprint and row width, it stores rows as given.
 
     Subclasses call `_open_at_construction(fingerprint, row_bytes)` at the end of `__init__`
     and implement `_opened()`, which runs once the fingerprint and row width are set.
     """
 
     _open = False
+    stored: StoredLayout | None = None
+    """How rows are stored: the layout's TP-independent form, or None (as given)."""
 
     def _open_at_construction(self, fingerprint, row_bytes) -> None:
         if fingerprint is not None or row_bytes is not None:
             self._open_with(fingerprint, row_bytes)
 
     def open(self, layout: RowLayout) -> None:
-        """Bind to `layout`'s rows (width and fingerprint); called once by the composition."""
-        self._open_with(layout.fingerprint, layout.row_bytes)
+        """Bind to `layout`'s rows (width, stored form and its fingerprint); called once by the composition."""
+        self._open_with(layout.stored.fingerprint, layout.row_bytes, layout.stored)
 
-    def _open_with(self, fingerprint: bytes, row_bytes: int) -> None:
+    def _open_with(self, fingerprint: bytes, row_bytes: int, stored: StoredLayout | None = None) -> None:
         if self._open:
             raise ValueError(f"{type(self).__name__} {self.name!r} is already open")
         check_row_layout(fingerprint, row_bytes)
         self.fingerprint = fingerprint
         self.row_bytes = row_bytes
+        self.stored = None if stored is None or stored.identity else stored
         self._opened()
         self._open = True
+
+    @property
+    def converts(self) -> bool:
+        """Whether stored bytes differ from host rows (MHA at a TP degree below the head count)."""
+        return self.stored is not None
+
+    def to_stored(self, row: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """The stored bytes of host `row`: `out` filled, or `row` itself when nothing converts."""
+        if self.stored is None:
+            return row
+        self.stored.to_stored(row, out)
+        return out
+
+    def from_stored(self, stored: np.ndarray, out: np.ndarray) -> None:
+        """Write the host row of `stored` bytes into `out` (a copy when nothing converts)."""
+        if self.stored is None:
+            if stored is not out:
+                out[...] = stored
+            return
+        self.stored.from_stored(stored, out)
 
     def _opened(self) -> None:
         raise NotImplementedError

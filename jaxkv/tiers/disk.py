@@ -14,8 +14,14 @@ offset  size  field
 48      32    block hash (also the file name, in hex)
 80      8     payload length
 88      8     checksum: xxh3_64 of the payload
-96      n     payload: one host row, raw bytes
+96      n     payload: one row in its stored form (`RowLayout.stored`: heads-major,
+              the same bytes at every TP degree), raw
 ```
+
+Opened by a composition, the fingerprint is the stored one
+(`StoredLayout.fingerprint`): a block written at TP 4 loads at TP 2 or 8.
+The conversion between host row and stored form runs on the writer and
+reader threads, through a per-thread staging row.
 
 No pickle: the file is bytes and fixed-width integers. The checksum is
 verified on every read; a mismatch, a short file or a foreign header makes
@@ -35,6 +41,7 @@ import os
 import re
 import stat
 import struct
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -118,6 +125,7 @@ class DiskTier(OpensOnce):
         self.writers = max(1, min(4, os.cpu_count() or 1))
         """Threads that write and read block files in parallel in `put_many` / `get_many`."""
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._staging = threading.local()  # per thread: a row for the stored form when it differs from the host row
         self._tmp_ids = itertools.count()
         self._index: OrderedDict[bytes, None] = OrderedDict()  # LRU order, oldest first
         self._open_at_construction(fingerprint, row_bytes)
@@ -288,8 +296,23 @@ class DiskTier(OpensOnce):
                 f"out must be a contiguous uint8 array of shape ({self.row_bytes},), got {out.dtype} {out.shape}"
             )
 
+    def _staging_row(self) -> np.ndarray:
+        """This thread's staging row for the stored form (allocated once per thread)."""
+        row = getattr(self._staging, "row", None)
+        if row is None:
+            row = self._staging.row = np.empty(self.row_bytes, np.uint8)
+        return row
+
     def _read(self, block_hash: bytes, row: np.ndarray) -> Exception | None:
         """Read and verify one block into `row` (thread-safe: no index access); the failure, if any."""
+        target = self._staging_row() if self.converts else row
+        error = self._read_payload(block_hash, target)
+        if error is None and target is not row:
+            self.from_stored(target, row)
+        return error
+
+    def _read_payload(self, block_hash: bytes, row: np.ndarray) -> Exception | None:
+        """Read and verify one block's stored bytes into `row`; the failure, if any."""
         path = self._path(block_hash)
         header = bytearray(HEADER_BYTES)
         try:
@@ -391,12 +414,13 @@ class DiskTier(OpensOnce):
 
     def _write_tmp(self, block_hash: bytes, row: np.ndarray):
         """Write one block to a fresh temporary file; its path, or the DiskWriteError (thread-safe)."""
+        row = self.to_stored(np.ascontiguousarray(row), self._staging_row() if self.converts else None)
         header = _HEADER.pack(MAGIC, VERSION, HEADER_BYTES, self.fingerprint, block_hash, self.row_bytes, checksum(row))
         tmp = self.directory / f".{block_hash.hex()}{SUFFIX}.{os.getpid()}-{next(self._tmp_ids)}.tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                _writev_full(fd, [memoryview(header), memoryview(np.ascontiguousarray(row)).cast("B")])
+                _writev_full(fd, [memoryview(header), memoryview(row).cast("B")])
             finally:
                 os.close(fd)
         except OSError as e:

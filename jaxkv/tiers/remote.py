@@ -3,8 +3,9 @@
 One key per block, holding the bytes a `DiskTier` block file holds: the same
 96-byte header (magic `JAXKVBLK`, format version, header length, layout
 fingerprint, block hash, payload length, xxh3-64 checksum of the payload),
-then the payload, one host row. The key names the deployment, the layout and
-the block:
+then the payload, one row in its stored form (`RowLayout.stored`: the same
+bytes at every TP degree, so an instance at TP 2 reads what one at TP 4
+wrote). The key names the deployment, the stored layout and the block:
 
 ```
 <prefix><first 16 bytes of the layout fingerprint, hex>:<block hash, 64 hex digits>
@@ -352,7 +353,7 @@ class RemoteTier(OpensOnce):
                 bad.append(self.key(h))
                 answers.append(CorruptBlockError(f"block {h.hex()[:16]}: {why}; its key was deleted"))
                 continue
-            out[:] = np.frombuffer(reply, np.uint8, count=self.row_bytes, offset=HEADER_BYTES)
+            self.from_stored(np.frombuffer(reply, np.uint8, count=self.row_bytes, offset=HEADER_BYTES), out)
             if h in self._held:
                 self._held.move_to_end(h)
             answers.append(None)
@@ -382,7 +383,7 @@ class RemoteTier(OpensOnce):
 
     # -- internals ---------------------------------------------------------
     def _value(self, i: int, block_hash: bytes, row: np.ndarray) -> memoryview:
-        """Header + row in row `i` of the staging buffer, which the batch's SETs send; the row is copied once.
+        """Header + stored row in row `i` of the staging buffer, which the batch's SETs send; the row is copied once.
 
         One buffer for every batch, kept: values built in fresh memory would
         page-fault it in for every batch (glibc returns freed large blocks).
@@ -391,10 +392,14 @@ class RemoteTier(OpensOnce):
             per_batch = max(1, min(self.batch_blocks, self.batch_bytes // self.value_bytes))
             self._staging = np.empty((per_batch, self.value_bytes), np.uint8)
         value = self._staging[i]
+        payload = value[HEADER_BYTES:]
+        if self.converts:
+            self.to_stored(row, payload)  # the one copy, converting on the way
+        else:
+            payload[...] = row
         _HEADER.pack_into(
-            value, 0, MAGIC, VERSION, HEADER_BYTES, self.fingerprint, block_hash, self.row_bytes, checksum(row)
+            value, 0, MAGIC, VERSION, HEADER_BYTES, self.fingerprint, block_hash, self.row_bytes, checksum(payload)
         )
-        value[HEADER_BYTES:] = row
         return memoryview(value)
 
     def _verify(self, block_hash: bytes, reply) -> str | None:
