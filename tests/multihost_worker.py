@@ -14,6 +14,10 @@ ends with os._exit: no teardown in the runtime can hang the test. Scenarios:
   processes' tiers differ (refused in one, refused in all; failed in one,
   failed in all); the manager deciding the same in both; the cost of one
   agreement.
+- ``tp_change``: blocks stored at one TP degree load at another (8 -> 2,
+  2 -> 4, 4 -> 8; every mesh spans both processes, each holding half the
+  heads), MHA bf16 and FP8 with scales: each process writes and reads only
+  its own heads' stored rows, and every local shard is bit-exact.
 - ``kill``: both processes store; process 1 dies (SIGKILL) in the middle of
   a disk write; process 0 must finish its store, get a timeout error (not a
   hang) from the next lookup, and find its own tiers intact.
@@ -79,11 +83,11 @@ def source_arrays(params, seed: int) -> list[np.ndarray]:
     return arrays
 
 
-def shard_slice(array: np.ndarray, position: int, replicated: bool) -> np.ndarray:
-    """TP shard `position` of a global array (the whole array when replicated)."""
+def shard_slice(array: np.ndarray, position: int, replicated: bool, tp: int = TP) -> np.ndarray:
+    """TP shard `position` of a global array at TP degree `tp` (the whole array when replicated)."""
     if replicated:
         return array
-    h = array.shape[4] // TP
+    h = array.shape[4] // tp
     return array[..., position * h : (position + 1) * h, :]
 
 
@@ -96,6 +100,14 @@ def expected_row(arrays: list[np.ndarray], page: int, process: int, replicated: 
     positions = [0] if replicated else owned_positions(process)
     parts = [np.ascontiguousarray(shard_slice(a, i, replicated)[page]).tobytes() for a in arrays for i in positions]
     return b"".join(parts)
+
+
+def expected_stored(arrays: list[np.ndarray], page: int, process: int) -> bytes:
+    """The stored (TP-independent) row of an MHA page in process `process`: its heads, heads-major, per array."""
+    heads = slice(
+        process * (arrays[0].shape[4] // NUM_PROCESSES), (process + 1) * (arrays[0].shape[4] // NUM_PROCESSES)
+    )
+    return b"".join(np.ascontiguousarray(a[page][..., heads, :].transpose(3, 0, 1, 2, 4)).tobytes() for a in arrays)
 
 
 def block_hash(i: int) -> bytes:
@@ -137,7 +149,7 @@ def global_cache(params, mesh, arrays):
 
     from jaxkv import KVCacheBuffer
 
-    replicated = params.replicated(TP)
+    replicated = params.replicated(mesh.devices.size)
     sharding = NamedSharding(mesh, P() if replicated else P(None, None, None, None, "tp", None))
     placed = [jax.make_array_from_callback(a.shape, sharding, lambda index, a=a: a[index]) for a in arrays]
     return KVCacheBuffer(replicated, *placed)
@@ -536,7 +548,7 @@ def kill(process: int, port: int, out: Path) -> dict:
     worker = OffloadWorker(src, store)
     disk = store.tiers["disk"]
     info = {
-        "fingerprint": store.fingerprint.hex(),
+        "fingerprint": disk.fingerprint.hex(),  # the stored form's
         "row_bytes": worker.engine.row_bytes,
         "directory": str(disk.directory),
     }
@@ -583,7 +595,8 @@ def kill(process: int, port: int, out: Path) -> dict:
     for i, h in enumerate(first + second):
         if h in host:
             assert worker.engine.read_host([host[h]])[0].tobytes() == expected_row(arrays, i, process, False)
-    reopened = DiskTier(disk.directory, 1 << 20, fingerprint=store.fingerprint, row_bytes=worker.engine.row_bytes)
+    reopened = DiskTier(disk.directory, 1 << 20)
+    reopened.open(store.layout)  # as a composition opens it: rows in their stored form
     verified = sum(
         reopened.get(h).tobytes() == expected_row(arrays, i, process, False) for i, h in enumerate(first + second)
     )
@@ -598,7 +611,70 @@ def kill(process: int, port: int, out: Path) -> dict:
     }
 
 
-SCENARIOS = {"roundtrip": roundtrip, "kill": kill}
+def mesh_of(tp: int):
+    """A TP mesh of `tp` devices spanning both processes: the first `tp / 2` local devices of each."""
+    import jax
+
+    per = tp // NUM_PROCESSES
+    devices = [d for p in range(NUM_PROCESSES) for d in [x for x in jax.devices() if x.process_index == p][:per]]
+    return jax.make_mesh((tp,), ("tp",), devices=devices)
+
+
+def tp_change(process: int, port: int, out: Path) -> dict:
+    start(process, port, recoverable=False)
+    from jaxkv import OffloadWorker, PagedKVCacheManager, TieredStore, allocate_buffer
+
+    result = {}
+    src_pages, dst_pages = [6, 1, 3, 0], [2, 7, 0, 5]
+    hashes = [block_hash(100 + i) for i in range(NUM_PAGES)]
+    for seed, name in enumerate(("mha-bf16", "mha-fp8")):
+        params = layouts()[name]
+        arrays = source_arrays(params, 30 + seed)
+        for a, b in ((8, 2), (2, 4), (4, 8)):
+            base = out / f"tp-{name}-{a}-{b}"
+            src = global_cache(params, mesh_of(a), arrays)
+            row = params.host_bytes_per_page(a) // NUM_PROCESSES
+            store = TieredStore.for_cache(src, 2 * row, disk_directory=base, disk_capacity_bytes=1 << 22)
+            plan = store.prepare_store(hashes, list(range(NUM_PAGES)))
+            store.complete_store(OffloadWorker(src, store).store(src, plan).result())
+            stored_fp = store.tiers["disk"].fingerprint
+            store.close()
+            disk = base / f"process-{process}"
+            raw = (disk / (hashes[3].hex() + ".kvblock")).read_bytes()
+            assert raw.endswith(expected_stored(arrays, 3, process)), "the stored row is not this process's heads"
+
+            # "Restart" at TP b over the same directory: a fresh cache and store.
+            mesh = mesh_of(b)
+            cache = allocate_buffer(params, mesh, NUM_PAGES)
+            store = TieredStore.for_cache(cache, 8 * row, disk_directory=base, disk_capacity_bytes=1 << 22)
+            assert store.tiers["disk"].fingerprint == stored_fp
+            worker = OffloadWorker(cache, store)
+            plan = store.prepare_load([hashes[i] for i in src_pages], dst_pages)
+            assert plan.sources == ("disk",) * len(src_pages), plan
+            cache, handle = worker.load(cache, plan)
+            loaded = handle.result()
+            store.complete_load(loaded)
+            assert loaded.status == "loaded", loaded
+            want = placed(arrays, src_pages, dst_pages)
+            digests = {}
+            for kind, array, expected in zip(("values", "scales"), (cache.values, cache.scales), want, strict=False):
+                h = array.shape[4] // b
+                for shard in array.addressable_shards:
+                    position = (shard.index[4].start or 0) // h
+                    got = np.asarray(shard.data).tobytes()
+                    exp = np.ascontiguousarray(shard_slice(expected, position, False, tp=b)).tobytes()
+                    assert got == exp, f"{name} {a}->{b}: {kind} shard {position} differs"
+                    digests[f"{kind}/{position}"] = digest(got)
+            store.close()
+            result[f"{name}/{a}->{b}"] = {
+                "digests": digests,
+                "stored_fingerprint": stored_fp.hex(),
+                "block_fingerprint": PagedKVCacheManager(cache, store=None).block_fingerprint.hex(),
+            }
+    return result
+
+
+SCENARIOS = {"roundtrip": roundtrip, "tp_change": tp_change, "kill": kill}
 
 
 def main() -> None:

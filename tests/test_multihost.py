@@ -25,14 +25,14 @@ from multihost_worker import (
     TP,
     block_hash,
     digest,
-    expected_row,
+    expected_stored,
     layouts,
     placed,
     shard_slice,
     source_arrays,
 )
 
-from jaxkv import OffloadEngine, TieredStore, _jax_compat, layout_fingerprint
+from jaxkv import OffloadEngine, PagedKVCacheManager, TieredStore, _jax_compat, layout_fingerprint
 from jaxkv import _native as native
 from jaxkv.tiers.disk import DiskTier
 from jaxkv.transfer.agreement import GroupAgreement
@@ -103,6 +103,14 @@ def roundtrip(tmp_path_factory):
     codes, reports, elapsed = launch("roundtrip", out)
     assert codes == [0, 0] and all(r.get("ok") for r in reports), failure(reports, out, "roundtrip")
     return out, reports, elapsed
+
+
+@pytest.fixture(scope="module")
+def tp_change(tmp_path_factory):
+    out = tmp_path_factory.mktemp("multihost-tp-change")
+    codes, reports, _ = launch("tp_change", out)
+    assert codes == [0, 0] and all(r.get("ok") for r in reports), failure(reports, out, "tp_change")
+    return reports
 
 
 def expected_digests(name: str, seed: int, src_pages, dst_pages) -> dict[str, str]:
@@ -183,7 +191,29 @@ def test_disk_rows_hold_each_process_own_shards(roundtrip):
     for process in range(NUM_PROCESSES):
         directory = out / "tiers-mha-fp8" / f"process-{process}"
         raw = (directory / (block_hash(3).hex() + ".kvblock")).read_bytes()
-        assert raw.endswith(expected_row(arrays, 3, process, replicated=False))
+        assert raw.endswith(expected_stored(arrays, 3, process))  # its own heads, in the stored form
+
+
+@pytest.mark.parametrize("name", ["mha-bf16", "mha-fp8"])
+@pytest.mark.parametrize("a,b", [(8, 2), (2, 4), (4, 8)], ids=lambda x: f"tp{x}")
+def test_blocks_stored_at_one_tp_load_at_another(tp_change, name, a, b):
+    """2 processes x 4 devices: stored at TP a, loaded at TP b, every shard of both processes bit-exact."""
+    key = f"{name}/{a}->{b}"
+    first, second = (r[key] for r in tp_change)
+    got = merged([first, second], "digests")
+    params = layouts()[name]
+    want = placed(source_arrays(params, 30 + ["mha-bf16", "mha-fp8"].index(name)), [6, 1, 3, 0], [2, 7, 0, 5])
+    expected = {
+        f"{kind}/{i}": digest(np.ascontiguousarray(shard_slice(x, i, False, tp=b)).tobytes())
+        for kind, x in zip(("values", "scales"), want, strict=False)
+        for i in range(b)
+    }
+    assert got == expected
+    # Each process stores its own heads (so their stored fingerprints differ); blocks are named alike in both.
+    assert first["stored_fingerprint"] != second["stored_fingerprint"]
+    assert first["block_fingerprint"] == second["block_fingerprint"]
+    single, _, _ = random_buffer(params, 2, 4)
+    assert first["block_fingerprint"] == PagedKVCacheManager(single).block_fingerprint.hex()
 
 
 @pytest.mark.parametrize("name", ["mha-bf16", "mla-bf16"])
@@ -251,7 +281,7 @@ def test_killed_process_neither_hangs_nor_corrupts(tmp_path):
     held = [i for i in range(8) if block_hash(i) in tier]
     assert held == [0, 1, 2, 3, 4, 5]  # the two writes that completed before the third
     for i in held:
-        assert tier.get(block_hash(i)).tobytes() == expected_row(arrays, i, 1, replicated=False)
+        assert tier.get(block_hash(i)).tobytes() == expected_stored(arrays, i, 1)  # opened as given: stored bytes
     assert tier.corrupt == 0
 
 
