@@ -1,5 +1,6 @@
 """The README's "Using it" section is examples/serving_loop.py, and it runs."""
 
+import pathlib
 import re
 import subprocess
 import sys
@@ -37,3 +38,17 @@ def test_readme_demo_sample_adds_up():
     assert sum(counts) == total
     for n, pct in zip(counts, (float(p) for _, p in rows), strict=True):
         assert abs(100 * n / total - pct) < 0.051
+
+
+def test_tp_restart_example_serves_the_prefix_from_disk_at_another_tp():
+    """examples/tp_restart.py: blocks stored at TP 4 by one process load at TP 2 in another, bit-exact
+    (the example asserts the pages and that the prefix came from disk; a failed assert exits non-zero)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "tp_restart.py")], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("TP 4: stored 5 blocks of 88 prompt tokens in ")
+    assert lines[1] == "TP 2: 80 of 88 prompt tokens from {'device': 0, 'disk': 80}"
+    assert lines[2] == "TP 2: pages bit-identical to TP 4's; computed the last 8 tokens"
+    assert not pathlib.Path(lines[0].rsplit(" in ", 1)[1]).exists()  # the example removes the directory it made
