@@ -250,3 +250,40 @@ def test_manager_hashes_do_not_depend_on_tp():
     assert len(roots) == 1
     other = PagedKVCacheManager(FP8, num_pages=32, tp=2)
     assert other.add_request("r", tokens).root not in roots
+
+
+# -- the conversion kernel -----------------------------------------------------------------------------------------
+
+
+def test_native_and_numpy_conversions_agree(monkeypatch):
+    from jaxkv import _native as native
+
+    layout = RowLayout.of(FP8, tp=2)
+    rng = np.random.default_rng(5)
+    row = rng.integers(0, 256, layout.row_bytes, dtype=np.uint8)
+    outs = {}
+    for path in ("native", "numpy"):
+        if path == "numpy":
+            monkeypatch.setattr(native, "heads_major", lambda *a, **k: False)
+        elif not native.available():
+            continue
+        stored, back = np.empty_like(row), np.empty_like(row)
+        layout.stored.to_stored(row, stored)
+        layout.stored.from_stored(stored, back)
+        assert back.tobytes() == row.tobytes()
+        outs[path] = stored.tobytes()
+    assert len(set(outs.values())) == 1
+
+
+def test_native_conversion_rejects_bad_buffers():
+    from jaxkv import _native as native
+
+    src = np.zeros(2 * 3 * 4 * 8, np.uint8)
+    with pytest.raises(ValueError, match=r"dst must be a contiguous uint8 array of 192 bytes, got uint8 array of 191"):
+        native.heads_major(np.zeros(191, np.uint8), src, 2, 3, 4, 8, inverse=False)
+    with pytest.raises(ValueError, match=r"src must be a contiguous uint8 array of 192 bytes, got int16"):
+        native.heads_major(np.zeros(192, np.uint8), src.view(np.int16), 2, 3, 4, 8, inverse=False)
+    readonly = np.zeros(192, np.uint8)
+    readonly.flags.writeable = False
+    with pytest.raises(ValueError, match="dst must be writeable"):
+        native.heads_major(readonly, src, 2, 3, 4, 8, inverse=True)

@@ -103,6 +103,9 @@ def library() -> ctypes.CDLL | None:
     lib.jaxkv_copy_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]  # dst, stride, rows
     lib.jaxkv_copy_rows.argtypes += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]  # src, stride, rows
     lib.jaxkv_copy_rows.argtypes += [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    if hasattr(lib, "jaxkv_heads_major"):
+        lib.jaxkv_heads_major.restype = None
+        lib.jaxkv_heads_major.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_int32]
     return lib
 
 
@@ -153,3 +156,24 @@ def copy_rows(dst: np.ndarray, dst_rows: np.ndarray, src: np.ndarray, src_rows: 
     if bad >= 0:
         name, rows, limit = ("dst_rows", d, len(dst)) if not 0 <= d[bad] < len(dst) else ("src_rows", s, len(src))
         raise ValueError(f"{name}[{bad}] is {int(rows[bad])}, outside the valid range [0, {limit})")
+
+
+def heads_major(dst: np.ndarray, src: np.ndarray, units: int, rows: int, heads: int, head_bytes: int, *, inverse: bool):
+    """`src` `[units, rows, heads, head_bytes]` -> `dst` `[units, heads, rows, head_bytes]` (`inverse`: back).
+
+    Contiguous uint8 buffers of exactly that many bytes, not overlapping
+    (ValueError otherwise, before any byte moves). Returns False, copying
+    nothing, when the library lacks the kernel (the caller falls back to numpy).
+    """
+    n = units * rows * heads * head_bytes
+    for name, a in (("dst", dst), ("src", src)):
+        if not isinstance(a, np.ndarray) or a.dtype != np.uint8 or a.size != n or not a.flags.c_contiguous:
+            got = f"{a.dtype} array of {a.size} bytes" if isinstance(a, np.ndarray) else type(a).__name__
+            raise ValueError(f"{name} must be a contiguous uint8 array of {n} bytes, got {got}")
+    if not dst.flags.writeable:
+        raise ValueError("dst must be writeable")
+    lib = library()
+    if lib is None or not hasattr(lib, "jaxkv_heads_major"):
+        return False
+    lib.jaxkv_heads_major(dst.ctypes.data, src.ctypes.data, units, rows, heads, head_bytes, int(inverse))
+    return True

@@ -12,6 +12,7 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <emmintrin.h>  // SSE2: part of every x86-64 CPU
+#include <immintrin.h>  // AVX2, used only behind a runtime CPU check
 #define JAXKV_STREAM_STORES 1
 #endif
 
@@ -210,4 +211,70 @@ extern "C" int64_t jaxkv_copy_rows(uint8_t* dst, int64_t dst_stride, int64_t dst
   }
   FenceStreams(stream);
   return -1;
+}
+
+namespace {
+
+// The heads-major conversion of `units` pages of `[rows, heads, hb]` bytes
+// (inverse: back). Chunks of `hb` bytes (64-512 for real models) move with
+// inlined vector loads and stores: a call to memcpy per chunk costs as much
+// as its bytes. `Chunk` copies one chunk; the loop is the same for every width.
+#define JAXKV_HEADS_MAJOR_LOOP(Chunk)                                                  \
+  const size_t page = static_cast<size_t>(rows) * heads * hb;                         \
+  for (int64_t u = 0; u < units; ++u) {                                               \
+    const size_t base = u * page;                                                     \
+    for (int64_t r = 0; r < rows; ++r) {                                              \
+      for (int64_t h = 0; h < heads; ++h) {                                           \
+        const size_t local = base + (static_cast<size_t>(r) * heads + h) * hb;        \
+        const size_t stored = base + (static_cast<size_t>(h) * rows + r) * hb;        \
+        if (inverse) {                                                                \
+          Chunk(dst + local, src + stored, hb);                                       \
+        } else {                                                                      \
+          Chunk(dst + stored, src + local, hb);                                       \
+        }                                                                             \
+      }                                                                               \
+    }                                                                                 \
+  }
+
+inline void MemcpyChunk(uint8_t* dst, const uint8_t* src, size_t n) { std::memcpy(dst, src, n); }
+
+void HeadsMajorMemcpy(uint8_t* dst, const uint8_t* src, int64_t units, int64_t rows, int64_t heads, size_t hb,
+                      bool inverse) {
+  JAXKV_HEADS_MAJOR_LOOP(MemcpyChunk)
+}
+
+#ifdef JAXKV_STREAM_STORES
+__attribute__((target("avx2"))) inline void Avx2Chunk(uint8_t* dst, const uint8_t* src, size_t n) {
+  for (size_t i = 0; i < n; i += 32) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
+  }
+}
+
+// For chunks of a multiple of 32 bytes on a CPU with AVX2.
+__attribute__((target("avx2"))) void HeadsMajorAvx2(uint8_t* dst, const uint8_t* src, int64_t units,
+                                                    int64_t rows, int64_t heads, size_t hb, bool inverse) {
+  JAXKV_HEADS_MAJOR_LOOP(Avx2Chunk)
+}
+#endif
+
+}  // namespace
+
+// Plain C entry point (ctypes): the stored (TP-independent) form of a run of
+// host-row units. `src` holds `units` shard pages of `[rows, heads, head_bytes]`
+// (rows = kv_dim * layers * tokens); `dst` gets them heads-major,
+// `[units * heads, rows, head_bytes]`. With `inverse` set the copy goes the
+// other way (stored -> host row). One pass; the caller checks sizes (both
+// buffers are units * rows * heads * head_bytes).
+extern "C" void jaxkv_heads_major(uint8_t* dst, const uint8_t* src, int64_t units, int64_t rows,
+                                  int64_t heads, int64_t head_bytes, int32_t inverse) {
+  const size_t hb = static_cast<size_t>(head_bytes);
+#ifdef JAXKV_STREAM_STORES
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2 && hb % 32 == 0) {
+    HeadsMajorAvx2(dst, src, units, rows, heads, hb, inverse != 0);
+    return;
+  }
+#endif
+  HeadsMajorMemcpy(dst, src, units, rows, heads, hb, inverse != 0);
 }

@@ -35,6 +35,7 @@ import hashlib
 
 import numpy as np
 
+from jaxkv import _native as native
 from jaxkv.layout.buffer import KVCacheBuffer, MultiKVCacheBuffer
 from jaxkv.layout.params import KVCacheParams
 
@@ -225,12 +226,20 @@ class StoredRun:
         return self.rows == 1 or self.heads == 1
 
     def to_stored(self, src: np.ndarray, dst: np.ndarray) -> None:
-        """`[units, rows, heads, head_bytes]` -> `[units * heads, rows, head_bytes]` (heads-major)."""
+        """`[units, rows, heads, head_bytes]` -> `[units * heads, rows, head_bytes]` (heads-major).
+
+        One native pass when jaxkv's library is built (the GIL released:
+        tiers convert on their I/O threads in parallel), numpy otherwise.
+        """
+        if native.heads_major(dst, src, self.units, self.rows, self.heads, self.head_bytes, inverse=False):
+            return
         shape = (self.units, self.rows, self.heads, self.head_bytes)
         dst.reshape(self.units, self.heads, self.rows, self.head_bytes)[...] = src.reshape(shape).transpose(0, 2, 1, 3)
 
     def from_stored(self, src: np.ndarray, dst: np.ndarray) -> None:
         """The inverse of `to_stored`."""
+        if native.heads_major(dst, src, self.units, self.rows, self.heads, self.head_bytes, inverse=True):
+            return
         shape = (self.units, self.heads, self.rows, self.head_bytes)
         dst.reshape(self.units, self.rows, self.heads, self.head_bytes)[...] = src.reshape(shape).transpose(0, 2, 1, 3)
 
