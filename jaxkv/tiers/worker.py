@@ -78,9 +78,9 @@ class OffloadWorker:
         """`cache`: read for its layout only (not kept); `store`: the scheduler side whose plans this executes."""
         if not isinstance(store, TieredStore):
             raise ValueError(f"store must be a TieredStore, got {type(store).__name__}")
-        self.engine = OffloadEngine(
-            cache, host_memory_kind=host_memory_kind, d2h_path=d2h_path, host_pool=store.host.pool
-        )
+        host = store.host
+        rows = {"host_rows": host} if host.backend == "arrays" else {"host_pool": host.pool}
+        self.engine = OffloadEngine(cache, host_memory_kind=host_memory_kind, d2h_path=d2h_path, **rows)
         """The engine over the host tier's rows."""
         if self.engine.layout.fingerprint != store.fingerprint:
             raise ValueError("cache's row layout differs from the store's: build both from the same cache")
@@ -137,17 +137,21 @@ class OffloadWorker:
         if by_tier:
             self.engine.flush()  # nothing in flight may read or write the rows we fill
         read = {}
-        pool = self.engine.host_pool
+        host = self._store.host
         for name, idx in by_tier.items():
             t0 = time.perf_counter()
+            # The pool rows themselves (numpy), or fresh aligned buffers that become the rows' arrays (arrays).
+            rows = [host.row_buffer(plan.host_slots[i]) for i in idx]
             try:
                 errors = self._store.tiers[name].get_many(
-                    [(plan.block_hashes[i], pool[plan.host_slots[i]]) for i in idx]
+                    [(plan.block_hashes[i], row) for i, row in zip(idx, rows, strict=True)]
                 )
             except Exception as e:  # a tier that fails the whole batch (a lost connection): none of it is read
                 errors = [e] * len(idx)
-            for i, error in zip(idx, errors, strict=True):
+            for i, row, error in zip(idx, rows, errors, strict=True):
                 promoted[i] = error is None
+                if error is None:
+                    host.fill(plan.host_slots[i], row)
             ok = sum(1 for e in errors if e is None)
             read[name] = (ok * self.engine.row_bytes, time.perf_counter() - t0)
         return promoted, read
@@ -203,7 +207,7 @@ class OffloadWorker:
         return StoreHandle(plan, transfer if transfer is not None else completed("d2h", 0, 0), finish)
 
     def _write_through(self, plan: StorePlan, idx: range, copied, written, wrote) -> None:
-        items = [(i, plan.block_hashes[i], self.engine.host_pool[plan.host_slots[i]]) for i in idx if copied[i]]
+        items = [(i, plan.block_hashes[i], self._store.host.row(plan.host_slots[i])) for i in idx if copied[i]]
         if not items or not plan.write_to:
             return
         for name in plan.write_to:
@@ -228,7 +232,7 @@ class OffloadWorker:
         tier = self._store.lower[0]
         t0 = time.perf_counter()
         try:
-            answers = tier.put_many([(h, self.engine.host_pool[slot]) for h, slot in plan.demotions])
+            answers = tier.put_many([(h, self._store.host.row(slot)) for h, slot in plan.demotions])
         except Exception as e:
             # A tier that fails the whole batch (a lost connection) answers with the error for each block. Never
             # raise here: a load demotes before the TP group's first agreement, which every process must reach.
