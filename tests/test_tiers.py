@@ -114,7 +114,7 @@ def snapshot(store, directory=None) -> dict:
         "reserved": sorted(host._reserved),
         "pins": dict(host._pins),
         "free": sorted(host._free),
-        "pool": host.pool.tobytes(),
+        "pool": host.pool.tobytes() if host.backend == "numpy" else [r and tuple(map(id, r)) for r in host.rows],
         "bytes": store.bytes(),
         "metrics": dataclasses.asdict(store.metrics),
     }

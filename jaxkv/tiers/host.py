@@ -251,15 +251,17 @@ class HostTier:
         """A slot for bytes about to arrive: a free one, else the LRU held one not pinned or in `protect`.
 
         None when there is none. The slot is reserved until `commit` or `release`.
+        An evicted row's arrays are released at once.
         """
         got = self.reserve_evicting(protect)
         return None if got is None else got[0]
 
-    def reserve_evicting(self, protect=()) -> tuple[int, bytes | None] | None:
+    def reserve_evicting(self, protect=(), *, keep_bytes: bool = False) -> tuple[int, bytes | None] | None:
         """`reserve`, also saying which block it evicted to free the slot: (slot, its hash or None).
 
-        The evicted block's bytes stay in the slot until new bytes arrive, so a
-        write-back can still hand them down.
+        An evicted row's arrays are released at once unless `keep_bytes`: then the
+        evicted block's bytes stay in the slot until new bytes arrive, so a
+        write-back demotion can still hand them down.
         """
         evicted = None
         if self._free:
@@ -270,7 +272,8 @@ class HostTier:
                 if s not in protect and not self._pins.get(s):
                     slot, evicted = s, h
                     del self._index[h]
-                    self._drop(s)
+                    if not keep_bytes:
+                        self._drop(s)
                     self.evictions += 1
                     break
             if slot is None:

@@ -470,11 +470,12 @@ class TieredStore:
         Without write-through the evicted block's only copy is in that slot: the
         worker hands it to the first lower tier before the slot is overwritten.
         """
-        got = self.host.reserve_evicting(protect)
+        demote = not self.policy.write_through and bool(self.lower)
+        got = self.host.reserve_evicting(protect, keep_bytes=demote)
         if got is None:
             return None
         slot, evicted = got
-        if evicted is not None and not self.policy.write_through and self.lower:
+        if evicted is not None and demote:
             demotions.append((evicted, slot))
         return slot
 
