@@ -35,6 +35,9 @@ from jaxkv import (
 )
 from jaxkv.tiers.disk import HEADER_BYTES, MAGIC, SUFFIX, DiskTier, DiskWriteError
 
+# Every test here runs with each HostTier backend (numpy: CPU's default; arrays: GPU/TPU's, run on CPU).
+pytestmark = pytest.mark.usefixtures("host_backend")
+
 BF16_MHA = KVCacheParams(jnp.bfloat16, n_kv_heads=8, head_dim=16, num_layers=2, page_size=4)
 FP8_MHA = KVCacheParams(
     jnp.float8_e4m3fn, n_kv_heads=8, head_dim=16, num_layers=2, page_size=4, quant=KVCacheQuantConfig(granularity=8)
@@ -216,6 +219,13 @@ def test_disk_format_and_directory(tmp_path):
 
 
 # -- LRU order and byte accounting ---------------------------------------------------------------------------------
+
+
+def test_the_backend_fixture_picks_the_rows(host_backend):
+    host = HostTier(1 << 20)
+    host.open(RowLayout.of(random_buffer(BF16_MHA, 1, 4)[0]))
+    assert host.backend == host_backend
+    assert (host.pool is None) == (host_backend == "arrays")
 
 
 def test_host_lru_eviction_order_and_byte_accounting():
