@@ -20,3 +20,12 @@ def kernels(request, monkeypatch):
     elif not native.available():
         pytest.skip("native CPU kernels unavailable (not built at install, or JAXKV_NATIVE=0)")
     return request.param
+
+
+@pytest.fixture(params=["numpy", "arrays"])
+def host_backend(request, monkeypatch):
+    """Run a test with each HostTier backend as what backend="auto" picks (numpy is CPU's default, arrays GPU/TPU's)."""
+    from jaxkv.tiers import host
+
+    monkeypatch.setattr(host, "_auto_backend", lambda: request.param)
+    return request.param

@@ -444,7 +444,8 @@ def test_lower_tier_loss_between_lookup_and_load_recomputes_from_the_device_pref
     assert [m.pool.lookup(h) for h in a.block_hashes] == req.pages[:3]
     m.complete_store(worker.store(cache, plan).result())
     assert [store.where(h) for h in a.block_hashes[1:]] == ["host", "host"]
-    assert store.host.pool[[store.host.slot_of(h) for h in a.block_hashes[1:]]].tobytes() == rows[:2].tobytes()
+    held = [store.host.row(store.host.slot_of(h)).tobytes() for h in a.block_hashes[1:]]
+    assert held == [rows[0].tobytes(), rows[1].tobytes()]
     store.close()
 
 
@@ -529,7 +530,7 @@ SYSTEM_PROMPTS = [list(range(1, 10)), list(range(50, 58)), []]
 NUM_PAGES = 8  # 7 usable: small, so device evictions happen
 HOST_SLOTS = 8
 LOWER_SLOTS = 64
-_COMPILED: dict = {}  # the engine's jitted load, shared by the machine's examples
+_COMPILED: dict = {}  # per host backend, the engine's jitted load, shared by the machine's examples
 FAIL_SOMETIMES = st.sampled_from([False] * 5 + [True])  # a store's copy fails one time in six
 FAIL_LOAD_SOMETIMES = st.sampled_from([False, False, True])  # a load's copy fails one time in three
 
@@ -545,16 +546,19 @@ class ManagerMachine(RuleBasedStateMachine):
     """Random requests, growth, finishes and tier losses; loads and stores run on a real worker and
     complete late and out of order, some refused or failed; checked against a reference of page bytes."""
 
+    host_backend = "numpy"
+
     def __init__(self):
         super().__init__()
         self.cache, _, _ = random_buffer(PARAMS, 1, NUM_PAGES)
         layout = jaxkv.RowLayout.of(self.cache)
         self.row_bytes = layout.row_bytes
         self.lower = DictTier(LOWER_SLOTS * self.row_bytes, name="remote")
-        self.store = TieredStore(layout, [HostTier(HOST_SLOTS * self.row_bytes), self.lower])
+        host = HostTier(HOST_SLOTS * self.row_bytes, backend=self.host_backend)
+        self.store = TieredStore(layout, [host, self.lower])
         self.worker = OffloadWorker(self.cache, self.store)
         # Every example's cache has the same layout: compile the engine's load once, not once per example.
-        self.worker.engine._h2d_fn = _COMPILED.get("h2d")
+        self.worker.engine._h2d_fn = _COMPILED.get(self.host_backend)
         self.m = PagedKVCacheManager(self.cache, self.store)
         self.live: dict[str, object] = {}  # rid -> salt
         self.key_of: dict[bytes, tuple] = {}  # block hash -> (salt, tokens through that block)
@@ -635,7 +639,7 @@ class ManagerMachine(RuleBasedStateMachine):
                 del self.worker.engine.h2d
         result = handle.result()
         if self.worker.engine._h2d_fn is not None:
-            _COMPILED.setdefault("h2d", self.worker.engine._h2d_fn)
+            _COMPILED.setdefault(self.host_backend, self.worker.engine._h2d_fn)
         event(f"load {result.status}")
         assert result.status in (("refused", "failed") if fail else ("refused", "loaded"))
         if result.status == "refused":
@@ -828,7 +832,7 @@ class ManagerMachine(RuleBasedStateMachine):
         # And every block any tier holds (a future outside hit).
         host = self.store.host
         for h, slot in host._index.items():
-            assert host.pool[slot].tobytes() == self.expect(self.key_of[h])
+            assert host.row(slot).tobytes() == self.expect(self.key_of[h])
         for h, row in self.lower.rows.items():
             assert row == self.expect(self.key_of[h])
 
@@ -896,6 +900,18 @@ TestManagerMachine.settings = settings(
 )
 
 
+class ManagerMachineArrays(ManagerMachine):
+    """The same machine over a HostTier holding rows as pinned_host arrays (GPU/TPU's default backend)."""
+
+    host_backend = "arrays"
+
+
+TestManagerMachineArrays = ManagerMachineArrays.TestCase
+TestManagerMachineArrays.settings = settings(
+    max_examples=50, stateful_step_count=50, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
 def test_cancel_load_frees_the_plan_and_recomputes_without_counting_a_refusal():
     from cachegen import tp_mesh
 
@@ -921,3 +937,10 @@ def test_cancel_load_frees_the_plan_and_recomputes_without_counting_a_refusal():
     assert manager.metrics.tokens_recomputed == 13 + 13 and manager.metrics.tokens_from["host"] == 0
     with pytest.raises(ValueError, match="has no pending load"):
         manager.cancel_load("b")
+
+
+# Every test function runs with each HostTier backend (a module-wide pytestmark would reach the state
+# machines too, which are unittest cases and take no fixtures: they have a class per backend instead).
+for _name, _test in list(globals().items()):
+    if _name.startswith("test_") and callable(_test):
+        globals()[_name] = pytest.mark.usefixtures("host_backend")(_test)

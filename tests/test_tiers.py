@@ -35,6 +35,9 @@ from jaxkv import (
 )
 from jaxkv.tiers.disk import HEADER_BYTES, MAGIC, SUFFIX, DiskTier, DiskWriteError
 
+# Every test here runs with each HostTier backend (numpy: CPU's default; arrays: GPU/TPU's, run on CPU).
+pytestmark = pytest.mark.usefixtures("host_backend")
+
 BF16_MHA = KVCacheParams(jnp.bfloat16, n_kv_heads=8, head_dim=16, num_layers=2, page_size=4)
 FP8_MHA = KVCacheParams(
     jnp.float8_e4m3fn, n_kv_heads=8, head_dim=16, num_layers=2, page_size=4, quant=KVCacheQuantConfig(granularity=8)
@@ -114,7 +117,7 @@ def snapshot(store, directory=None) -> dict:
         "reserved": sorted(host._reserved),
         "pins": dict(host._pins),
         "free": sorted(host._free),
-        "pool": host.pool.tobytes(),
+        "pool": host.pool.tobytes() if host.backend == "numpy" else [r and tuple(map(id, r)) for r in host.rows],
         "bytes": store.bytes(),
         "metrics": dataclasses.asdict(store.metrics),
     }
@@ -216,6 +219,13 @@ def test_disk_format_and_directory(tmp_path):
 
 
 # -- LRU order and byte accounting ---------------------------------------------------------------------------------
+
+
+def test_the_backend_fixture_picks_the_rows(host_backend):
+    host = HostTier(1 << 20)
+    host.open(RowLayout.of(random_buffer(BF16_MHA, 1, 4)[0]))
+    assert host.backend == host_backend
+    assert (host.pool is None) == (host_backend == "arrays")
 
 
 def test_host_lru_eviction_order_and_byte_accounting():
@@ -419,6 +429,99 @@ def test_transient_read_error_refuses_the_load_and_keeps_the_block(tmp_path, mon
     assert store.where(h(0)) == "disk" and block_file(tmp_path, 0).exists()
     cache, result = load(store, worker, cache, [h(0)], [5])
     assert result.status == "loaded" and page_bytes(cache, 5) == want
+
+
+# -- overlapped loads: lower-tier reads beside the H2D of earlier chunks ----------------------------------------------
+
+
+def disk_only(tmp_path, n):
+    """A 2n-page cache whose first n pages are stored on disk only (host cleared), its store and worker."""
+    src, _, _ = random_buffer(BF16_MHA, 2, 2 * n)
+    store, worker = compose(src, n * ROW, tmp_path, 2 * n * FILE)
+    hashes = [h(i) for i in range(n)]
+    offload(store, worker, src, list(range(n)), hashes)
+    store.host.clear()
+    assert [store.where(x) for x in hashes] == ["disk"] * n
+    return src, store, worker, hashes
+
+
+def count_h2d(worker, monkeypatch) -> list[int]:
+    """Page counts of the engine's h2d calls from now on."""
+    calls, real = [], worker.engine.h2d
+
+    def h2d(cache, slots, pages, **kw):
+        calls.append(len(pages))
+        return real(cache, slots, pages, **kw)
+
+    monkeypatch.setattr(worker.engine, "h2d", h2d)
+    return calls
+
+
+def test_a_load_from_disk_goes_in_overlapped_chunks_bit_exact(tmp_path, monkeypatch):
+    src, store, worker, hashes = disk_only(tmp_path, 8)
+    want = all_pages(src)[:8]
+    monkeypatch.setattr("jaxkv.tiers.worker.LOAD_CHUNK_BYTES", 3 * ROW)  # 2 rows a chunk (a power of two)
+    calls = count_h2d(worker, monkeypatch)
+    cache, result = load(store, worker, src, hashes, list(range(8, 16)))
+    assert result.status == "loaded" and calls == [2, 2, 2, 2]
+    assert [page_bytes(cache, p) for p in range(8, 16)] == want
+    assert result.promoted == (True,) * 8 and result.nbytes == 8 * ROW
+    assert store.metrics["disk"].bytes_read == 8 * ROW and store.metrics["disk"].blocks_loaded == 8
+    assert [store.where(x) for x in hashes] == ["host"] * 8  # promoted on load
+
+
+def test_a_read_failure_after_written_chunks_fails_the_load(tmp_path, monkeypatch):
+    src, store, worker, hashes = disk_only(tmp_path, 8)
+    monkeypatch.setattr("jaxkv.tiers.worker.LOAD_CHUNK_BYTES", 2 * ROW)
+    calls = count_h2d(worker, monkeypatch)
+    flip_byte(block_file(tmp_path, 5))  # the third chunk's second block
+    cache, handle = worker.load(src, store.prepare_load(hashes, list(range(8, 16))))
+    result = handle.result()
+    assert result.status == "failed" and calls == [2, 2] and src.values.is_deleted()
+    assert "block_hashes[5]" in result.error and "after 4 of 8 pages were written" in result.error
+    assert result.failed_pages == list(range(8, 16))
+    assert result.promoted == (True,) * 5 + (False,) + (True,) * 2  # every chunk was read
+    store.complete_load(result)
+    assert store.metrics.failed_loads == 1 and store.metrics["disk"].corrupt == 1
+    assert not store.host._pins and not store.host._reserved
+    assert [store.where(x) for x in hashes] == ["host"] * 5 + [None] + ["host"] * 2
+    cache, again = load(store, worker, cache, hashes[:5], list(range(8, 13)))
+    assert again.status == "loaded" and [page_bytes(cache, p) for p in range(8, 13)] == all_pages(cache)[8:13]
+
+
+def test_a_read_failure_in_the_first_chunk_refuses_and_writes_nothing(tmp_path, monkeypatch):
+    src, store, worker, hashes = disk_only(tmp_path, 8)
+    monkeypatch.setattr("jaxkv.tiers.worker.LOAD_CHUNK_BYTES", 2 * ROW)
+    calls = count_h2d(worker, monkeypatch)
+    flip_byte(block_file(tmp_path, 1))
+    before = all_pages(src)
+    cache, handle = worker.load(src, store.prepare_load(hashes, list(range(8, 16))))
+    result = handle.result()
+    assert result.status == "refused" and cache is src and not src.values.is_deleted() and calls == []
+    assert "no device page was written" in result.error and result.failed_pages == [] and result.nbytes == 0
+    assert all_pages(cache) == before
+    store.complete_load(result)
+    assert store.metrics.refused_loads == 1 and not store.host._pins and not store.host._reserved
+
+
+def test_a_group_agreement_keeps_the_load_in_one_piece(tmp_path, monkeypatch):
+    """Across processes refused/failed must be decided alike: no chunks, one agreement before one H2D."""
+
+    class Alone:  # a group of one process: its own answer is the group's
+        asked = 0
+
+        def min(self, value):
+            Alone.asked += 1
+            return int(value)
+
+    src, store, worker, hashes = disk_only(tmp_path, 8)
+    want = all_pages(src)[:8]
+    monkeypatch.setattr("jaxkv.tiers.worker.LOAD_CHUNK_BYTES", 2 * ROW)
+    monkeypatch.setattr(store, "agreement", Alone())
+    calls = count_h2d(worker, monkeypatch)
+    cache, result = load(store, worker, src, hashes, list(range(8, 16)))
+    assert result.status == "loaded" and calls == [8] and Alone.asked == 2
+    assert [page_bytes(cache, p) for p in range(8, 16)] == want
 
 
 # -- races: eviction, in-flight loads, repeated stores, late completions ----------------------------------------------

@@ -229,6 +229,7 @@ class TieredStore:
         tiers: list[Tier] = (),
         policy: TierPolicy | None = None,
         agreement: GroupAgreement | str | None = "auto",
+        host_backend: str = "auto",
     ) -> TieredStore:
         """The usual composition for `cache` (read for its layout only, not kept).
 
@@ -238,11 +239,12 @@ class TieredStore:
         `disk_directory/process-<index>` (processes sharing a file system never
         touch each other's files), and `agreement="auto"` builds the TP
         group's `GroupAgreement` (None, at no cost, in one process).
+        `host_backend`: the `HostTier`'s backend ("auto", "numpy", "arrays").
         """
         from jaxkv.tiers.disk import DiskTier
         from jaxkv.transfer.agreement import spans_processes
 
-        chain: list[Tier] = [HostTier(host_capacity_bytes)]
+        chain: list[Tier] = [HostTier(host_capacity_bytes, backend=host_backend)]
         if disk_directory is not None:
             if disk_capacity_bytes is None:
                 raise ValueError("disk_capacity_bytes is required with disk_directory")
@@ -468,11 +470,12 @@ class TieredStore:
         Without write-through the evicted block's only copy is in that slot: the
         worker hands it to the first lower tier before the slot is overwritten.
         """
-        got = self.host.reserve_evicting(protect)
+        demote = not self.policy.write_through and bool(self.lower)
+        got = self.host.reserve_evicting(protect, keep_bytes=demote)
         if got is None:
             return None
         slot, evicted = got
-        if evicted is not None and not self.policy.write_through and self.lower:
+        if evicted is not None and demote:
             demotions.append((evicted, slot))
         return slot
 

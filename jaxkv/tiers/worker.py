@@ -12,21 +12,37 @@ handle = worker.store(cache, plan)           # device pages -> host slots -> low
 store.complete_load(handle.result())
 ```
 
-A load never writes part of a plan: a block missing at planning time or a
-row that fails to read (verification, I/O) refuses the whole load before any
-device page is written. When the cache spans processes the group agrees
-first (refused in one, refused in all) and after the copy (failed in one,
-failed in all).
+A load never writes part of a plan and calls it loaded: a block missing at
+planning time, or a row that fails to read (verification, I/O) before any
+device page is written, refuses the whole load (nothing written). Reads from
+lower tiers overlap the device copies: the plan's blocks go in chunks of about
+`LOAD_CHUNK_BYTES`, a reader thread reads chunk after chunk, and each chunk's
+H2D is dispatched as soon as its rows are in, threading the donated cache
+through. A row that fails to read after earlier chunks were written fails the
+load (its pages are undefined, as for a failed copy); the scheduler side
+recomputes from the device prefix either way. When the cache spans processes
+the load is not overlapped: the group agrees first (refused in one, refused
+in all) and after the copy (failed in one, failed in all).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 
 from jaxkv.layout import pages as _pages
 from jaxkv.tiers.store import LoadPlan, LoadResult, StorePlan, StoreResult, TieredStore
 from jaxkv.transfer.engine import OffloadEngine
-from jaxkv.transfer.handle import Transfer, completed
+from jaxkv.transfer.handle import Transfer, combine, completed
+
+LOAD_CHUNK_BYTES = 8 << 20
+"""Row bytes per overlapped chunk of a load from lower tiers.
+
+A chunk is one `get_many` and one H2D: big enough that their fixed costs stay
+small (an H2D call costs ~0.1-0.3 ms on XLA:CPU, bench/offload.py), small
+enough that reads and copies overlap in a load of a few dozen rows
+(bench/disk_load.py measures the whole load against a plain read + device_put).
+"""
 
 
 class LoadHandle(Transfer):
@@ -78,13 +94,14 @@ class OffloadWorker:
         """`cache`: read for its layout only (not kept); `store`: the scheduler side whose plans this executes."""
         if not isinstance(store, TieredStore):
             raise ValueError(f"store must be a TieredStore, got {type(store).__name__}")
-        self.engine = OffloadEngine(
-            cache, host_memory_kind=host_memory_kind, d2h_path=d2h_path, host_pool=store.host.pool
-        )
+        host = store.host
+        rows = {"host_rows": host} if host.backend == "arrays" else {"host_pool": host.pool}
+        self.engine = OffloadEngine(cache, host_memory_kind=host_memory_kind, d2h_path=d2h_path, **rows)
         """The engine over the host tier's rows."""
         if self.engine.layout.fingerprint != store.fingerprint:
             raise ValueError("cache's row layout differs from the store's: build both from the same cache")
         self._store = store  # read for its tiers and agreement; plans come from its owner
+        self._reader: concurrent.futures.ThreadPoolExecutor | None = None  # an overlapped load's reads
 
     # -- loads -------------------------------------------------------------
     def load(self, cache, plan: LoadPlan):
@@ -100,6 +117,9 @@ class OffloadWorker:
         _pages.check_page_ids(plan.device_pages, self.engine.num_device_pages, name="plan.device_pages")
         t0 = time.perf_counter()
         demoted = self._demote(plan, {})
+        chunks = self._chunks(plan)
+        if self._store.agreement is None and plan.num_held == len(plan.block_hashes) and len(chunks) > 1:
+            return self._load_overlapped(cache, plan, units, chunks, demoted, t0)
         promoted, read = self._promote(plan)
         whole = plan.num_held == len(plan.block_hashes) and all(promoted)
         agreement = self._store.agreement
@@ -128,26 +148,103 @@ class OffloadWorker:
         result = LoadResult(plan, status, tuple(promoted), error, nbytes, time.perf_counter() - t0, read, demoted)
         return cache, LoadHandle(result, transfer)
 
-    def _promote(self, plan: LoadPlan) -> tuple[list[bool], dict[str, tuple[int, float]]]:
-        """Read the plan's lower-tier blocks into their host slots; per planned block whether its row is there."""
+    def _chunks(self, plan: LoadPlan) -> list[tuple[int, int]]:
+        """The plan's blocks in overlapped chunks (one chunk when nothing is read from a lower tier).
+
+        A power-of-two count of blocks per chunk, so the chunks' H2D programs
+        are the engine's page-count buckets, compiled once.
+        """
+        n = len(plan.block_hashes)
+        if not plan.promotions or n < 2:
+            return [(0, n)]
+        per = 1 << max(0, (LOAD_CHUNK_BYTES // self.engine.row_bytes).bit_length() - 1)
+        return [(a, min(a + per, n)) for a in range(0, n, per)]
+
+    def _load_overlapped(self, cache, plan: LoadPlan, units, chunks, demoted, t0):
+        """`load` of a plan whose blocks were all held at planning time, one process: reads overlap H2Ds.
+
+        Every chunk's rows are read (so every row that arrived is promoted,
+        as in the plain path); H2Ds stop at the first chunk with a row missing.
+        """
+        if self._reader is None:
+            self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxkv-load")
+        self.engine.flush()  # nothing in flight may read or write the rows we fill
+        promotions = set(plan.promotions)
+        reads = [
+            self._reader.submit(self._promote, plan, [i for i in range(a, b) if i in promotions], flush=False)
+            for a, b in chunks
+        ]
+        promoted = [True] * plan.num_held
+        read: dict[str, list] = {}
+        transfers, written, error, refused = [], 0, None, None
+        for (a, b), future in zip(chunks, reads, strict=True):
+            got, chunk_read = future.result()
+            for i in range(a, b):
+                promoted[i] = got[i]
+            for name, (nbytes, seconds) in chunk_read.items():
+                entry = read.setdefault(name, [0, 0.0])
+                entry[0] += nbytes
+                entry[1] += seconds
+            if error is not None or refused is not None:
+                continue  # read on (its rows are promoted), write no more
+            if not all(got[a:b]):
+                at = a + got[a:b].index(False)
+                why = f"block_hashes[{at}] ({plan.block_hashes[at].hex()[:16]}…) could not be read"
+                if not written:
+                    refused = f"{why}; no device page was written, recompute from there"
+                else:
+                    error = f"{why} after {written} of {len(plan.device_pages)} pages were written; recompute"
+                continue
+            try:  # the units checked at the start describe the cache given, not the one the first H2D returned
+                cache, t = self.engine.h2d(
+                    cache, list(plan.host_slots[a:b]), list(plan.device_pages[a:b]), _units=None if written else units
+                )
+            except ValueError:
+                raise  # a bad argument: the plan's pages were checked, so only a bug gets here
+            except Exception as e:  # the copy itself failed: its pages are undefined
+                error = f"loading {len(plan.device_pages)} pages failed: {e}"
+                continue
+            transfers.append(t)
+            written += b - a
+        read = {name: (nbytes, seconds) for name, (nbytes, seconds) in read.items()}
+        if refused is not None:
+            return cache, LoadHandle(LoadResult(plan, "refused", tuple(promoted), refused, read=read, demoted=demoted))
+        transfer = combine("h2d", transfers)
+        status = "loaded" if error is None else "failed"
+        result = LoadResult(
+            plan, status, tuple(promoted), error, transfer.nbytes, time.perf_counter() - t0, read, demoted
+        )
+        return cache, LoadHandle(result, transfer)
+
+    def _promote(
+        self, plan: LoadPlan, promotions=None, *, flush: bool = True
+    ) -> tuple[list[bool], dict[str, tuple[int, float]]]:
+        """Read the plan's lower-tier blocks (`promotions`: those indices only) into their host slots.
+
+        Returns per planned block whether its row is there, and per tier (bytes read, seconds).
+        """
         promoted = [True] * plan.num_held
         by_tier: dict[str, list[int]] = {}
-        for i in plan.promotions:
+        for i in plan.promotions if promotions is None else promotions:
             by_tier.setdefault(plan.sources[i], []).append(i)
-        if by_tier:
+        if by_tier and flush:
             self.engine.flush()  # nothing in flight may read or write the rows we fill
         read = {}
-        pool = self.engine.host_pool
+        host = self._store.host
         for name, idx in by_tier.items():
             t0 = time.perf_counter()
+            # The pool rows themselves (numpy), or fresh aligned buffers that become the rows' arrays (arrays).
+            rows = [host.row_buffer(plan.host_slots[i]) for i in idx]
             try:
                 errors = self._store.tiers[name].get_many(
-                    [(plan.block_hashes[i], pool[plan.host_slots[i]]) for i in idx]
+                    [(plan.block_hashes[i], row) for i, row in zip(idx, rows, strict=True)]
                 )
             except Exception as e:  # a tier that fails the whole batch (a lost connection): none of it is read
                 errors = [e] * len(idx)
-            for i, error in zip(idx, errors, strict=True):
+            for i, row, error in zip(idx, rows, errors, strict=True):
                 promoted[i] = error is None
+                if error is None:
+                    host.fill(plan.host_slots[i], row)
             ok = sum(1 for e in errors if e is None)
             read[name] = (ok * self.engine.row_bytes, time.perf_counter() - t0)
         return promoted, read
@@ -203,7 +300,7 @@ class OffloadWorker:
         return StoreHandle(plan, transfer if transfer is not None else completed("d2h", 0, 0), finish)
 
     def _write_through(self, plan: StorePlan, idx: range, copied, written, wrote) -> None:
-        items = [(i, plan.block_hashes[i], self.engine.host_pool[plan.host_slots[i]]) for i in idx if copied[i]]
+        items = [(i, plan.block_hashes[i], self._store.host.row(plan.host_slots[i])) for i in idx if copied[i]]
         if not items or not plan.write_to:
             return
         for name in plan.write_to:
@@ -228,7 +325,7 @@ class OffloadWorker:
         tier = self._store.lower[0]
         t0 = time.perf_counter()
         try:
-            answers = tier.put_many([(h, self.engine.host_pool[slot]) for h, slot in plan.demotions])
+            answers = tier.put_many([(h, self._store.host.row(slot)) for h, slot in plan.demotions])
         except Exception as e:
             # A tier that fails the whole batch (a lost connection) answers with the error for each block. Never
             # raise here: a load demotes before the TP group's first agreement, which every process must reach.

@@ -26,6 +26,13 @@ Device to host (`d2h`) reads the pages of every unit; there are two paths:
   shard into the pool rows, one `memcpy` per page. XLA:CPU's gather runs at a
   fraction of `memcpy` speed (docs/benchmarks.md).
 
+With a `HostTier` of backend "arrays" as its rows (`host_rows=`, what a
+worker builds off CPU) both directions skip numpy: `d2h` is one jitted
+gather per unit whose outputs, one `[1, bytes_per_page]` array per page, are
+placed in `pinned_host` memory by XLA and become the host rows as they are;
+`h2d` feeds those arrays to one jitted, donated program that moves them to
+device memory and scatters them into the cache.
+
 Host to device (`h2d`) stages the rows per device and scatters them into the
 cache in one jitted, donated computation (`jax.shard_map` over each cache
 array): the cache is updated in place and the old buffer is dead afterwards.
@@ -96,7 +103,9 @@ class OffloadEngine:
         d2h_path: str = "auto",
         *,
         host_pool: np.ndarray | None = None,
+        host_rows=None,
     ):
+        """`host_pool`: the numpy rows to use; `host_rows`: a `HostTier` of backend "arrays" instead (not both)."""
         units = source.to_memory() if isinstance(source, (KVCacheBuffer, MultiKVCacheBuffer)) else list(source)
         if not units or not all(isinstance(u, KVCacheMemory) for u in units):
             raise ValueError("source must be a KVCacheBuffer, MultiKVCacheBuffer or a non-empty list of KVCacheMemory")
@@ -104,6 +113,12 @@ class OffloadEngine:
         if len(pages) != 1:
             counts = [u.total_num_pages for u in units]
             raise ValueError(f"units must all have the same total_num_pages, got {counts}")
+        if host_rows is not None:
+            if host_pool is not None or getattr(host_rows, "backend", None) != "arrays":
+                raise ValueError("host_rows must be an open HostTier of backend 'arrays', and excludes host_pool")
+            if num_host_pages is not None and num_host_pages != host_rows.num_slots:
+                raise ValueError(f"num_host_pages ({num_host_pages}) disagrees with host_rows' {host_rows.num_slots}")
+            num_host_pages = host_rows.num_slots
         if host_pool is not None:
             if not isinstance(host_pool, np.ndarray) or host_pool.ndim != 2:
                 got = f"shape {host_pool.shape}" if isinstance(host_pool, np.ndarray) else type(host_pool).__name__
@@ -139,15 +154,26 @@ class OffloadEngine:
         """Column where each unit's bytes start in a host row."""
         self.row_bytes = self.layout.row_bytes
         """Bytes of one host slot: one page of every unit."""
-        if host_pool is None:
+        self.host_rows = host_rows
+        """The "arrays" `HostTier` whose rows this engine fills and reads, or None (numpy pool)."""
+        if host_rows is not None:
+            if host_rows.row_bytes != self.row_bytes:
+                raise ValueError(f"host_rows hold {host_rows.row_bytes}-byte rows, this cache's are {self.row_bytes}")
+            host_rows.bind([(u.device, o, u.bytes_per_page) for u, o in zip(units, self.unit_offsets, strict=True)])
+            self.d2h_path = "arrays"
+        elif host_pool is None:
             host_pool = aligned_rows(num_host_pages, self.row_bytes)
         else:
             _check_host_pool(host_pool, self.row_bytes)
         self.host_pool = host_pool
         """[num_host_pages, row_bytes] uint8: the host page pool (a `HostTier`'s rows when built by a worker)."""
         self._pending: list[Transfer] = []
-        self.h2d_path = "pool" if _pages.native_enabled([d for u in units for d in u.devices]) else "staged"
-        """The host-to-device path: 'pool' (native, straight from the pool rows) or 'staged'."""
+        if host_rows is not None:
+            self.h2d_path = "arrays"
+        else:
+            self.h2d_path = "pool" if _pages.native_enabled([d for u in units for d in u.devices]) else "staged"
+        """The host-to-device path: 'arrays' (pinned_host row arrays), 'pool' (native, from the pool) or 'staged'."""
+        self._arrays_gather_fns: dict[tuple[jax.Device, int], object] = {}
         self._pool_arrays = None
         self._h2d_fn = None
         self._gather_fns: dict[jax.Device, object] = {}
@@ -176,6 +202,8 @@ class OffloadEngine:
         if self.d2h_path == "host":
             self._d2h_host(units, ids, slots)
             return completed("d2h", ids.size, nbytes)
+        if self.d2h_path == "arrays":
+            return self._d2h_arrays(units, ids, slots, nbytes)
         return self._d2h_xla(units, ids, slots, nbytes)
 
     def h2d(
@@ -205,6 +233,8 @@ class OffloadEngine:
         groups = self._leaf_groups(units, leaves)
         if self._h2d_fn is None:
             self._h2d_fn = _build_h2d(leaves, self.h2d_path)
+        if self.h2d_path == "arrays":
+            return self._h2d_arrays(cache, units, leaves, groups, ids, slots, padded_ids, padded_slots)
         if self.h2d_path == "pool":
             sources = [
                 (*src, _slots_arg(a, padded_slots))
@@ -232,6 +262,8 @@ class OffloadEngine:
         """A copy of host rows `host_slots`: [len(host_slots), row_bytes] uint8."""
         slots = _pages.check_page_ids(host_slots, self.num_host_pages, name="host_slots")
         self.flush()
+        if self.host_rows is not None:
+            return np.stack([self.host_rows.row(int(s)) for s in slots]).reshape(slots.size, self.row_bytes)
         return self.host_pool[slots]
 
     def write_host(self, host_slots, rows) -> None:
@@ -245,6 +277,10 @@ class OffloadEngine:
                 f"got {rows.dtype} of shape {rows.shape}"
             )
         self.flush()
+        if self.host_rows is not None:
+            for s, row in zip(slots.tolist(), rows, strict=True):
+                self.host_rows.fill(s, np.array(row))  # its own buffer: the row arrays may alias it
+            return
         self.host_pool[slots] = rows
 
     # -- validation --------------------------------------------------------
@@ -324,7 +360,55 @@ class OffloadEngine:
         self._pending.append(transfer)
         return transfer
 
+    def _d2h_arrays(self, units, ids, slots, nbytes) -> Transfer:
+        """Gather pages into fresh pinned_host arrays, one per (page, unit); they become the slots' rows as they are."""
+        kb = bucket(ids.size)
+        padded = np.concatenate([ids, np.full(kb - ids.size, ids[0], np.int32)])
+        outs = []
+        for u in units:
+            key = (u.device, kb)
+            fn = self._arrays_gather_fns.get(key)
+            if fn is None:
+                fn = self._arrays_gather_fns[key] = _build_arrays_gather(u.device, kb, self.host_memory_kind)
+            outs.append(fn(u.shard, padded)[: ids.size])  # the padding's outputs are dropped at once
+        for i, slot in enumerate(slots.tolist()):
+            self.host_rows.set_arrays(slot, tuple(out[i] for out in outs))
+        return Transfer("d2h", ids.size, nbytes, arrays=[a for out in outs for a in out])
+
     # -- host to device ----------------------------------------------------
+    def _h2d_arrays(self, cache, units, leaves, groups, ids, slots, padded_ids, padded_slots):
+        """Feed the slots' pinned_host row arrays to the jitted, donated scatter (no numpy copy of page bytes).
+
+        Sharded array: per page, its units' `[1, w]` arrays are the shards of
+        one `[tp, w]` pinned_host global array (no copy). Replicated: the root
+        unit's array is broadcast to every device first (the bytes must reach
+        each of them anyway).
+        """
+        rows = [self.host_rows.arrays(int(s)) for s in padded_slots]
+        index = {id(u): i for i, u in enumerate(units)}
+        sources = []
+        for (c, a), group in zip(leaves, groups, strict=True):
+            mesh = a.sharding.mesh
+            width = group[0][0].bytes_per_page
+            if c.replicates_kv_across_tp:
+                i = index[id(group[0][0])]
+                sharding = NamedSharding(mesh, P(), memory_kind="device")
+                sources.append(jax.device_put([r[i] for r in rows], [sharding] * len(rows)))
+                continue
+            sharding = NamedSharding(mesh, P(c.tp_axis, None), memory_kind=self.host_memory_kind)
+            cols = [index[id(u)] for u, _ in group]
+            sources.append(
+                [
+                    jax.make_array_from_single_device_arrays((len(cols), width), sharding, [r[i] for i in cols])
+                    for r in rows
+                ]
+            )
+        nbytes = ids.size * sum(u.bytes_per_page * len(u.devices) for u in units)
+        new_arrays, done = self._h2d_fn([a for _, a in leaves], sources, padded_ids)
+        new_cache = jax.tree.unflatten(jax.tree.structure(cache), new_arrays)
+        # Nothing pending: row arrays are never written, and the program holds its inputs until it ends.
+        return new_cache, Transfer("h2d", ids.size, nbytes, arrays=done)
+
     def _leaf_groups(self, units, leaves) -> list[list[tuple[KVCacheMemory, int]]]:
         """(unit, host-row offset) pairs of each cache array, in to_memory() order.
 
@@ -471,6 +555,23 @@ def _copy_rows(dst: np.ndarray, dst_rows: np.ndarray, src: np.ndarray, src_rows:
         dst[dst_rows] = src[src_rows]  # small rows: per-row Python overhead would dominate
 
 
+def _build_arrays_gather(device: jax.Device, kb: int, memory_kind: str):
+    """A jitted gather of `kb` pages of one shard into `kb` separate `[1, bytes_per_page]` arrays in `memory_kind`.
+
+    Separate outputs, so each page's bytes are their own buffer: a row can be
+    released (evicted) alone. The kernel is the backend's own (native memcpy
+    on XLA:CPU, the word gather elsewhere).
+    """
+    gather, _ = _pages.kernels([device])
+    host = SingleDeviceSharding(device, memory_kind=memory_kind)
+
+    def pages(shard, ids):
+        rows = gather(shard, ids)
+        return tuple(rows[i : i + 1] for i in range(kb))
+
+    return jax.jit(pages, out_shardings=host)
+
+
 def _with_done(shard: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`shard` and its first element: a marker that exists only after the write that produced `shard`."""
     return shard, shard.reshape(-1)[:1]
@@ -497,7 +598,15 @@ def _build_h2d(leaves: list[tuple[KVCacheBuffer, jax.Array]], path: str):
         spec = array.sharding.spec
         rows_spec = P() if cache.replicates_kv_across_tp else P(cache.tp_axis, None)
         off_spec = P() if cache.replicates_kv_across_tp else P(cache.tp_axis)
-        if path == "pool":
+        if path == "arrays":
+            rows_spec = P() if cache.replicates_kv_across_tp else P(cache.tp_axis, None)
+            on_device = NamedSharding(array.sharding.mesh, rows_spec, memory_kind="device")
+
+            def write(shard, ids, src):
+                return scatter(shard, ids, jax.numpy.concatenate(src, axis=0))
+
+            in_specs = (spec, P(), rows_spec)
+        elif path == "pool":
 
             def write(shard, ids, src):
                 pool, offsets, slots = src
@@ -514,6 +623,9 @@ def _build_h2d(leaves: list[tuple[KVCacheBuffer, jax.Array]], path: str):
             out_specs=(spec, off_spec),
             check_vma=False,
         )
+        if path == "arrays":
+            # Rows arrive in pinned_host memory: move them to the device inside the program.
+            body = lambda a, ids, src, body=body, to=on_device: body(a, ids, [jax.device_put(r, to) for r in src])  # noqa: E731
         bodies.append(body)
 
     def write_all(arrays, sources, ids):

@@ -1,0 +1,110 @@
+"""`HostTier(backend="arrays")`: rows as pinned_host JAX arrays, bit-exact through the same plans and worker.
+
+On CPU pinned_host exists, so the path GPUs/TPUs take by default runs here:
+the D2H gather's outputs are the rows, the H2D scatter reads them.
+"""
+
+import resource
+
+import jax
+import numpy as np
+import pytest
+from cachegen import random_buffer
+from test_tiers import BF16_MHA, LAYOUT_IDS, LAYOUTS, all_pages, h, load, offload
+
+import jaxkv.tiers.host as host_mod
+from jaxkv import HostTier, OffloadWorker, TieredStore
+
+
+def compose_arrays(cache, host_bytes, directory=None, disk_bytes=None, **kwargs):
+    store = TieredStore.for_cache(
+        cache, host_bytes, disk_directory=directory, disk_capacity_bytes=disk_bytes, host_backend="arrays", **kwargs
+    )
+    return store, OffloadWorker(cache, store)
+
+
+@pytest.mark.parametrize("params", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_round_trip_bit_exact(params, tp, kernels):
+    cache, _, _ = random_buffer(params, tp, num_pages=8, seed=tp)
+    want = all_pages(cache)
+    row = params.host_bytes_per_page(tp)
+    store, worker = compose_arrays(cache, 8 * row)
+    assert worker.engine.d2h_path == worker.engine.h2d_path == "arrays"
+    offload(store, worker, cache, [1, 2, 3, 5, 7], [h(i) for i in range(5)])
+    for slot in (store.host.slot_of(h(i)) for i in range(5)):
+        assert all(a.sharding.memory_kind == "pinned_host" for a in store.host.arrays(slot))
+    zero, _, _ = random_buffer(params, tp, num_pages=8, seed=99)
+    other = all_pages(zero)
+    zero, result = load(store, worker, zero, [h(i) for i in range(5)], [0, 6, 4, 2, 1])
+    assert result.status == "loaded"
+    got = all_pages(zero)
+    for src, dst in zip([1, 2, 3, 5, 7], [0, 6, 4, 2, 1], strict=True):
+        assert got[dst] == want[src]
+    for p in (3, 5, 7):
+        assert got[p] == other[p]
+
+
+@pytest.mark.parametrize("params", LAYOUTS, ids=LAYOUT_IDS)
+def test_through_disk_bit_exact(params, tmp_path):
+    cache, _, _ = random_buffer(params, 2, num_pages=8, seed=3)
+    want = all_pages(cache)
+    row = params.host_bytes_per_page(2)
+    store, worker = compose_arrays(cache, 2 * row, tmp_path, 16 * row)
+    offload(store, worker, cache, list(range(6)), [h(i) for i in range(6)])
+    assert store.host.live_bytes <= 2 * row
+    assert store.lookup([h(i) for i in range(6)])[:4] == ["disk"] * 4  # evicted from host, promoted on load
+    zero, _, _ = random_buffer(params, 2, num_pages=8, seed=7)
+    zero, result = load(store, worker, zero, [h(0), h(1)], [7, 6])
+    assert result.status == "loaded" and result.promoted == (True, True)
+    got = all_pages(zero)
+    assert got[7] == want[0] and got[6] == want[1]
+    assert store.where(h(0)) == "host"  # promoted into a pinned_host row
+    on_disk = store.tiers["disk"].get(h(0))
+    assert bytes(worker.engine.read_host([store.host.slot_of(h(0))])[0]) == bytes(on_disk)
+
+
+def test_churn_budget_and_rss():
+    cache, _, _ = random_buffer(BF16_MHA, 2, num_pages=8, seed=1)
+    row = BF16_MHA.host_bytes_per_page(2)
+    store, worker = compose_arrays(cache, 4 * row)
+    budget = 4 * row
+    rss0 = None
+    for i in range(10_000):
+        offload(store, worker, cache, [i % 8], [h(i)])
+        assert store.host.live_bytes <= budget
+        if i == 500:
+            rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert store.host.live_bytes == budget and store.host.evictions == 10_000 - 4
+    assert rss1 - rss0 < 16 * 1024, f"peak RSS grew by {rss1 - rss0} KiB over 9,500 offload/evict cycles"
+
+
+def test_gpu_limit_named_at_construction(monkeypatch):
+    monkeypatch.setattr(host_mod, "_platform", lambda: "gpu")
+    monkeypatch.delenv(host_mod.GPU_HOST_LIMIT_VAR, raising=False)
+    assert HostTier(1 << 30).backend == "arrays"
+    with pytest.raises(ValueError, match="XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"):
+        HostTier(65 << 30)
+    monkeypatch.setenv(host_mod.GPU_HOST_LIMIT_VAR, "128")
+    assert HostTier(65 << 30).backend == "arrays"
+    assert HostTier(65 << 30, backend="numpy").backend == "numpy"  # the limit is pinned memory's only
+
+
+def test_auto_is_numpy_on_cpu():
+    assert jax.default_backend() == "cpu" and HostTier(1 << 20).backend == "numpy"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        HostTier(1 << 20, backend="slab")
+
+
+def test_put_get_many_and_release():
+    cache, _, _ = random_buffer(BF16_MHA, 2, num_pages=8, seed=1)
+    row = BF16_MHA.host_bytes_per_page(2)
+    store, _worker = compose_arrays(cache, 2 * row)  # the worker binds the rows' devices
+    rows = [np.random.default_rng(i).integers(0, 256, row, dtype=np.uint8) for i in range(3)]
+    assert store.host.put_many([(h(i), r) for i, r in enumerate(rows)]) == [True, True, True]
+    assert h(0) not in store.host and store.host.live_bytes == 2 * row
+    out = np.empty(row, np.uint8)
+    assert store.host.get_many([(h(2), out)]) == [None] and bytes(out) == bytes(rows[2])
+    store.host.clear()
+    assert store.host.live_bytes == 0
