@@ -8,10 +8,11 @@ every round, ratios are medians of per-round ratios):
 - **jaxkv**: `prepare_load` -> `OffloadWorker.load` -> `handle.result()` ->
   `complete_load` of `k` blocks held only on disk (the host tier is cleared
   before each round, untimed), promoted into the host tier and written into
-  device pages. Lower-tier reads overlap the H2D of earlier chunks
-  (`jaxkv.tiers.worker.LOAD_CHUNK_BYTES`).
-- **jaxkv, one piece**: the same load with overlap off (one chunk): what a
-  load did before chunking, and what it still does under a `GroupAgreement`.
+  device pages, two ways: **overlapped** (`OffloadWorker.load_chunk_bytes =
+  LOAD_CHUNK_BYTES`, the default off CPU: lower-tier reads overlap the H2D of
+  earlier chunks) and **one piece** (`load_chunk_bytes=None`, the default on
+  CPU, and what a load does under a `GroupAgreement`). The goal is checked
+  on the backend's default.
 - **baseline**: the same bytes as plain files (one per block, no header, no
   checksum), read with open/readinto/close into one contiguous buffer, then
   `jax.device_put` of that buffer onto the cache's device, blocked on. Two
@@ -116,7 +117,7 @@ def bench_one(root: Path, mesh, row_bytes: int, k: int, *, quick: bool, rng) -> 
 
     def load(chunk_bytes: int):
         def run():
-            worker_mod.LOAD_CHUNK_BYTES = chunk_bytes
+            worker.load_chunk_bytes = chunk_bytes
             plan = store.prepare_load(hashes, dst)
             state["cache"], handle = worker.load(state["cache"], plan)
             result = handle.result()
@@ -125,7 +126,7 @@ def bench_one(root: Path, mesh, row_bytes: int, k: int, *, quick: bool, rng) -> 
 
         return run
 
-    overlapped, one_piece = load(worker_mod.LOAD_CHUNK_BYTES), load(1 << 62)
+    overlapped, one_piece = load(worker_mod.LOAD_CHUNK_BYTES), load(None)
     read_s, put_s = [], []
 
     def baseline_into(dest, log: bool):
@@ -149,11 +150,9 @@ def bench_one(root: Path, mesh, row_bytes: int, k: int, *, quick: bool, rng) -> 
     assert probe.unsafe_buffer_pointer() == aligned.ctypes.data or jax.default_backend() != "cpu", "copied"
     del probe
 
-    chunk = worker_mod.LOAD_CHUNK_BYTES
     for fn in (overlapped, one_piece):  # compile every bucket outside the rounds
         clear_host()
         fn()
-    worker_mod.LOAD_CHUNK_BYTES = chunk
     times = _common.rounds(
         {
             "overlapped": (clear_host, overlapped),
@@ -164,7 +163,6 @@ def bench_one(root: Path, mesh, row_bytes: int, k: int, *, quick: bool, rng) -> 
         repeats=repeats,
         warmup=warmup,
     )
-    worker_mod.LOAD_CHUNK_BYTES = chunk
     assert page_rows(state["cache"], dst) == want, "the load wrote other bytes than were stored"
     assert buf.tobytes() == want and aligned.tobytes() == want, "the plain read returned other bytes"
     read_s, put_s = read_s[warmup:], put_s[warmup:]
@@ -178,7 +176,7 @@ def bench_one(root: Path, mesh, row_bytes: int, k: int, *, quick: bool, rng) -> 
     store.close()
     shutil.rmtree(directory, ignore_errors=True)
     shutil.rmtree(plain, ignore_errors=True)
-    per = 1 << max(0, (chunk // row_bytes).bit_length() - 1)
+    per = 1 << max(0, (worker_mod.LOAD_CHUNK_BYTES // row_bytes).bit_length() - 1)
     return dict(
         row_kib=row_bytes // KIB,
         blocks=k,
@@ -195,9 +193,14 @@ def bench_one(root: Path, mesh, row_bytes: int, k: int, *, quick: bool, rng) -> 
         one_piece_ratio_aligned=ratio("one_piece", "baseline_aligned"),
         one_piece_ratio=ratio("one_piece", "baseline"),
         ratio_vs_plain_read=statistics.median(r / a for a, r in zip(times["overlapped"], read_s, strict=True)),
-        ok=ratio("overlapped", "baseline") >= GOAL,
-        ok_zero_copy=ratio("overlapped", "baseline_aligned") >= GOAL,
+        default=DEFAULT,
+        ok=ratio(DEFAULT, "baseline") >= GOAL,
+        ok_zero_copy=ratio(DEFAULT, "baseline_aligned") >= GOAL,
     )
+
+
+DEFAULT = "one_piece" if jax.default_backend() == "cpu" else "overlapped"
+"""The path `OffloadWorker(load_chunk_bytes="auto")` takes on this backend."""
 
 
 def main() -> None:
@@ -210,7 +213,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     sizes = [(256 * KIB, 32), (1 * MIB, 32)] if args.quick else [(256 * KIB, 64), (1 * MIB, 64), (2 * MIB, 64)]
     print(f"conditions: {cond}")
-    print(f"jaxkv.tiers.worker.LOAD_CHUNK_BYTES = {worker_mod.LOAD_CHUNK_BYTES}; warm page cache; TP 1, MHA bf16")
+    print(
+        f"jaxkv.tiers.worker.LOAD_CHUNK_BYTES = {worker_mod.LOAD_CHUNK_BYTES}; default on this backend: {DEFAULT}; "
+        "warm page cache; TP 1, MHA bf16"
+    )
     rows = []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         for row_bytes, k in sizes:
@@ -222,7 +228,7 @@ def main() -> None:
             ("row_kib", "row KiB", "d"),
             ("blocks", "blocks", "d"),
             ("chunk_blocks", "chunk", "d"),
-            ("overlapped_gbps", "jaxkv", ".2f"),
+            ("overlapped_gbps", "overlapped", ".2f"),
             ("one_piece_gbps", "one piece", ".2f"),
             ("baseline_gbps", "read+put", ".2f"),
             ("plain_read_gbps", "read", ".2f"),
@@ -233,7 +239,7 @@ def main() -> None:
             ("ratio_aligned", "ratio 0-copy", ".2f"),
             ("one_piece_ratio_aligned", "1-piece 0-copy", ".2f"),
             ("ratio_vs_plain_read", "vs read", ".2f"),
-            ("ok", f">={GOAL}", ""),
+            ("ok", f"default >={GOAL}", ""),
         ],
     )
     name = "disk_load_quick" if args.quick else "disk_load"

@@ -460,7 +460,7 @@ def count_h2d(worker, monkeypatch) -> list[int]:
 def test_a_load_from_disk_goes_in_overlapped_chunks_bit_exact(tmp_path, monkeypatch):
     src, store, worker, hashes = disk_only(tmp_path, 8)
     want = all_pages(src)[:8]
-    monkeypatch.setattr("jaxkv.tiers.worker.LOAD_CHUNK_BYTES", 3 * ROW)  # 2 rows a chunk (a power of two)
+    worker.load_chunk_bytes = 3 * ROW  # 2 rows a chunk (a power of two)
     calls = count_h2d(worker, monkeypatch)
     cache, result = load(store, worker, src, hashes, list(range(8, 16)))
     assert result.status == "loaded" and calls == [2, 2, 2, 2]
@@ -472,7 +472,7 @@ def test_a_load_from_disk_goes_in_overlapped_chunks_bit_exact(tmp_path, monkeypa
 
 def test_a_read_failure_after_written_chunks_fails_the_load(tmp_path, monkeypatch):
     src, store, worker, hashes = disk_only(tmp_path, 8)
-    monkeypatch.setattr("jaxkv.tiers.worker.LOAD_CHUNK_BYTES", 2 * ROW)
+    worker.load_chunk_bytes = 2 * ROW
     calls = count_h2d(worker, monkeypatch)
     flip_byte(block_file(tmp_path, 5))  # the third chunk's second block
     cache, handle = worker.load(src, store.prepare_load(hashes, list(range(8, 16))))
@@ -491,7 +491,7 @@ def test_a_read_failure_after_written_chunks_fails_the_load(tmp_path, monkeypatc
 
 def test_a_read_failure_in_the_first_chunk_refuses_and_writes_nothing(tmp_path, monkeypatch):
     src, store, worker, hashes = disk_only(tmp_path, 8)
-    monkeypatch.setattr("jaxkv.tiers.worker.LOAD_CHUNK_BYTES", 2 * ROW)
+    worker.load_chunk_bytes = 2 * ROW
     calls = count_h2d(worker, monkeypatch)
     flip_byte(block_file(tmp_path, 1))
     before = all_pages(src)
@@ -516,7 +516,7 @@ def test_a_group_agreement_keeps_the_load_in_one_piece(tmp_path, monkeypatch):
 
     src, store, worker, hashes = disk_only(tmp_path, 8)
     want = all_pages(src)[:8]
-    monkeypatch.setattr("jaxkv.tiers.worker.LOAD_CHUNK_BYTES", 2 * ROW)
+    worker.load_chunk_bytes = 2 * ROW
     monkeypatch.setattr(store, "agreement", Alone())
     calls = count_h2d(worker, monkeypatch)
     cache, result = load(store, worker, src, hashes, list(range(8, 16)))
