@@ -144,16 +144,24 @@ def _check_all(answers, want) -> None:
 
 
 def device_gather(cache, k: int):
-    """Per shard: a jitted gather of `k` pages, transposed to heads-major, as uint8 rows (convert on the device)."""
+    """A jitted gather of `k` pages of the whole cache as TP-1 pages (the stored form), as uint8 rows on one device.
+
+    Converting on the device: the shards' heads are interleaved by XLA (a
+    gather across the mesh), and one device's rows come to the host.
+    """
+    mesh = cache.values.sharding.mesh
+    one = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
     @jax.jit
-    def gather(shard, ids):
-        pages = shard[ids]  # [k, kv, layers, tokens, h, dim]: indexing keeps the bits (jnp.take would not)
-        heads_major = jnp.moveaxis(pages, 4, 1)
-        return jax.lax.bitcast_convert_type(heads_major, jnp.uint8).reshape(k, -1)
+    def gather(values, ids):
+        pages = jax.sharding.reshard(values[ids], one)  # [k, kv, layers, tokens, heads, dim], all heads together
+        return jax.lax.bitcast_convert_type(pages, jnp.uint8).reshape(k, -1)
 
-    shards = [s.data for s in sorted(cache.values.addressable_shards, key=lambda s: s.index[4].start or 0)]
-    return lambda ids: [gather(s, ids) for s in shards]
+    def run(ids):
+        out = gather(cache.values, ids)
+        return [out.addressable_shards[0].data]
+
+    return run
 
 
 class TPLocalDisk:

@@ -103,11 +103,10 @@ def expected_row(arrays: list[np.ndarray], page: int, process: int, replicated: 
 
 
 def expected_stored(arrays: list[np.ndarray], page: int, process: int) -> bytes:
-    """The stored (TP-independent) row of an MHA page in process `process`: its heads, heads-major, per array."""
-    heads = slice(
-        process * (arrays[0].shape[4] // NUM_PROCESSES), (process + 1) * (arrays[0].shape[4] // NUM_PROCESSES)
-    )
-    return b"".join(np.ascontiguousarray(a[page][..., heads, :].transpose(3, 0, 1, 2, 4)).tobytes() for a in arrays)
+    """The stored (TP-independent) row of an MHA page in process `process`: a TP-1 page of its heads, per array."""
+    per = arrays[0].shape[4] // NUM_PROCESSES
+    heads = slice(process * per, (process + 1) * per)
+    return b"".join(np.ascontiguousarray(a[page][..., heads, :]).tobytes() for a in arrays)
 
 
 def block_hash(i: int) -> bytes:

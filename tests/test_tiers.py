@@ -212,9 +212,8 @@ def test_disk_format_and_directory(tmp_path):
     assert files == [h(3).hex() + SUFFIX]  # no temporary file left behind
     raw = (tmp_path / "tier" / files[0]).read_bytes()
     assert raw[:8] == MAGIC and len(raw) == HEADER_BYTES + worker.engine.row_bytes
-    # The page's bytes, no pickle: heads-major ([heads, kv, layers, tokens, dim]), the same at every TP degree.
-    values = np.asarray(src.values)[3]  # [kv, layers, tokens, heads, dim]
-    assert raw[HEADER_BYTES:] == np.ascontiguousarray(values.transpose(3, 0, 1, 2, 4)).tobytes()
+    # The page's bytes, no pickle: the whole (TP-1) page, [kv, layers, tokens, heads, dim], at every TP degree.
+    assert raw[HEADER_BYTES:] == np.asarray(src.values)[3].tobytes()
     assert host_row(store, worker, h(3)) == page_bytes(src, 3)  # the host row stays TP-local
 
 

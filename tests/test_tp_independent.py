@@ -62,11 +62,6 @@ def host_row(cache, page: int) -> bytes:
     return b"".join(parts)
 
 
-def heads_major(arrays, page: int) -> bytes:
-    """The stored form computed independently: each array's page as `[heads, kv, layers, tokens, dim]`."""
-    return b"".join(np.ascontiguousarray(a[page].transpose(3, 0, 1, 2, 4)).tobytes() for a in arrays if a is not None)
-
-
 def pairs(params):
     heads = params.n_kv_heads
     return [(a, b) for a in TP_DEGREES for b in TP_DEGREES if heads % a == 0 and heads % b == 0]
@@ -88,8 +83,7 @@ def test_stored_form_and_identity_do_not_depend_on_tp(params):
         pages = []
         for p, row in enumerate(rows):
             layout.stored.to_stored(row, out)
-            want = logical_page([values, scales], p) if params.is_mla else heads_major([values, scales], p)
-            assert out.tobytes() == want, (tp, p)
+            assert out.tobytes() == logical_page([values, scales], p), (tp, p)  # MAX's TP-1 page
             layout.stored.from_stored(out, back)
             assert back.tobytes() == row.tobytes()
             pages.append(out.tobytes())
@@ -101,7 +95,8 @@ def test_stored_form_and_identity_do_not_depend_on_tp(params):
     assert len(stored_fps) == len(block_fps) == 1
     if not params.is_mla:
         assert len(host_fps) == len(TP_DEGREES)  # host rows stay TP-local
-    assert RowLayout.of(params, tp=1).stored.identity == params.is_mla  # MLA: stored as it is
+    assert RowLayout.of(params, tp=1).stored.identity  # one shard: the host row is the TP-1 page
+    assert RowLayout.of(params, tp=2).stored.identity == params.is_mla  # MLA: stored as it is
 
 
 def test_identity_separates_models():
@@ -129,7 +124,7 @@ def test_multi_cache_rows_convert_per_cache():
         row = np.frombuffer(host_row(a, 3) + host_row(b, 3), np.uint8)
         out = np.empty_like(row)
         layout.stored.to_stored(row, out)
-        assert out.tobytes() == heads_major([av], 3) + heads_major([bv, bs], 3)
+        assert out.tobytes() == logical_page([av], 3) + logical_page([bv, bs], 3)
         stored[tp] = (layout.stored.fingerprint, layout.block_fingerprint)
     assert len(set(stored.values())) == 1
 
@@ -264,7 +259,7 @@ def test_native_and_numpy_conversions_agree(monkeypatch):
     outs = {}
     for path in ("native", "numpy"):
         if path == "numpy":
-            monkeypatch.setattr(native, "heads_major", lambda *a, **k: False)
+            monkeypatch.setattr(native, "transpose_chunks", lambda *a, **k: False)
         elif not native.available():
             continue
         stored, back = np.empty_like(row), np.empty_like(row)
@@ -278,12 +273,25 @@ def test_native_and_numpy_conversions_agree(monkeypatch):
 def test_native_conversion_rejects_bad_buffers():
     from jaxkv import _native as native
 
-    src = np.zeros(2 * 3 * 4 * 8, np.uint8)
+    src = np.zeros(3 * 4 * 16, np.uint8)
     with pytest.raises(ValueError, match=r"dst must be a contiguous uint8 array of 192 bytes, got uint8 array of 191"):
-        native.heads_major(np.zeros(191, np.uint8), src, 2, 3, 4, 8, inverse=False)
+        native.transpose_chunks(np.zeros(191, np.uint8), src, 3, 4, 16)
     with pytest.raises(ValueError, match=r"src must be a contiguous uint8 array of 192 bytes, got int16"):
-        native.heads_major(np.zeros(192, np.uint8), src.view(np.int16), 2, 3, 4, 8, inverse=False)
+        native.transpose_chunks(np.zeros(192, np.uint8), src.view(np.int16), 3, 4, 16)
     readonly = np.zeros(192, np.uint8)
     readonly.flags.writeable = False
     with pytest.raises(ValueError, match="dst must be writeable"):
-        native.heads_major(readonly, src, 2, 3, 4, 8, inverse=True)
+        native.transpose_chunks(readonly, src, 3, 4, 16)
+
+
+@pytest.mark.parametrize("chunk", [1, 16, 32, 96, 1024])
+def test_native_transpose_is_exact(chunk):
+    from jaxkv import _native as native
+
+    if not native.available():
+        pytest.skip("native library not built")
+    rows, cols = 5, 7
+    src = np.random.default_rng(chunk).integers(0, 256, rows * cols * chunk, dtype=np.uint8)
+    dst = np.empty_like(src)
+    assert native.transpose_chunks(dst, src, rows, cols, chunk)
+    assert dst.tobytes() == np.ascontiguousarray(src.reshape(rows, cols, chunk).transpose(1, 0, 2)).tobytes()

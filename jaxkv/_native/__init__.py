@@ -103,9 +103,9 @@ def library() -> ctypes.CDLL | None:
     lib.jaxkv_copy_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]  # dst, stride, rows
     lib.jaxkv_copy_rows.argtypes += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]  # src, stride, rows
     lib.jaxkv_copy_rows.argtypes += [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-    if hasattr(lib, "jaxkv_heads_major"):
-        lib.jaxkv_heads_major.restype = None
-        lib.jaxkv_heads_major.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_int32]
+    if hasattr(lib, "jaxkv_transpose_chunks"):
+        lib.jaxkv_transpose_chunks.restype = None
+        lib.jaxkv_transpose_chunks.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3
     return lib
 
 
@@ -158,14 +158,15 @@ def copy_rows(dst: np.ndarray, dst_rows: np.ndarray, src: np.ndarray, src_rows: 
         raise ValueError(f"{name}[{bad}] is {int(rows[bad])}, outside the valid range [0, {limit})")
 
 
-def heads_major(dst: np.ndarray, src: np.ndarray, units: int, rows: int, heads: int, head_bytes: int, *, inverse: bool):
-    """`src` `[units, rows, heads, head_bytes]` -> `dst` `[units, heads, rows, head_bytes]` (`inverse`: back).
+def transpose_chunks(dst: np.ndarray, src: np.ndarray, rows: int, cols: int, chunk_bytes: int) -> bool:
+    """`dst[c, r] = src[r, c]` for a `[rows, cols]` matrix of `chunk_bytes`-byte elements, in one native pass.
 
-    Contiguous uint8 buffers of exactly that many bytes, not overlapping
-    (ValueError otherwise, before any byte moves). Returns False, copying
-    nothing, when the library lacks the kernel (the caller falls back to numpy).
+    Contiguous uint8 buffers of exactly `rows * cols * chunk_bytes` bytes
+    (ValueError otherwise, before any byte moves), not overlapping. Returns
+    False, copying nothing, when the library lacks the kernel (the caller
+    falls back to numpy). The GIL is released while it runs.
     """
-    n = units * rows * heads * head_bytes
+    n = rows * cols * chunk_bytes
     for name, a in (("dst", dst), ("src", src)):
         if not isinstance(a, np.ndarray) or a.dtype != np.uint8 or a.size != n or not a.flags.c_contiguous:
             got = f"{a.dtype} array of {a.size} bytes" if isinstance(a, np.ndarray) else type(a).__name__
@@ -173,7 +174,7 @@ def heads_major(dst: np.ndarray, src: np.ndarray, units: int, rows: int, heads: 
     if not dst.flags.writeable:
         raise ValueError("dst must be writeable")
     lib = library()
-    if lib is None or not hasattr(lib, "jaxkv_heads_major"):
+    if lib is None or not hasattr(lib, "jaxkv_transpose_chunks"):
         return False
-    lib.jaxkv_heads_major(dst.ctypes.data, src.ctypes.data, units, rows, heads, head_bytes, int(inverse))
+    lib.jaxkv_transpose_chunks(dst.ctypes.data, src.ctypes.data, rows, cols, chunk_bytes)
     return True

@@ -215,32 +215,24 @@ extern "C" int64_t jaxkv_copy_rows(uint8_t* dst, int64_t dst_stride, int64_t dst
 
 namespace {
 
-// The heads-major conversion of `units` pages of `[rows, heads, hb]` bytes
-// (inverse: back). Chunks of `hb` bytes (64-512 for real models) move with
-// inlined vector loads and stores: a call to memcpy per chunk costs as much
-// as its bytes. `Chunk` copies one chunk; the loop is the same for every width.
-#define JAXKV_HEADS_MAJOR_LOOP(Chunk)                                                  \
-  const size_t page = static_cast<size_t>(rows) * heads * hb;                         \
-  for (int64_t u = 0; u < units; ++u) {                                               \
-    const size_t base = u * page;                                                     \
-    for (int64_t r = 0; r < rows; ++r) {                                              \
-      for (int64_t h = 0; h < heads; ++h) {                                           \
-        const size_t local = base + (static_cast<size_t>(r) * heads + h) * hb;        \
-        const size_t stored = base + (static_cast<size_t>(h) * rows + r) * hb;        \
-        if (inverse) {                                                                \
-          Chunk(dst + local, src + stored, hb);                                       \
-        } else {                                                                      \
-          Chunk(dst + stored, src + local, hb);                                       \
-        }                                                                             \
-      }                                                                               \
-    }                                                                                 \
+// Transpose a `[rows, cols]` matrix of `chunk`-byte elements into `[cols, rows]`
+// (the stored form of a row's units: `[units, kv*layers*tokens, heads*dim]` ->
+// `[kv*layers*tokens, units, heads*dim]`, MAX's TP-1 page, and back with rows
+// and cols swapped). Chunks are hundreds of bytes to KiB: they move with
+// inlined vector loads and stores, since a call to memcpy per chunk costs as
+// much as its bytes. `Chunk` copies one; the loop is the same for every width.
+#define JAXKV_TRANSPOSE_LOOP(Chunk)                                \
+  for (int64_t r = 0; r < rows; ++r) {                             \
+    const uint8_t* from = src + static_cast<size_t>(r) * cols * n; \
+    for (int64_t c = 0; c < cols; ++c) {                           \
+      Chunk(dst + (static_cast<size_t>(c) * rows + r) * n, from + c * n, n); \
+    }                                                              \
   }
 
 inline void MemcpyChunk(uint8_t* dst, const uint8_t* src, size_t n) { std::memcpy(dst, src, n); }
 
-void HeadsMajorMemcpy(uint8_t* dst, const uint8_t* src, int64_t units, int64_t rows, int64_t heads, size_t hb,
-                      bool inverse) {
-  JAXKV_HEADS_MAJOR_LOOP(MemcpyChunk)
+void TransposeMemcpy(uint8_t* dst, const uint8_t* src, int64_t rows, int64_t cols, size_t n) {
+  JAXKV_TRANSPOSE_LOOP(MemcpyChunk)
 }
 
 #ifdef JAXKV_STREAM_STORES
@@ -252,29 +244,27 @@ __attribute__((target("avx2"))) inline void Avx2Chunk(uint8_t* dst, const uint8_
 }
 
 // For chunks of a multiple of 32 bytes on a CPU with AVX2.
-__attribute__((target("avx2"))) void HeadsMajorAvx2(uint8_t* dst, const uint8_t* src, int64_t units,
-                                                    int64_t rows, int64_t heads, size_t hb, bool inverse) {
-  JAXKV_HEADS_MAJOR_LOOP(Avx2Chunk)
+__attribute__((target("avx2"))) void TransposeAvx2(uint8_t* dst, const uint8_t* src, int64_t rows, int64_t cols,
+                                                   size_t n) {
+  JAXKV_TRANSPOSE_LOOP(Avx2Chunk)
 }
 #endif
 
 }  // namespace
 
-// Plain C entry point (ctypes): the stored (TP-independent) form of a run of
-// host-row units. `src` holds `units` shard pages of `[rows, heads, head_bytes]`
-// (rows = kv_dim * layers * tokens); `dst` gets them heads-major,
-// `[units * heads, rows, head_bytes]`. With `inverse` set the copy goes the
-// other way (stored -> host row). One pass; the caller checks sizes (both
-// buffers are units * rows * heads * head_bytes).
-extern "C" void jaxkv_heads_major(uint8_t* dst, const uint8_t* src, int64_t units, int64_t rows,
-                                  int64_t heads, int64_t head_bytes, int32_t inverse) {
-  const size_t hb = static_cast<size_t>(head_bytes);
+// Plain C entry point (ctypes): `dst[c][r] = src[r][c]` for a `[rows, cols]`
+// matrix of `chunk`-byte elements; the stored (TP-independent) form of a row
+// and back. One pass; the caller checks sizes (both rows * cols * chunk bytes,
+// not overlapping).
+extern "C" void jaxkv_transpose_chunks(uint8_t* dst, const uint8_t* src, int64_t rows, int64_t cols,
+                                       int64_t chunk) {
+  const size_t n = static_cast<size_t>(chunk);
 #ifdef JAXKV_STREAM_STORES
   static const bool avx2 = __builtin_cpu_supports("avx2");
-  if (avx2 && hb % 32 == 0) {
-    HeadsMajorAvx2(dst, src, units, rows, heads, hb, inverse != 0);
+  if (avx2 && n % 32 == 0) {
+    TransposeAvx2(dst, src, rows, cols, n);
     return;
   }
 #endif
-  HeadsMajorMemcpy(dst, src, units, rows, heads, hb, inverse != 0);
+  TransposeMemcpy(dst, src, rows, cols, n);
 }

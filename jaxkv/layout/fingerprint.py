@@ -13,10 +13,14 @@ A host row depends on the TP degree: a shard's page is `[kv_dim, layers,
 tokens, heads, dim]` for *its* heads, so the same logical page is laid out
 differently at TP 2 and TP 4. Tiers that outlive an instance (disk, a shared
 remote store) keep the *stored* form instead (`RowLayout.stored`): per cache
-and kind, the page heads-major, `[heads, kv_dim, layers, tokens, dim]`. Any
-TP shard's heads are then one contiguous byte range, and a process's rows
-(its shards, in TP order) are the same bytes whatever the TP degree. Three
-fingerprints follow:
+and kind, the page as one TP-1 page of the heads this process holds,
+`[kv_dim, layers, tokens, heads, dim]` (MAX's TP-1 page when the process
+holds them all). Those bytes do not depend on how the heads are split into
+shards, so they are the same at every TP degree. Converting interleaves the
+process's shards row by row (`kv_dim * layers * tokens` rows of `heads *
+dim` bytes per shard); it is no work at all when the process holds one shard
+(TP 1, or one device per process) or a page has one row. Three fingerprints
+follow:
 
 - `RowLayout.fingerprint`: the host row (TP-local). Host tiers and engines.
 - `RowLayout.block_fingerprint`: the model's page geometry only (no TP, no
@@ -206,7 +210,7 @@ class StoredRun:
     units: int
     """Shards in the run."""
     rows: int
-    """`kv_dim * layers * tokens`: the head-interleaved rows of one shard's page."""
+    """`kv_dim * layers * tokens`: the rows of one shard's page (each `heads * dim` elements)."""
     heads: int
     """Heads per shard."""
     head_bytes: int
@@ -222,26 +226,26 @@ class StoredRun:
 
     @property
     def identity(self) -> bool:
-        """Whether host and stored bytes are the same (one row or one head per shard)."""
-        return self.rows == 1 or self.heads == 1
+        """Whether host and stored bytes are the same (one shard, or one row per page)."""
+        return self.units == 1 or self.rows == 1
 
     def to_stored(self, src: np.ndarray, dst: np.ndarray) -> None:
-        """`[units, rows, heads, head_bytes]` -> `[units * heads, rows, head_bytes]` (heads-major).
+        """`[units, rows, heads * head_bytes]` (shard by shard) -> `[rows, units * heads * head_bytes]` (TP-1 page).
 
         One native pass when jaxkv's library is built (the GIL released:
         tiers convert on their I/O threads in parallel), numpy otherwise.
         """
-        if native.heads_major(dst, src, self.units, self.rows, self.heads, self.head_bytes, inverse=False):
-            return
-        shape = (self.units, self.rows, self.heads, self.head_bytes)
-        dst.reshape(self.units, self.heads, self.rows, self.head_bytes)[...] = src.reshape(shape).transpose(0, 2, 1, 3)
+        _transpose(dst, src, self.units, self.rows, self.heads * self.head_bytes)
 
     def from_stored(self, src: np.ndarray, dst: np.ndarray) -> None:
         """The inverse of `to_stored`."""
-        if native.heads_major(dst, src, self.units, self.rows, self.heads, self.head_bytes, inverse=True):
-            return
-        shape = (self.units, self.heads, self.rows, self.head_bytes)
-        dst.reshape(self.units, self.rows, self.heads, self.head_bytes)[...] = src.reshape(shape).transpose(0, 2, 1, 3)
+        _transpose(dst, src, self.rows, self.units, self.heads * self.head_bytes)
+
+
+def _transpose(dst: np.ndarray, src: np.ndarray, rows: int, cols: int, chunk: int) -> None:
+    """`dst[c, r] = src[r, c]` over `[rows, cols]` elements of `chunk` bytes."""
+    if not native.transpose_chunks(dst, src, rows, cols, chunk):
+        dst.reshape(cols, rows, chunk)[...] = src.reshape(rows, cols, chunk).transpose(1, 0, 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,10 +253,11 @@ class StoredLayout:
     """The stored (TP-independent) form of a `RowLayout`'s rows: same width, bytes permuted.
 
     Each run of units holding consecutive heads of one cache's values (or
-    scales) is stored heads-major, `[heads, kv_dim, layers, tokens, dim]`; a
-    replicated (MLA) unit is stored as it is. The stored row of a process
-    holding heads `[a, b)` of every cache is the same at every TP degree, so
-    `fingerprint` names only the model's geometry and which heads.
+    scales) is stored as one TP-1 page of those heads, `[kv_dim, layers,
+    tokens, heads, dim]`; a replicated (MLA) unit is stored as it is. The
+    stored row of a process holding heads `[a, b)` of every cache is the same
+    at every TP degree, so `fingerprint` names only the model's geometry and
+    which heads.
     """
 
     runs: tuple[StoredRun, ...]

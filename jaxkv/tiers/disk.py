@@ -14,8 +14,8 @@ offset  size  field
 48      32    block hash (also the file name, in hex)
 80      8     payload length
 88      8     checksum: xxh3_64 of the payload
-96      n     payload: one row in its stored form (`RowLayout.stored`: heads-major,
-              the same bytes at every TP degree), raw
+96      n     payload: one row in its stored form (`RowLayout.stored`: a TP-1
+              page of the heads it holds, the same bytes at every TP degree), raw
 ```
 
 Opened by a composition, the fingerprint is the stored one
