@@ -280,7 +280,7 @@ class DiskTier(OpensOnce):
             self._check_out(out)
         held = [(i, item) for i, item in enumerate(items) if item[0] in self._index]
         if len(held) > 1 and self.writers > 1:
-            raw = list(self._threads().map(lambda t: self._read(*t[1]), held))
+            raw = self._on_threads(lambda t: self._read(*t[1]), held)
         else:
             raw = [self._read(*item) for _, item in held]
         answers: list[Exception | None] = [
@@ -355,6 +355,19 @@ class DiskTier(OpensOnce):
             return CorruptBlockError(f"block {name}: {error}")
         return DiskReadError(f"reading block {name}: {error}")
 
+    def _on_threads(self, fn, items: list) -> list:
+        """`[fn(x) for x in items]` on the `writers` threads, each taking one contiguous share.
+
+        One task per thread, not per block: a task per block costs a future and
+        a GIL hand-off each, which on a small machine cost more than the
+        parallel copies gained (measured: 64-256 KiB blocks twice as slow as
+        one thread).
+        """
+        n = min(self.writers, len(items))
+        share = -(-len(items) // n)
+        parts = [items[i : i + share] for i in range(0, len(items), share)]
+        return [r for part in self._threads().map(lambda p: [fn(x) for x in p], parts) for r in part]
+
     def _threads(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(self.writers, thread_name_prefix="jaxkv-disk")
@@ -395,7 +408,7 @@ class DiskTier(OpensOnce):
                 results.append(True)
                 todo.append((i, block_hash, row))
         if len(todo) > 1 and self.writers > 1:
-            written = list(self._threads().map(lambda t: self._write_tmp(t[1], t[2]), todo))
+            written = self._on_threads(lambda t: self._write_tmp(t[1], t[2]), todo)
         else:
             written = [self._write_tmp(h, row) for _, h, row in todo]
         for (i, block_hash, _), tmp in zip(todo, written, strict=True):
