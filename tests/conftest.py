@@ -29,3 +29,15 @@ def host_backend(request, monkeypatch):
 
     monkeypatch.setattr(host, "_auto_backend", lambda: request.param)
     return request.param
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A fresh redis-server on a free 127.0.0.1 port, no persistence; always stopped (by pid)."""
+    from redis_server import RedisServer
+
+    s = RedisServer(tmp_path / "redis")
+    try:
+        yield s.start()
+    finally:
+        s.stop()

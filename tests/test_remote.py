@@ -48,13 +48,9 @@ def no_hang():
 
 
 @pytest.fixture
-def server(tmp_path):
-    """A fresh redis-server; always stopped."""
-    s = RedisServer(tmp_path / "redis")
-    try:
-        yield s.start()
-    finally:
-        s.stop()
+def server(redis_server):
+    """A fresh redis-server (conftest's); always stopped."""
+    return redis_server
 
 
 def make_server(tmp_path, *args):

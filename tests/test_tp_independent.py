@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from cachegen import TP_DEGREES, random_buffer, tp_mesh
-from redis_server import RedisServer
 
 from jaxkv import (
     KVCacheParams,
@@ -213,21 +212,12 @@ def test_a_corrupt_stored_block_is_a_miss_at_another_tp(tmp_path):
     store.close()
 
 
-@pytest.fixture
-def server(tmp_path):
-    srv = RedisServer(tmp_path / "redis")
-    try:
-        yield srv.start()
-    finally:
-        srv.stop()
-
-
 @pytest.mark.parametrize("a,b", [(4, 2), (1, 8), (8, 1)], ids=lambda x: f"tp{x}")
-def test_written_at_tp_a_loads_at_tp_b_from_the_remote_tier(a, b, server, tmp_path):
+def test_written_at_tp_a_loads_at_tp_b_from_the_remote_tier(a, b, redis_server, tmp_path):
     """Two instances at different TP share one server: the second is served what the first wrote."""
-    arrays = store_at(FP8, a, tmp_path / "a", tiers=[RemoteTier(server.url, prefix="tp:")])
+    arrays = store_at(FP8, a, tmp_path / "a", tiers=[RemoteTier(redis_server.url, prefix="tp:")])
     src, dst = [5, 1, 2], [0, 4, 2]
-    cache, sources = load_at(FP8, b, tmp_path / "b", src, dst, tiers=[RemoteTier(server.url, prefix="tp:")])
+    cache, sources = load_at(FP8, b, tmp_path / "b", src, dst, tiers=[RemoteTier(redis_server.url, prefix="tp:")])
     assert sources == ("remote",) * len(src)
     for s, d in zip(src, dst, strict=True):
         assert cache_page(cache, d) == logical_page(arrays, s)

@@ -304,18 +304,16 @@ class StoredLayout:
 
     def to_stored(self, row: np.ndarray, out: np.ndarray) -> None:
         """Write the stored form of host `row` into `out` (both `[row_bytes]` uint8, not overlapping)."""
-        for r in self.runs:
-            src, dst = row[r.offset : r.offset + r.nbytes], out[r.offset : r.offset + r.nbytes]
-            if r.identity:
-                dst[...] = src
-            else:
-                r.to_stored(src, dst)
+        self._convert(row, out, StoredRun.to_stored)
 
     def from_stored(self, stored: np.ndarray, out: np.ndarray) -> None:
         """Write the host row of `stored` into `out` (both `[row_bytes]` uint8, not overlapping)."""
+        self._convert(stored, out, StoredRun.from_stored)
+
+    def _convert(self, src: np.ndarray, out: np.ndarray, how) -> None:
         for r in self.runs:
-            src, dst = stored[r.offset : r.offset + r.nbytes], out[r.offset : r.offset + r.nbytes]
+            part, dst = src[r.offset : r.offset + r.nbytes], out[r.offset : r.offset + r.nbytes]
             if r.identity:
-                dst[...] = src
+                dst[...] = part
             else:
-                r.from_stored(src, dst)
+                how(r, part, dst)
