@@ -37,10 +37,10 @@ def cache_params(kind: str, dtype: str) -> KVCacheParams:
 
 
 @functools.cache
-def attention_step(params: KVCacheParams, tp: int):
-    """One jitted, donating program per layout; both calls of a test share it."""
+def attention_step(params: KVCacheParams, tp: int, impl: str = "xla"):
+    """One jitted, donating program per layout and implementation; both calls of a test share it."""
     value_dim = MLA_VALUE_DIM if params.is_mla else None
-    step = functools.partial(paged_attention, mesh=tp_mesh(tp), softmax_scale=SCALE, value_dim=value_dim)
+    step = functools.partial(paged_attention, mesh=tp_mesh(tp), softmax_scale=SCALE, value_dim=value_dim, impl=impl)
     return jax.jit(step, donate_argnums=0)
 
 
@@ -122,12 +122,13 @@ def host_copies(array: jax.Array) -> np.ndarray:
     return np.asarray(array)
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
 @pytest.mark.parametrize("tp", [1, 2, 4])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["mha", "mla"])
-def test_matches_dense_reference(kind, dtype, tp):
+def test_matches_dense_reference(kind, dtype, tp, impl):
     params = cache_params(kind, dtype)
-    step = attention_step(params, tp)
+    step = attention_step(params, tp, impl)
     q, k, v = inputs(params)
     # Start from random bit patterns (NaN, Inf) everywhere, the null page included.
     garbage, values0, scales0 = random_buffer(params, tp, NUM_PAGES, seed=1)
@@ -173,12 +174,13 @@ def test_matches_dense_reference(kind, dtype, tp):
     chex.assert_trees_all_equal(as_bytes(np.asarray(zeroed.values)[written]), as_bytes(values[written]))
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
 @pytest.mark.parametrize(
     ("kind", "dtype", "tp"), [("mha", "bfloat16", 2), ("mha", "int8", 4), ("mla", "float8_e4m3fn", 2)]
 )
-def test_written_bytes_are_deterministic(kind, dtype, tp):
+def test_written_bytes_are_deterministic(kind, dtype, tp, impl):
     params = cache_params(kind, dtype)
-    step = attention_step(params, tp)
+    step = attention_step(params, tp, impl)
     runs = []
     for _ in range(2):
         out, cache = run_both_calls(step, allocate_buffer(params, tp_mesh(tp), NUM_PAGES), *inputs(params))
@@ -186,10 +188,11 @@ def test_written_bytes_are_deterministic(kind, dtype, tp):
     chex.assert_trees_all_equal(runs[0], runs[1])
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
 @pytest.mark.parametrize(("kind", "dtype"), [("mha", "float8_e4m3fn"), ("mla", "bfloat16")])
-def test_cache_is_donated(kind, dtype):
+def test_cache_is_donated(kind, dtype, impl):
     params = cache_params(kind, dtype)
-    step = attention_step(params, 2)
+    step = attention_step(params, 2, impl)
     cache = allocate_buffer(params, tp_mesh(2), NUM_PAGES)
     q, k, v = inputs(params)
     start, lens = np.zeros_like(PREFIX), NEW
@@ -199,15 +202,46 @@ def test_cache_is_donated(kind, dtype):
     assert new_cache.values.sharding.is_equivalent_to(allocate_buffer(params, tp_mesh(2), 1).values.sharding, 6)
 
 
-def test_traced_layer_index():
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_traced_layer_index(impl):
     """The layer may be a traced scalar (a lax.scan / fori_loop over layers)."""
     params = cache_params("mha", "bfloat16")
-    step = attention_step(params, 1)
+    step = attention_step(params, 1, impl)
     q, k, v = inputs(params)
     cache = allocate_buffer(params, tp_mesh(1), NUM_PAGES)
-    _, cache = step(cache, jnp.int32(0), q[:, :T], k[:, :T], v[:, :T], PAGE_TABLE, np.zeros(3, np.int32), NEW)
-    values = np.asarray(cache.values)
-    assert values[:, :, 0].any() and not values[:, :, 1].any()
+    outs = []
+    for layer in (0, 1):  # the same K/V in both layers: the same output, read from the traced layer's slots
+        out, cache = step(cache, jnp.int32(layer), q[:, :T], k[:, :T], v[:, :T], PAGE_TABLE, np.zeros(3, np.int32), NEW)
+        outs.append(np.asarray(out)[np.arange(T)[None, :] < NEW[:, None]])
+        values = np.asarray(cache.values)
+        assert values[:, :, layer].any() and (layer == 1 or not values[:, :, 1].any())
+    chex.assert_trees_all_equal(outs[0], outs[1])
+
+
+def test_pallas_and_xla_agree_and_impl_is_checked():
+    """The two implementations give the same outputs within float32 rounding; a bad impl names the choices."""
+    params = cache_params("mha", "int8")
+    q, k, v = inputs(params)
+    outs = [
+        np.asarray(
+            run_both_calls(attention_step(params, 2, impl), allocate_buffer(params, tp_mesh(2), NUM_PAGES), q, k, v)[0]
+        )
+        for impl in ("xla", "pallas")
+    ]
+    valid = np.arange(T)[None, :] < NEW[:, None]
+    np.testing.assert_allclose(outs[1][valid], outs[0][valid], rtol=2e-6, atol=2e-6)
+    with pytest.raises(ValueError, match=r"impl must be one of \('auto', 'xla', 'pallas'\), got 'triton'"):
+        paged_attention(
+            allocate_buffer(params, tp_mesh(1), 2),
+            0,
+            q[:, :T],
+            k[:, :T],
+            v[:, :T],
+            PAGE_TABLE,
+            np.zeros(3, np.int32),
+            NEW,
+            impl="triton",
+        )
 
 
 @pytest.mark.parametrize("scale_dtype", ["float32", "float16", "float8_e8m0fnu"])

@@ -24,8 +24,8 @@ latent cache is replicated and each shard attends with its `n_heads / tp`
 query heads (every shard writes the same latent into its replica).
 
 Portable XLA throughout (gather, einsum, scatter), float32 scores and softmax.
-A fused kernel (Pallas, FlashAttention) can replace `_attend` reading the
-same layout.
+`impl="pallas"` replaces the gather and `_attend` by a kernel that reads the
+pages where they lie (`jaxkv.attention.pallas`); the write is the same.
 """
 
 from __future__ import annotations
@@ -191,19 +191,31 @@ def paged_attention_shard(
     *,
     softmax_scale: float | None = None,
     value_dim: int | None = None,
+    impl: str = "auto",
 ) -> tuple[jax.Array, KVCacheBuffer]:
     """`paged_attention` on one shard: local arrays, no collectives.
 
     For models that already run inside `jax.shard_map`: `cache` holds this
     shard's values/scales, `q` its query heads, `k`/`v` its KV heads (MLA: the
     full latent, `v=None`). Returns (out [B, T, heads, dv] in q's dtype, new cache).
+    `impl`: as for `paged_attention`.
     """
+    impl = resolve_impl(impl)
     page_table = jnp.asarray(page_table, jnp.int32)
     start_pos, q_lens = jnp.asarray(start_pos, jnp.int32), jnp.asarray(q_lens, jnp.int32)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     new = k[:, :, None] if v is None else jnp.stack([k, v], axis=2)  # [B, T, kv, heads, d]
     cache = _write(cache, layer, new, page_table, start_pos, q_lens)
+    if impl == "pallas":
+        from jaxkv.attention import pallas
+
+        dv = value_dim if v is None else q.shape[-1]
+        out = pallas.attend(
+            cache, layer, q, page_table, start_pos, q_lens,
+            softmax_scale=float(softmax_scale), value_dim=dv, interpret=jax.default_backend() == "cpu",
+        )  # fmt: skip
+        return out.astype(q.dtype), cache
     kv = _read(cache, layer, page_table)
     keys = kv[:, 0]
     vals = keys[..., :value_dim] if v is None else kv[:, 1]
@@ -213,6 +225,15 @@ def paged_attention_shard(
 
 
 # -- the sharded entry point ------------------------------------------------------
+
+IMPLS = ("auto", "xla", "pallas")
+
+
+def resolve_impl(impl: str) -> str:
+    """ "xla" or "pallas" for `impl`; "auto" is "xla" (see `paged_attention`)."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return "xla" if impl == "auto" else impl
 
 
 def _check(cache: KVCacheBuffer, q, k, v, page_table, start_pos, q_lens, value_dim, tp: int) -> None:
@@ -278,6 +299,7 @@ def paged_attention(
     tp_axis: str = "tp",
     softmax_scale: float | None = None,
     value_dim: int | None = None,
+    impl: str = "auto",
 ) -> tuple[jax.Array, KVCacheBuffer]:
     """Write one layer's new K/V into the paged cache and attend through the page table.
 
@@ -299,6 +321,11 @@ def paged_attention(
         the latent (`kv_lora_rank`).
       mesh: the mesh to run on; default: the cache's own (`cache.mesh`, or
         inside `jit` the abstract mesh its traced arrays carry).
+      impl: "xla" (gather the pages, then attend: portable XLA), "pallas"
+        (`jaxkv.attention.pallas`: a kernel that reads each page where it
+        lies through the page table; on CPU in Pallas' interpret mode), or
+        "auto": "xla" on every backend until the kernel is measured faster on
+        one (bench/attention.py; no GPU/TPU measurement yet).
 
     Returns:
       (out [B, T, n_heads, head_dim or value_dim] in q's dtype, new cache).
@@ -314,6 +341,7 @@ def paged_attention(
     if tp_axis not in mesh.axis_names:
         raise ValueError(f"tp_axis {tp_axis!r} is not an axis of the mesh, whose axes are {mesh.axis_names}")
     tp = mesh.shape[tp_axis]
+    impl = resolve_impl(impl)
     _check(cache, q, k, v, page_table, start_pos, q_lens, value_dim, tp)
     cache_spec = P() if cache.replicates_kv_across_tp else P(None, None, None, None, tp_axis, None)
     cache_specs = jax.tree.map(lambda _: cache_spec, cache)
@@ -324,8 +352,9 @@ def paged_attention(
     def body(cache, layer, page_table, start_pos, q_lens, q, *kv):
         k, v = kv if len(kv) == 2 else (kv[0], None)
         return paged_attention_shard(
-            cache, layer, q, k, v, page_table, start_pos, q_lens, softmax_scale=softmax_scale, value_dim=value_dim
-        )
+            cache, layer, q, k, v, page_table, start_pos, q_lens,
+            softmax_scale=softmax_scale, value_dim=value_dim, impl=impl,
+        )  # fmt: skip
 
     kvs = (k,) if v is None else (k, v)
     specs = (cache_specs, *scalars, heads, *(kv_spec for _ in kvs))
