@@ -43,7 +43,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxkv.attention.xla import paged_attention_shard
+from jaxkv.attention.xla import IMPLS, paged_attention_shard
 from jaxkv.layout.buffer import KVCacheBuffer, allocate_buffer, check_tp_mesh
 from jaxkv.layout.pages import check_page_ids, check_unique
 from jaxkv.layout.params import KVCacheParams, KVCacheQuantConfig, _positive_int
@@ -117,10 +117,14 @@ class TinyConfig:
 
     seed: int = 0
     """Seed of the random weights: the same config gives the same model."""
+    attention: str = "auto"
+    """`paged_attention`'s implementation: "auto", "xla" or "pallas"."""
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.attention not in IMPLS:
+            raise ValueError(f"attention must be one of {IMPLS}, got {self.attention!r}")
         sizes = (
             "vocab",
             "d_model",
@@ -296,7 +300,9 @@ def _forward(c: TinyConfig, tp_axis: str, weights, cache, tokens, start_pos, q_l
     x = weights["embed"][tokens]
     for layer in range(c.n_layers):
         w = {name: a[layer] for name, a in weights["layers"].items()}
-        attend = functools.partial(_attend_one, layer=layer, page_table=page_table, start_pos=start_pos, q_len=q_len)
+        attend = functools.partial(
+            _attend_one, layer=layer, page_table=page_table, start_pos=start_pos, q_len=q_len, impl=c.attention
+        )
         out, cache = attention(c, w, _rms_norm(x, w["attn_norm"]), pos, cache, attend)
         x = x + lax.psum(out, tp_axis)
         h = _rms_norm(x, w["mlp_norm"])

