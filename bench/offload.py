@@ -11,10 +11,16 @@ bytes, `engine.row_bytes`) and batches, measures in one run:
 - The limit, same run, same bytes: a numpy copy between preallocated arrays;
   on a GPU also a plain `jax.device_put` of one contiguous buffer between
   device and pinned host memory, which is then the limit the ratios use.
+- The "arrays" host backend (`HostTier(backend="arrays")`, the GPU/TPU
+  default): the same D2H and H2D with each host row held as per-unit
+  `[1, bytes_per_page]` arrays in pinned_host memory, gathered into and
+  scattered from by the engine's jitted programs; read against
+  `jax.device_put` of one contiguous buffer of the same bytes device <->
+  pinned_host, measured on every backend (on CPU pinned_host exists too).
 - A naive baseline (batches of <= 64 pages): a Python loop over pages,
   `jax.device_get(unit.shard[pid])` into a numpy pool row for D2H, and a
   non-donated `cache.values.at[pid].set(page)` per page for H2D.
-- Peak host memory (VmHWM) of one H2D (and D2H) in a large cache.
+- Peak host memory (VmHWM) of one H2D (and D2H) in a large cache, numpy pool and arrays rows.
 
 GB/s counts page bytes moved: k * engine.row_bytes (an MLA row is counted once,
 though H2D writes it to every TP replica). Results: bench/results/NAME.json and
@@ -49,6 +55,7 @@ LAYOUTS = {
     "MLA": dict(n_kv_heads=1, head_dim=512, is_mla=True),
 }
 MAX_BATCH_BYTES = 512 * MIB  # skip (page size, batch) pairs that move more per batch
+ARRAYS_QUICK_BATCHES = (64,)  # --quick times the arrays rows at these batches only (each bucket compiles k outputs)
 NAIVE_MAX_BATCH = 64  # the naive loops are timed only up to this batch
 NAIVE_H2D_COPY_BUDGET = 2 * GIB  # naive H2D copies the whole cache per page: time at most this many bytes of it
 TARGET_MIN_BATCH, TARGET_MIN_PAGE = 64, 64 * KIB
@@ -147,6 +154,14 @@ def device_put_seconds(nbytes: int, device, quick: bool) -> tuple[float, float]:
     return d2h, h2d
 
 
+def arrays_engine(buffer, num_slots: int) -> jaxkv.OffloadEngine:
+    """An engine whose host rows are an open "arrays" `HostTier` of `num_slots` rows (what a worker builds off CPU)."""
+    layout = jaxkv.RowLayout.of(buffer)
+    tier = jaxkv.HostTier(num_slots * layout.row_bytes, backend="arrays")
+    tier.open(layout)
+    return jaxkv.OffloadEngine(buffer, host_rows=tier)
+
+
 def naive_d2h(units, offsets, ids, slots, pool) -> None:
     """One page of one unit at a time: slice on device, device_get, write into the pool row."""
     for slot, pid in zip(slots.tolist(), ids.tolist(), strict=True):
@@ -196,15 +211,24 @@ def check_round_trip(layout: str, mesh, tp: int, paths: list[str]) -> None:
         for i in range(k):
             if not np.array_equal(eng.host_pool[slots[i]], row(ids[i])):
                 raise AssertionError(f"{layout} d2h ({eng.d2h_path}): host slot {slots[i]} != device page {ids[i]}")
-    new_ids = rng.permutation(num_pages)[:k].astype(np.int32)
-    buffer, t = engines[-1].h2d(buffer, slots, new_ids)
-    t.synchronize()
-    for shard in buffer.values.addressable_shards:
-        got = np.asarray(shard.data)
-        for i in range(k):
-            want = values[ids[i]][shard.index[1:]]
-            if not np.array_equal(got[new_ids[i]].view(np.uint16), want.view(np.uint16)):
-                raise AssertionError(f"{layout} h2d: page {new_ids[i]} on {shard.device} != source page {ids[i]}")
+    arrays = arrays_engine(buffer, k)
+    arrays.d2h(buffer, ids, slots).synchronize()
+    for i in range(k):
+        if not np.array_equal(arrays.read_host([slots[i]])[0], row(ids[i])):
+            raise AssertionError(f"{layout} d2h (arrays): host slot {slots[i]} != device page {ids[i]}")
+    for eng in (engines[-1], arrays):
+        new_ids = rng.permutation(num_pages)[:k].astype(np.int32)
+        buffer, t = eng.h2d(buffer, slots, new_ids)
+        t.synchronize()
+        for shard in buffer.values.addressable_shards:
+            got = np.asarray(shard.data)
+            for i in range(k):
+                want = values[ids[i]][shard.index[1:]]
+                if not np.array_equal(got[new_ids[i]].view(np.uint16), want.view(np.uint16)):
+                    raise AssertionError(
+                        f"{layout} h2d ({eng.h2d_path}): page {new_ids[i]} on {shard.device} != source page {ids[i]}"
+                    )
+        del got
 
 
 # -- throughput ------------------------------------------------------------------
@@ -228,9 +252,9 @@ def bench_one(layout: str, mesh, tp: int, row_bytes: int, k: int, *, quick: bool
     # copying tp times the page bytes, expressed per page byte like the rest.
     writes = tp if params.replicated(tp) else 1
     r["copy_h2d_gbps"] = r["copy_gbps"] if writes == 1 else gbps(nbytes, numpy_copy_seconds(writes * nbytes, quick))
-    if platform != "cpu":
-        d2h_s, h2d_s = device_put_seconds(nbytes, jax.devices()[0], quick)
-        r["put_d2h_gbps"], r["put_h2d_gbps"] = gbps(nbytes, d2h_s), gbps(nbytes, h2d_s)
+    # The "arrays" backend's limit on every backend (issue 13); off CPU also the numpy pool's.
+    d2h_s, h2d_s = device_put_seconds(nbytes, jax.devices()[0], quick)
+    r["put_d2h_gbps"], r["put_h2d_gbps"] = gbps(nbytes, d2h_s), gbps(nbytes, h2d_s)
 
     buffer = jaxkv.allocate_buffer(params, mesh, num_pages)
     buffer.values.block_until_ready()
@@ -254,14 +278,27 @@ def bench_one(layout: str, mesh, tp: int, row_bytes: int, k: int, *, quick: bool
         assert np.array_equal(pool[slots], eng.host_pool[slots]), "naive d2h and engine d2h disagree"
         del units, pool
 
+    # The "arrays" backend: D2H gathers into fresh pinned_host row arrays, H2D scatters from them.
+    arr = None if quick and k not in ARRAYS_QUICK_BATCHES else arrays_engine(buffer, k)
+    if arr is None:
+        r["d2h_arrays_gbps"] = r["h2d_arrays_gbps"] = None
+        r["put_d2h_gbps"] = r["put_h2d_gbps"] = r["put_d2h_gbps"] if platform != "cpu" else None
+    else:
+        seconds = _common.median_seconds(lambda a=arr, cache=buffer: a.d2h(cache, ids, slots).synchronize(), **reps)
+        r["d2h_arrays_gbps"] = gbps(nbytes, seconds)
+        if not np.array_equal(arr.read_host(slots), eng.host_pool[slots]):
+            raise AssertionError(f"{layout} {row_bytes} B x {k}: arrays d2h and numpy-pool d2h disagree")
+
     state = [buffer]
     del buffer
 
-    def h2d():
-        state[0], t = eng.h2d(state[0], slots, ids)
+    def h2d(engine):
+        state[0], t = engine.h2d(state[0], slots, ids)
         t.synchronize()
 
-    r["h2d_gbps"] = gbps(nbytes, _common.median_seconds(h2d, **reps))
+    r["h2d_gbps"] = gbps(nbytes, _common.median_seconds(lambda: h2d(eng), **reps))
+    if arr is not None:
+        r["h2d_arrays_gbps"] = gbps(nbytes, _common.median_seconds(lambda a=arr: h2d(a), **reps))
 
     if k <= NAIVE_MAX_BATCH:
         # Every page copies the whole (non-donated) cache, so the cost per page is flat:
@@ -286,6 +323,8 @@ def bench_one(layout: str, mesh, tp: int, row_bytes: int, k: int, *, quick: bool
     r["d2h_limit"] = ratio(r["d2h_gbps"], limit_d2h)
     r["d2h_xla_limit"] = ratio(r["d2h_xla_gbps"], limit_d2h)
     r["h2d_limit"] = ratio(r["h2d_gbps"], limit_h2d)
+    r["d2h_arrays_put"] = ratio(r["d2h_arrays_gbps"], r["put_d2h_gbps"])
+    r["h2d_arrays_put"] = ratio(r["h2d_arrays_gbps"], r["put_h2d_gbps"])
     r["d2h_naive"] = ratio(r["d2h_gbps"], r.get("naive_d2h_gbps"))
     r["h2d_naive"] = ratio(r["h2d_gbps"], r.get("naive_h2d_gbps"))
     return r  # the cache, engines and pools go with this frame
@@ -337,7 +376,7 @@ def targets(rows: list[dict]) -> list[dict]:
 
 
 # -- peak memory -----------------------------------------------------------------
-def bench_peak(layout, mesh, tp, cache_bytes, batches, row_bytes) -> list[dict]:
+def bench_peak(layout, mesh, tp, cache_bytes, batches, row_bytes, *, arrays_rows: bool = True) -> list[dict]:
     platform = jax.devices()[0].platform
     params = params_for(layout, row_bytes, tp)
     num_pages = cache_bytes // params.bytes_per_page(tp)
@@ -346,6 +385,7 @@ def bench_peak(layout, mesh, tp, cache_bytes, batches, row_bytes) -> list[dict]:
     buffer = jaxkv.allocate_buffer(params, mesh, num_pages)
     paths = ["host", "xla"] if platform == "cpu" else ["xla"]
     engines = {p: jaxkv.OffloadEngine(buffer, kmax, d2h_path=p) for p in paths}
+    arrays = arrays_engine(buffer, kmax) if arrays_rows else None
     state = [buffer]
     del buffer
     h2d_eng = engines[paths[-1]]
@@ -362,12 +402,19 @@ def bench_peak(layout, mesh, tp, cache_bytes, batches, row_bytes) -> list[dict]:
 
     def d2h(path, k):
         ids, slots = plan[k]
-        engines[path].d2h(state[0], ids, slots).synchronize()
+        (arrays if path == "arrays" else engines[path]).d2h(state[0], ids, slots).synchronize()
 
-    for k in batches:  # compile every bucket and touch every pool first
+    def h2d_arrays(k):
+        ids, slots = plan[k]
+        state[0], t = arrays.h2d(state[0], slots, ids)
+        t.synchronize()
+
+    for k in batches:  # compile every bucket and touch every pool first (the arrays rows: filled by a D2H)
         h2d(k)
-        for p in paths:
+        for p in [*paths, "arrays"] if arrays_rows else paths:
             d2h(p, k)
+        if arrays_rows:
+            h2d_arrays(k)
     rows = []
     for k in batches:
         r = dict(
@@ -380,6 +427,10 @@ def bench_peak(layout, mesh, tp, cache_bytes, batches, row_bytes) -> list[dict]:
         r["h2d_peak_mib"], r["h2d_kept_mib"] = peak_during(lambda k=k: h2d(k))
         for p in paths:
             r[f"d2h_{p}_peak_mib"], _ = peak_during(lambda p=p, k=k: d2h(p, k))
+        # arrays: a D2H allocates its k rows (they are the held rows; the slots' old rows are freed).
+        if arrays_rows:
+            r["d2h_arrays_peak_mib"], r["d2h_arrays_kept_mib"] = peak_during(lambda k=k: d2h("arrays", k))
+            r["h2d_arrays_peak_mib"], r["h2d_arrays_kept_mib"] = peak_during(lambda k=k: h2d_arrays(k))
         rows.append(r)
     return rows
 
@@ -417,8 +468,10 @@ def plot(rows: list[dict], layouts: list[str], path: Path, platform: str) -> Non
                 "H2D limit (a copy per replica)",
                 "k:",
             ),
-            ("put_d2h_gbps", sel, "device_put D2H (limit)", "C4:"),
-            ("put_h2d_gbps", sel, "device_put H2D (limit)", "C5:"),
+            ("d2h_arrays_gbps", sel, "D2H engine, arrays rows", "v-"),
+            ("h2d_arrays_gbps", sel, "H2D engine, arrays rows", "d-"),
+            ("put_d2h_gbps", sel, "device_put D2H (arrays' limit)", "C4:"),
+            ("put_h2d_gbps", sel, "device_put H2D (arrays' limit)", "C5:"),
             ("naive_d2h_gbps", nsel, f"naive D2H ({'/'.join(map(str, nb))} pages)", "x-."),
             ("naive_h2d_gbps", nsel, f"naive H2D ({'/'.join(map(str, nb))} pages)", "+-."),
         ]
@@ -465,11 +518,15 @@ THROUGHPUT_COLUMNS = [
     ("copy_h2d_gbps", "H2D lim", ".2f"),
     ("put_d2h_gbps", "put D2H", ".2f"),
     ("put_h2d_gbps", "put H2D", ".2f"),
+    ("d2h_arrays_gbps", "D2H arr", ".2f"),
+    ("h2d_arrays_gbps", "H2D arr", ".2f"),
     ("naive_d2h_gbps", "naive D2H", ".3f"),
     ("naive_h2d_gbps", "naive H2D", ".3f"),
     ("d2h_limit", "D2H/lim", ".2f"),
     ("d2h_xla_limit", "xla/lim", ".2f"),
     ("h2d_limit", "H2D/lim", ".2f"),
+    ("d2h_arrays_put", "arrD2H/put", ".2f"),
+    ("h2d_arrays_put", "arrH2D/put", ".2f"),
     ("d2h_naive", "D2H/naive", ".1f"),
     ("h2d_naive", "H2D/naive", ".1f"),
 ]
@@ -503,6 +560,7 @@ def main() -> None:
         "h2d_path": h2d_path(mesh),
         "limit": limit,
         "host_memory_kind": "pinned_host",
+        "arrays_backend": "HostTier(backend='arrays') rows; limit jax.device_put device<->pinned_host of one buffer",
         "jaxkv_native_kernels": native_kernels() if platform == "cpu" else "n/a",
         "git": _common.git_state(),
     }
@@ -510,7 +568,7 @@ def main() -> None:
 
     for layout in LAYOUTS:
         check_round_trip(layout, mesh, tp, ["host", "xla"] if platform == "cpu" else ["xla"])
-    print(f"round trip (random bits, d2h {paths}, h2d): bit-exact for {', '.join(LAYOUTS)}")
+    print(f"round trip (random bits, d2h {paths} + arrays, h2d pool + arrays): bit-exact for {', '.join(LAYOUTS)}")
 
     page_kibs = [64, 1024] if args.quick else [16, 64, 256, 1024, 2048]
     batches = [1, 64, 256] if args.quick else [1, 4, 16, 64, 256, 1024]
@@ -559,7 +617,7 @@ def main() -> None:
         cache_bytes = 128 * MIB if args.quick else 512 * MIB
         peak_batches = [16, 64] if args.quick else [16, 64, 256]
         for layout in LAYOUTS:
-            peak += bench_peak(layout, mesh, tp, cache_bytes, peak_batches, 256 * KIB)
+            peak += bench_peak(layout, mesh, tp, cache_bytes, peak_batches, 256 * KIB, arrays_rows=not args.quick)
             gc.collect()
         _common.print_table(
             "peak host memory of one transfer (VmHWM - RSS before, MiB) in a large cache; "
@@ -578,6 +636,10 @@ def main() -> None:
                     for p in ("host", "xla")
                     if f"d2h_{p}_peak_mib" in peak[0]
                 ],
+                ("h2d_arrays_peak_mib", "H2D arrays peak", ".1f"),
+                ("h2d_arrays_kept_mib", "kept", ".1f"),
+                ("d2h_arrays_peak_mib", "D2H arrays peak", ".1f"),
+                ("d2h_arrays_kept_mib", "kept", ".1f"),
             ],
         )
     else:
