@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one short check a session with a GPU runs (issue 13: host tier at the accelerator's speed; issue 15's stored form).
+# The one short check a session with a GPU runs (issue 13: host tier at the accelerator's speed; issue 15's stored
+# form; issue 16's Pallas attention).
 #
 #   OUT=/some/dir bash bench/gpu_check.sh        (the device tool sets $OUT; default: ./gpu_check_out)
 #
@@ -38,5 +39,6 @@ cat "$OUT/conditions.txt"
 step offload_quick 240 $PY bench/offload.py --quick
 step disk_load_quick 120 $PY bench/disk_load.py --quick
 step stored_format_quick 120 $PY bench/stored_format.py --quick  # issue 15: where the stored form converts on a GPU
+step attention_quick 180 $PY bench/attention.py --quick  # issue 16: the Pallas kernel vs XLA and the stock kernel
 step demo 240 $PY -m jaxkv demo --out "$OUT/demo" --no-progress
 exit $failed
