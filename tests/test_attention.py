@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from cachegen import as_bytes, random_buffer, tp_mesh
 
-from jaxkv import KVCacheParams, KVCacheQuantConfig, allocate_buffer, paged_attention
+from jaxkv import KVCacheBuffer, KVCacheParams, KVCacheQuantConfig, allocate_buffer, paged_attention
 from jaxkv.attention.xla import dequantize, quantize
 
 PAGE_SIZE, LAYERS, LAYER = 4, 2, 1
@@ -309,3 +309,47 @@ def test_mesh_defaults_to_the_caches(kind, dtype):
         runs.append((np.asarray(out), as_bytes(cache.values)))
     chex.assert_trees_all_equal(runs[0], runs[1])
     chex.assert_trees_all_equal(runs[0], runs[2])
+
+
+@pytest.mark.parametrize(
+    ("kv_heads", "head_dim", "n_heads", "tokens", "dtype", "mla"),
+    [
+        (8, 128, 32, 1, "bfloat16", False),  # GQA decode
+        (8, 128, 32, 24, "float8_e4m3fn", False),  # ragged prefill, FP8 with scales
+        (1, 576, 16, 3, "bfloat16", True),  # DeepSeek-style latent: 512 + 64 RoPE dims
+    ],
+)
+def test_pallas_kernel_lowers_for_gpu(kv_heads, head_dim, n_heads, tokens, dtype, mla):
+    """Without a GPU, lower the kernel for CUDA (JAX cross-platform lowering): Pallas' Triton lowering must
+    accept it (power-of-two blocks, >= 16 matmul rows) and emit one Triton kernel. Compiling it and its speed
+    need a GPU (bench/attention.py)."""
+    from jaxkv.attention import pallas
+
+    quant = None if dtype == "bfloat16" else KVCacheQuantConfig(granularity=64)
+    params = KVCacheParams(dtype, kv_heads, head_dim, 2, 16, is_mla=mla, quant=quant)
+    shape = (33, params.kv_dim, 2, 16, kv_heads)
+    values = jax.ShapeDtypeStruct((*shape, head_dim), params.dtype)
+    scales = None if quant is None else jax.ShapeDtypeStruct((*shape, head_dim // 64), jnp.float32)
+    q = jax.ShapeDtypeStruct((3, tokens, n_heads, head_dim), jnp.bfloat16)
+    table, ints = jax.ShapeDtypeStruct((3, 6), jnp.int32), jax.ShapeDtypeStruct((3,), jnp.int32)
+
+    def attend(values, scales, q, table, start, lens):
+        cache = KVCacheBuffer.tree_unflatten(mla, (values, scales))
+        dv = 512 if mla else head_dim
+        return pallas.attend(cache, 0, q, table, start, lens, softmax_scale=0.1, value_dim=dv, interpret=False)
+
+    lowered = jax.jit(attend).trace(values, scales, q, table, ints, ints).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 1
+
+
+def test_pallas_rejects_shapes_it_cannot_load():
+    from jaxkv.attention import pallas
+
+    params = KVCacheParams("bfloat16", 4, 16, 2, 6)  # 6-token pages
+    cache = allocate_buffer(params, tp_mesh(1), 4)
+    q = jnp.zeros((1, 1, 8, 16), jnp.bfloat16)
+    ints = jnp.zeros((1,), jnp.int32)
+    with pytest.raises(ValueError, match="impl='pallas' needs page_size to be a power of two, got 6"):
+        pallas.attend(
+            cache, 0, q, jnp.zeros((1, 2), jnp.int32), ints, ints, softmax_scale=1.0, value_dim=16, interpret=True
+        )

@@ -30,10 +30,25 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from jaxkv.layout.buffer import KVCacheBuffer
 
 _F32 = jnp.float32
+
+
+def _pieces(width: int) -> tuple[tuple[int, int], ...]:
+    """`width` as (start, size) pieces of powers of two, largest first: 576 -> (0, 512), (512, 64).
+
+    Triton (the GPU backend) only handles blocks whose sizes are powers of
+    two; an MLA latent row (512 + 64 RoPE) is loaded and multiplied piece by piece.
+    """
+    out, at = [], 0
+    for bit in reversed(range(width.bit_length())):
+        if width >> bit & 1:
+            out.append((at, 1 << bit))
+            at += 1 << bit
+    return tuple(out)
 
 
 def _kernel(
@@ -45,7 +60,7 @@ def _kernel(
     # arrays
     q_ref,  # [1, T, G, d]: this sequence's queries for this KV head's G query heads
     values_ref,  # [num_pages, kv, layers, page_size, heads, d]: the whole cache shard, read through the table
-    scales_ref,  # like values with ceil(d / granularity) last, or None
+    scales_ref,  # like values with d / granularity last, or None
     out_ref,  # [1, T, G, dv]
     *,
     softmax_scale: float,
@@ -59,28 +74,31 @@ def _kernel(
     page_size, d = values_ref.shape[3], values_ref.shape[5]
     kv_dim = values_ref.shape[1]
     _, t, groups, _ = q_ref.shape
-    q = q_ref[0].astype(_F32).reshape(t * groups, d) * softmax_scale  # rows: (token, query head)
-    pos = start + lax.broadcasted_iota(jnp.int32, (t, groups), 0).reshape(t * groups)  # each row's position
+    rows = t * groups
+    pieces = _pieces(d)
+    # Rows: (token, query head). Loaded per piece of the head dim.
+    qs = [q_ref[0, :, :, pl.ds(a, w)].astype(_F32).reshape(rows, w) * softmax_scale for a, w in pieces]
+    pos = start + lax.broadcasted_iota(jnp.int32, (t, groups), 0).reshape(rows)  # each row's position
+    granularity = None if scales_ref is None else d // scales_ref.shape[5]
 
-    def block(page, kv):
-        """[page_size, d] float32 of K (kv=0) or V (kv=1) of this KV head in `page`."""
-        x = _head_block(values_ref, page, kv, layer, g).astype(_F32)
+    def load(page, kv, a, w):
+        """[page_size, w] float32: columns [a, a + w) of this KV head's K (kv=0) or V (kv=1) block in `page`."""
+        x = _head_block(values_ref, page, kv, layer, g, a, w).astype(_F32)
         if scales_ref is None:
             return x
-        s = _head_block(scales_ref, page, kv, layer, g).astype(_F32)  # [page_size, d / granularity]
-        n_groups = s.shape[-1]
-        return (x.reshape(page_size, n_groups, d // n_groups) * s[:, :, None]).reshape(page_size, d)
+        s = _head_block(scales_ref, page, kv, layer, g, a // granularity, w // granularity).astype(_F32)
+        return (x.reshape(page_size, w // granularity, granularity) * s[:, :, None]).reshape(page_size, w)
 
     def step(j, carry):
         top, total, acc = carry
         page = table_ref[b, j]
-        keys = block(page, 0)
-        vals = block(page, 1)[:, :value_dim] if kv_dim == 2 else keys[:, :value_dim]
         slot = j * page_size + lax.broadcasted_iota(jnp.int32, (page_size,), 0)
         live = slot < seq_end
-        vals = jnp.where(live[:, None], vals, 0.0)  # 0 * NaN would poison p @ v
-        keys = jnp.where(live[:, None], keys, 0.0)
-        scores = jnp.dot(q, keys.T, precision=lax.Precision.HIGHEST, preferred_element_type=_F32)
+        scores = jnp.zeros((rows, page_size), _F32)
+        for (a, w), q in zip(pieces, qs, strict=True):
+            keys = jnp.where(live[:, None], load(page, 0, a, w), 0.0)  # 0 * NaN would poison the sums
+            scores += jnp.dot(q, keys.T, precision=lax.Precision.HIGHEST, preferred_element_type=_F32)
+        vals = jnp.where(live[:, None], load(page, kv_dim - 1, 0, value_dim), 0.0)  # MLA: the latent's first dims
         visible = live[None, :] & (slot[None, :] <= pos[:, None])
         scores = jnp.where(visible, scores, -jnp.inf)
         new_top = jnp.maximum(top, jnp.max(scores, axis=1))
@@ -91,7 +109,6 @@ def _kernel(
         acc = rescale[:, None] * acc + jnp.dot(p, vals, precision=lax.Precision.HIGHEST, preferred_element_type=_F32)
         return new_top, total, acc
 
-    rows = t * groups
     init = (jnp.full((rows,), -jnp.inf, _F32), jnp.zeros((rows,), _F32), jnp.zeros((rows, value_dim), _F32))
     pages = (seq_end + page_size - 1) // page_size
     _, total, acc = lax.fori_loop(0, pages, step, init)
@@ -99,12 +116,16 @@ def _kernel(
     out_ref[0] = out.reshape(t, groups, value_dim).astype(out_ref.dtype)
 
 
-def _head_block(ref, page, kv, layer, head):
-    """`ref[page, kv, layer, :, head, :]`: one head's `[page_size, d]` block, read in place (slices only:
-    a ref of a sharded array takes no integer index)."""
+def _head_block(ref, page, kv, layer, head, a, w):
+    """`ref[page, kv, layer, :, head, a:a + w]`: columns of one head's `[page_size, d]` block, read in place
+    (slices only: a ref of a sharded array takes no integer index)."""
     one = functools.partial(pl.ds, size=1)
-    block = ref[one(page), one(kv), one(layer), :, one(head), :]
-    return block.reshape(ref.shape[3], ref.shape[5])
+    block = ref[one(page), one(kv), one(layer), :, one(head), pl.ds(a, w)]
+    return block.reshape(ref.shape[3], w)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
 
 
 @functools.partial(jax.jit, static_argnames=("softmax_scale", "value_dim", "interpret"))
@@ -125,10 +146,16 @@ def attend(
     The pages must already hold the new tokens' K/V (`paged_attention_shard` writes them first).
     """
     values, scales = cache.values, cache.scales
-    b, t, n_heads, d = q.shape
+    b0, t0, n_heads, d = q.shape
     heads = values.shape[4]
     groups = n_heads // heads
-    q = q.reshape(b, t, heads, groups, d)
+    _check_gpu_shapes(values, scales, groups, value_dim)
+    # Powers of two everywhere a block is loaded (Triton), and at least 16 rows per matmul: padded tokens,
+    # sequences (no tokens: nothing read) and table columns (the null page, never reached) are sliced off.
+    t, b = max(_pow2(t0), _pow2(-(-16 // groups))), _pow2(b0)
+    q = jnp.pad(q, ((0, b - b0), (0, t - t0), (0, 0), (0, 0))).reshape(b, t, heads, groups, d)
+    page_table = jnp.pad(page_table, ((0, b - b0), (0, _pow2(page_table.shape[1]) - page_table.shape[1])))
+    start_pos, q_lens = jnp.pad(start_pos, (0, b - b0)), jnp.pad(q_lens, (0, b - b0))
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
 
     def spec_all(x):
@@ -154,8 +181,28 @@ def attend(
         out_specs=pl.BlockSpec((1, t, None, groups, value_dim), lambda i, j: (i, 0, j, 0, 0)),
         out_shape=jax.ShapeDtypeStruct((b, t, heads, groups, value_dim), _F32),
         interpret=interpret,
+        # On GPUs the Triton backend: the cache stays in global memory and each page's block is loaded where it
+        # lies (Mosaic GPU, the default, would stage every input in shared memory).
+        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=4, num_stages=2),
     )(layer, page_table, start_pos, q_lens, q, values, *(() if scales is None else (scales,)))
-    return out.reshape(b, t, n_heads, value_dim)
+    return out.reshape(b, t, n_heads, value_dim)[:b0, :t0]
+
+
+def _check_gpu_shapes(values, scales, groups: int, value_dim: int) -> None:
+    """What the kernel needs of the layout: page_size, query heads per KV head and value_dim powers of two,
+    and a scale group that divides every power-of-two piece of the head dim (ValueError naming the field)."""
+    page_size, d = values.shape[3], values.shape[5]
+    for name, v in (("page_size", page_size), ("query heads per KV head", groups), ("value_dim", value_dim)):
+        if v & (v - 1):
+            raise ValueError(f"impl='pallas' needs {name} to be a power of two, got {v}")
+    if scales is not None:
+        granularity = d // scales.shape[5]
+        smallest = min(w for _, w in _pieces(d))
+        if smallest % granularity:
+            raise ValueError(
+                f"impl='pallas' loads head_dim {d} in power-of-two pieces (the smallest {smallest}); "
+                f"the scale granularity ({granularity}) must divide it"
+            )
 
 
 def _without_scales(kernel):
