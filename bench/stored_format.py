@@ -407,6 +407,7 @@ def main() -> None:
             "conditions": cond,
             "git": _common.git_state(),
             "tier_boundary": disk + remote,
+            "end_to_end": e2e,
             "remote_note": note,
             "where_to_convert": where,
             "target_met_end_to_end": [met, 2 * len(big)],
