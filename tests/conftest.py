@@ -41,3 +41,18 @@ def redis_server(tmp_path):
         yield s.start()
     finally:
         s.stop()
+
+
+@pytest.fixture
+def disk_threads(monkeypatch):
+    """DiskTier batches on its writer threads whatever the row size (tests' rows are small), 2 threads at least."""
+    from jaxkv.tiers import disk
+
+    monkeypatch.setattr(disk, "PARALLEL_MIN_ROW_BYTES", 0)
+    real = disk.DiskTier.__init__
+
+    def init(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        self.writers = max(self.writers, 2)
+
+    monkeypatch.setattr(disk.DiskTier, "__init__", init)

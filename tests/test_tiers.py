@@ -321,8 +321,12 @@ def test_corrupt_block_after_restart(damage, tmp_path):
     assert result.status == "loaded" and page_bytes(cache, 0) == want
 
 
-def test_parallel_promotion_with_one_corrupt_block(tmp_path):
-    """Several disk blocks read in parallel: a corrupt one refuses the load, the good ones stay promoted."""
+@pytest.mark.parametrize("threads", [False, True], ids=["one-thread", "threads"])
+def test_parallel_promotion_with_one_corrupt_block(threads, tmp_path, request):
+    """Several disk blocks read together (on the writer threads or not): a corrupt one refuses the load,
+    the good ones stay promoted."""
+    if threads:
+        request.getfixturevalue("disk_threads")
     src, _, _ = random_buffer(BF16_MHA, 2, 8)
     want = all_pages(src)
     store, worker = compose(src, 4 * ROW, tmp_path, 1 << 20)

@@ -183,6 +183,17 @@ def test_written_at_tp_a_loads_at_tp_b_from_disk(params, a, b, tmp_path):
         assert cache_page(cache, d) == logical_page(arrays, s), (a, b, s)
 
 
+@pytest.mark.parametrize("a,b", [(4, 2), (1, 8)], ids=lambda x: f"tp{x}")
+def test_conversion_on_the_disk_threads(a, b, disk_threads, tmp_path):
+    """The same, with the disk tier converting on its writer threads (each with its own staging row)."""
+    arrays = store_at(FP8, a, tmp_path / "kv", seed=3)
+    src, dst = [0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]
+    cache, sources = load_at(FP8, b, tmp_path / "kv", src, dst)
+    assert sources == ("disk",) * len(src)
+    for s, d in zip(src, dst, strict=True):
+        assert cache_page(cache, d) == logical_page(arrays, s)
+
+
 def test_mla_is_stored_once_and_loads_at_any_tp(tmp_path):
     arrays = store_at(MLA, 4, tmp_path / "kv")
     raw = next((tmp_path / "kv").glob("*" + SUFFIX)).read_bytes()
