@@ -18,8 +18,15 @@ bits, NaN included; they are masked out of the scores and zeroed in the
 values. Scores and softmax in float32.
 
 MLA: one latent head (`kv_dim` 1); the keys are the latent and the values its
-first `value_dim` elements. On CPU the kernel runs in Pallas' interpret mode
-(correctness, not speed): `paged_attention(..., impl="xla")` is CPU's default.
+first `value_dim` elements.
+
+Backends (`attend(..., backend=)`): on GPUs a Triton kernel that loads each
+block from the cache in global memory (every loaded block a power of two: a
+head dim like MLA's 576 goes as 512 + 64); on TPUs a Mosaic kernel that takes
+the page table as scalar prefetch and DMAs each page's blocks from HBM into
+VMEM; on CPU Pallas' interpret mode (correctness, not speed), where the TPU
+kernel also runs in Pallas' TPU interpret mode for tests. The online softmax
+is one function for all of them (`_attend_pages`).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 from jaxkv.layout.buffer import KVCacheBuffer
@@ -66,13 +74,61 @@ def _kernel(
     softmax_scale: float,
     value_dim: int,
 ):
+    """The GPU (Triton) and interpret-mode kernel: blocks are loaded straight from the cache refs."""
+    layer, g = layer_ref[0], pl.program_id(1)
+
+    def fetch(page):
+        def load(kv, a, w, scales):
+            ref = scales_ref if scales else values_ref
+            return _head_block(ref, page, kv, layer, g, a, w)
+
+        return load
+
+    _attend_pages(table_ref, start_ref, lens_ref, q_ref, out_ref, values_ref.shape, scales_ref, fetch,
+                  softmax_scale=softmax_scale, value_dim=value_dim)  # fmt: skip
+
+
+def _tpu_kernel(
+    layer_ref, table_ref, start_ref, lens_ref,  # scalar prefetch (SMEM)
+    q_ref, values_hbm, *rest,  # q: a VMEM block; values (and scales): the whole cache in HBM
+    softmax_scale: float, value_dim: int, quantized: bool,
+):  # fmt: skip
+    """The TPU (Mosaic) kernel: each page's K/V blocks are DMA'd from HBM into VMEM, then attended."""
+    if quantized:
+        scales_hbm, out_ref, kbuf, sbuf, sem = rest
+    else:
+        (out_ref, kbuf, sem), scales_hbm, sbuf = rest, None, None
+    layer, g = layer_ref[0], pl.program_id(1)
+    kv_dim = values_hbm.shape[1]
+
+    def fetch(page):
+        copies = [pltpu.make_async_copy(values_hbm.at[page, kv, layer, :, g, :], kbuf.at[kv], sem.at[kv])
+                  for kv in range(kv_dim)]  # fmt: skip
+        if scales_hbm is not None:
+            copies += [pltpu.make_async_copy(scales_hbm.at[page, kv, layer, :, g, :], sbuf.at[kv], sem.at[kv_dim + kv])
+                       for kv in range(kv_dim)]  # fmt: skip
+        for c in copies:
+            c.start()
+        for c in copies:
+            c.wait()
+
+        def load(kv, a, w, scales):
+            return (sbuf if scales else kbuf)[kv, :, pl.ds(a, w)]
+
+        return load
+
+    _attend_pages(table_ref, start_ref, lens_ref, q_ref, out_ref, values_hbm.shape, scales_hbm, fetch,
+                  softmax_scale=softmax_scale, value_dim=value_dim)  # fmt: skip
+
+
+def _attend_pages(table_ref, start_ref, lens_ref, q_ref, out_ref, cache_shape, scales_ref, fetch, *,
+                  softmax_scale: float, value_dim: int):  # fmt: skip
+    """Online softmax over this sequence's pages for one KV head's query rows; `fetch(page)` gives a loader
+    `load(kv, start, width, scales) -> [page_size, width]` of that page's K (kv=0) / V (kv=1) block."""
     b = pl.program_id(0)
-    g = pl.program_id(1)
-    layer = layer_ref[0]
     start, n = start_ref[b], lens_ref[b]
     seq_end = start + n  # slots [0, seq_end) of this sequence hold K/V
-    page_size, d = values_ref.shape[3], values_ref.shape[5]
-    kv_dim = values_ref.shape[1]
+    kv_dim, page_size, d = cache_shape[1], cache_shape[3], cache_shape[5]
     _, t, groups, _ = q_ref.shape
     rows = t * groups
     pieces = _pieces(d)
@@ -81,24 +137,24 @@ def _kernel(
     pos = start + lax.broadcasted_iota(jnp.int32, (t, groups), 0).reshape(rows)  # each row's position
     granularity = None if scales_ref is None else d // scales_ref.shape[5]
 
-    def load(page, kv, a, w):
-        """[page_size, w] float32: columns [a, a + w) of this KV head's K (kv=0) or V (kv=1) block in `page`."""
-        x = _head_block(values_ref, page, kv, layer, g, a, w).astype(_F32)
+    def dequantized(load, kv, a, w):
+        """[page_size, w] float32: columns [a, a + w) of the K (kv=0) or V (kv=1) block, dequantized."""
+        x = load(kv, a, w, False).astype(_F32)
         if scales_ref is None:
             return x
-        s = _head_block(scales_ref, page, kv, layer, g, a // granularity, w // granularity).astype(_F32)
+        s = load(kv, a // granularity, w // granularity, True).astype(_F32)
         return (x.reshape(page_size, w // granularity, granularity) * s[:, :, None]).reshape(page_size, w)
 
     def step(j, carry):
         top, total, acc = carry
-        page = table_ref[b, j]
+        load = fetch(table_ref[b, j])
         slot = j * page_size + lax.broadcasted_iota(jnp.int32, (page_size,), 0)
         live = slot < seq_end
         scores = jnp.zeros((rows, page_size), _F32)
         for (a, w), q in zip(pieces, qs, strict=True):
-            keys = jnp.where(live[:, None], load(page, 0, a, w), 0.0)  # 0 * NaN would poison the sums
+            keys = jnp.where(live[:, None], dequantized(load, 0, a, w), 0.0)  # 0 * NaN would poison the sums
             scores += jnp.dot(q, keys.T, precision=lax.Precision.HIGHEST, preferred_element_type=_F32)
-        vals = jnp.where(live[:, None], load(page, kv_dim - 1, 0, value_dim), 0.0)  # MLA: the latent's first dims
+        vals = jnp.where(live[:, None], dequantized(load, kv_dim - 1, 0, value_dim), 0.0)  # MLA: the latent's start
         visible = live[None, :] & (slot[None, :] <= pos[:, None])
         scores = jnp.where(visible, scores, -jnp.inf)
         new_top = jnp.maximum(top, jnp.max(scores, axis=1))
@@ -128,7 +184,17 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-@functools.partial(jax.jit, static_argnames=("softmax_scale", "value_dim", "interpret"))
+BACKENDS = ("interpret", "gpu", "tpu", "tpu_interpret")
+"""How `attend` runs the kernel: Pallas' generic interpreter (CPU), Triton (GPU), Mosaic (TPU), or the TPU
+kernel in Pallas' TPU interpret mode (on CPU: the DMAs and VMEM buffers of the TPU kernel, simulated)."""
+
+
+def backend_for(platform: str) -> str:
+    """The `attend` backend for a JAX platform name ("cpu", "gpu"/"cuda"/"rocm", "tpu")."""
+    return {"cpu": "interpret", "tpu": "tpu"}.get(platform, "gpu")
+
+
+@functools.partial(jax.jit, static_argnames=("softmax_scale", "value_dim", "backend"))
 def attend(
     cache: KVCacheBuffer,
     layer,
@@ -139,7 +205,7 @@ def attend(
     *,
     softmax_scale: float,
     value_dim: int,
-    interpret: bool,
+    backend: str,
 ) -> jax.Array:
     """Attend `q` [B, T, H, d] over one shard's cache through the page table; [B, T, H, value_dim] float32.
 
@@ -149,7 +215,7 @@ def attend(
     b0, t0, n_heads, d = q.shape
     heads = values.shape[4]
     groups = n_heads // heads
-    _check_gpu_shapes(values, scales, groups, value_dim)
+    _check_shapes(values, scales, groups, value_dim)
     # Powers of two everywhere a block is loaded (Triton), and at least 16 rows per matmul: padded tokens,
     # sequences (no tokens: nothing read) and table columns (the null page, never reached) are sliced off.
     t, b = max(_pow2(t0), _pow2(-(-16 // groups))), _pow2(b0)
@@ -174,6 +240,12 @@ def attend(
     if scales is None:
         kernel = _without_scales(kernel)
         in_specs = in_specs[:-1]
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend in ("tpu", "tpu_interpret"):
+        out = _tpu_call(q, values, scales, layer, page_table, start_pos, q_lens, softmax_scale, value_dim, backend)
+        return out.reshape(b, t, n_heads, value_dim)[:b0, :t0]
+    interpret = backend == "interpret"
     out = pl.pallas_call(
         kernel,
         grid=(b, heads),
@@ -188,7 +260,37 @@ def attend(
     return out.reshape(b, t, n_heads, value_dim)[:b0, :t0]
 
 
-def _check_gpu_shapes(values, scales, groups: int, value_dim: int) -> None:
+def _tpu_call(q, values, scales, layer, page_table, start_pos, q_lens, softmax_scale, value_dim, backend):
+    """The TPU kernel: the table, positions and layer as scalar prefetch, the cache left in HBM, one page's
+    K/V (and scales) blocks DMA'd into VMEM at a time."""
+    b, t, heads, groups, d = q.shape
+    kv_dim, page_size = values.shape[1], values.shape[3]
+    anywhere = pl.BlockSpec(memory_space=pl.ANY)
+    in_specs = [pl.BlockSpec((1, t, None, groups, d), lambda i, j, *_: (i, 0, j, 0, 0)), anywhere]
+    scratch = [pltpu.VMEM((kv_dim, page_size, d), values.dtype)]
+    if scales is not None:
+        in_specs.append(anywhere)
+        scratch.append(pltpu.VMEM((kv_dim, page_size, scales.shape[5]), scales.dtype))
+    scratch.append(pltpu.SemaphoreType.DMA((2 * kv_dim,)))
+    kernel = functools.partial(
+        _tpu_kernel, softmax_scale=softmax_scale, value_dim=value_dim, quantized=scales is not None
+    )
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=4,
+        grid=(b, heads),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((1, t, None, groups, value_dim), lambda i, j, *_: (i, 0, j, 0, 0)),
+        scratch_shapes=scratch,
+    )
+    return pl.pallas_call(
+        kernel,
+        grid_spec=grid_spec,
+        out_shape=jax.ShapeDtypeStruct((b, t, heads, groups, value_dim), _F32),
+        interpret=pltpu.InterpretParams() if backend == "tpu_interpret" else False,
+    )(layer, page_table, start_pos, q_lens, q, values, *(() if scales is None else (scales,)))
+
+
+def _check_shapes(values, scales, groups: int, value_dim: int) -> None:
     """What the kernel needs of the layout: page_size, query heads per KV head and value_dim powers of two,
     and a scale group that divides every power-of-two piece of the head dim (ValueError naming the field)."""
     page_size, d = values.shape[3], values.shape[5]

@@ -213,7 +213,7 @@ def paged_attention_shard(
         dv = value_dim if v is None else q.shape[-1]
         out = pallas.attend(
             cache, layer, q, page_table, start_pos, q_lens,
-            softmax_scale=float(softmax_scale), value_dim=dv, interpret=jax.default_backend() == "cpu",
+            softmax_scale=float(softmax_scale), value_dim=dv, backend=pallas.backend_for(jax.default_backend()),
         )  # fmt: skip
         return out.astype(q.dtype), cache
     kv = _read(cache, layer, page_table)
