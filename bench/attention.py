@@ -13,7 +13,8 @@ sequences of context `C`, their pages shuffled in the cache:
 
 Implementations, in the same run:
 
-- `paged_attention(..., impl="xla")`: gathers the pages, then attends (jaxkv's default).
+- `paged_attention(..., impl="xla")`: gathers the pages, then attends (jaxkv's default). The cache is
+  donated and threaded through every call, as a serving loop does.
 - `paged_attention(..., impl="pallas")`: jaxkv's kernel, reading pages where they lie.
 - **dense** (the baseline without paging): the same attention on contiguous
   `[B, C, heads, dim]` K/V, no page table, no write: what paging costs.
@@ -78,7 +79,9 @@ def step_inputs(s: dict, batch: int, context: int, tokens: int) -> tuple:
 @functools.cache
 def paged_step(impl: str):
     fn = functools.partial(jaxkv.paged_attention, softmax_scale=SCALE, impl=impl)
-    return jax.jit(lambda cache, q, k, v, table, start, lens: fn(cache, 0, q, k, v, table, start, lens))
+    return jax.jit(
+        lambda cache, q, k, v, table, start, lens: fn(cache, 0, q, k, v, table, start, lens), donate_argnums=0
+    )
 
 
 @functools.partial(jax.jit, static_argnums=4)
@@ -128,8 +131,13 @@ def bench_phase(s: dict, phase: str, tokens: int, repeats: int, on_cpu: bool) ->
     table = s["table"]
 
     def paged(impl):
-        # The same write + attend on the same cache for each implementation (not donated: rounds reuse it).
-        return lambda: paged_step(impl)(s["cache"], q, k, v, table, start, lens)[0]
+        # Write + attend, the cache donated as a server does (in place) and threaded through: every call
+        # writes the same tokens at the same positions, so each implementation sees the same cache.
+        def run():
+            out, s["cache"] = paged_step(impl)(s["cache"], q, k, v, table, start, lens)
+            return out
+
+        return run
 
     outs = {impl: np.asarray(paged(impl)(), np.float32) for impl in ("xla", "pallas")}
     row = {"phase": phase, "batch": batch, "context": context, "tokens_per_step": batch * tokens}

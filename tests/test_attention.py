@@ -379,3 +379,31 @@ def test_tpu_kernel_matches_dense_reference_in_tpu_interpret_mode(kind, dtype, t
         end = start + n
         want = dense_attention(q[b, start:end], kq[b, :end], None if v is None else vq[b, :end], MLA_VALUE_DIM)
         np.testing.assert_allclose(out[b, :n], want, atol=tol, rtol=tol, err_msg=f"sequence {b}")
+
+
+@pytest.mark.parametrize(
+    ("kind", "dtype", "tp"), [("mha", "bfloat16", 2), ("mha", "int8", 1), ("mla", "float8_e4m3fn", 2)]
+)
+def test_native_token_write_is_the_word_scatter_bit_for_bit(kind, dtype, tp, monkeypatch):
+    """On CPU the K/V write goes through the native in-place kernel; the portable word scatter (what GPUs/TPUs
+    and a CPU without the library run) writes exactly the same bytes, NaN garbage around them untouched."""
+    from jaxkv import _native as native
+
+    if not native.available():
+        pytest.skip("native CPU kernels unavailable")
+    params = cache_params(kind, dtype)
+    value_dim = MLA_VALUE_DIM if params.is_mla else None
+    q, k, v = inputs(params)
+    runs = []
+    for available in (True, False):
+        monkeypatch.setattr(native, "available", lambda available=available: available)
+        step = functools.partial(paged_attention, mesh=tp_mesh(tp), softmax_scale=SCALE, value_dim=value_dim)
+        garbage, _, _ = random_buffer(params, tp, NUM_PAGES, seed=1)
+        jitted = jax.jit(step, donate_argnums=0)
+        args = (LAYER, q[:, :T], k[:, :T], None if v is None else v[:, :T], PAGE_TABLE, PREFIX, NEW)
+        hlo = jitted.lower(garbage, *args).as_text()
+        assert ("jaxkv_token_scatter" in hlo) == available  # the path under test is the one that ran
+        out, cache = run_both_calls(jitted, garbage, q, k, v)
+        scales = None if cache.scales is None else as_bytes(host_copies(cache.scales))
+        runs.append((as_bytes(host_copies(cache.values)), scales, as_bytes(out)))
+    chex.assert_trees_all_equal(runs[0], runs[1])

@@ -212,7 +212,53 @@ ffi::Error PageScatterFromPool(ffi::AnyBuffer cache, ffi::Buffer<ffi::S32> ids,
   return ffi::Error::Success();
 }
 
+// out = cache ([num_pages, kv_dim, layers, page_size, heads, dim], any dtype)
+// with tokens[i, kv] (the bytes of one token's [heads, dim] for K or V) at
+// (pages[i], kv, layer, slots[i]). Tokens whose page is outside
+// [0, num_pages) are dropped (padding). `out` aliases `cache` when the caller
+// donates it: paged attention's write then costs O(tokens), not O(cache).
+ffi::Error TokenScatter(ffi::AnyBuffer cache, ffi::Buffer<ffi::S32> pages, ffi::Buffer<ffi::S32> slots,
+                        ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::U8> tokens,
+                        ffi::Result<ffi::AnyBuffer> out) {
+  auto dims = cache.dimensions();
+  if (dims.size() != 6) return ffi::Error::InvalidArgument("jaxkv_token_scatter: cache must be 6-D");
+  const int64_t num_pages = dims[0], kv_dim = dims[1], layers = dims[2], page_size = dims[3];
+  const size_t row = cache.size_bytes() / (num_pages * kv_dim * layers * page_size);  // one token's heads x dim
+  const int64_t n = static_cast<int64_t>(pages.element_count());
+  auto tdims = tokens.dimensions();
+  if (static_cast<int64_t>(slots.element_count()) != n || layer.element_count() != 1 || tdims.size() != 3 ||
+      tdims[0] != n || tdims[1] != kv_dim || static_cast<size_t>(tdims[2]) != row) {
+    return ffi::Error::InvalidArgument("jaxkv_token_scatter: tokens must be [len(pages), kv_dim, token bytes]");
+  }
+  const int64_t l = layer.typed_data()[0];
+  if (l < 0 || l >= layers) return ffi::Error::InvalidArgument("jaxkv_token_scatter: layer out of range");
+  auto* dst = static_cast<uint8_t*>(out->untyped_data());
+  const auto* src = static_cast<const uint8_t*>(cache.untyped_data());
+  if (dst != src) std::memcpy(dst, src, cache.size_bytes());  // not donated: copy first
+  const uint8_t* t = tokens.typed_data();
+  const int32_t* page = pages.typed_data();
+  const int32_t* slot = slots.typed_data();
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t p = page[i], s = slot[i];
+    if (p < 0 || p >= num_pages || s < 0 || s >= page_size) continue;
+    for (int64_t kv = 0; kv < kv_dim; ++kv) {
+      const size_t at = (((static_cast<size_t>(p) * kv_dim + kv) * layers + l) * page_size + s) * row;
+      std::memcpy(dst + at, t + (static_cast<size_t>(i) * kv_dim + kv) * row, row);
+    }
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxkv_token_scatter, TokenScatter,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxkv_page_gather, PageGather,
                               ffi::Ffi::Bind()

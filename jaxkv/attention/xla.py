@@ -38,6 +38,7 @@ from jax import lax
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxkv import _native
 from jaxkv.layout.buffer import HEADS_AXIS, KVCacheBuffer
 from jaxkv.layout.pages import word_dtype
 
@@ -112,13 +113,32 @@ def _set_tokens(array: jax.Array, pages, layer, slots, tokens: jax.Array) -> jax
     (pages[i], :, layer, slots[i]). Page ids past the end are dropped.
 
     Scatters words, not floats: XLA:CPU computes a bfloat16/float8 scatter
-    through float32, which would rewrite NaN payloads in every other page.
+    through float32, which would rewrite NaN payloads in every other page. On
+    XLA:CPU with jaxkv's native library the bytes go through a native kernel
+    instead, in place in a donated cache: XLA:CPU's word scatter copies the
+    whole cache twice (the bitcasts), so a decode step cost O(cache).
     """
-    word = word_dtype(array.dtype)
-    words = lax.bitcast_convert_type(array, word)
-    tokens = lax.bitcast_convert_type(tokens, word)
-    words = words.at[pages, :, layer, slots].set(tokens, mode="drop")
-    return lax.bitcast_convert_type(words, array.dtype)
+
+    def words(array, pages, layer, slots, tokens):
+        word = word_dtype(array.dtype)
+        w = lax.bitcast_convert_type(array, word)
+        w = w.at[pages, :, layer, slots].set(lax.bitcast_convert_type(tokens, word), mode="drop")
+        return lax.bitcast_convert_type(w, array.dtype)
+
+    def native(array, pages, layer, slots, tokens):
+        n, kv = tokens.shape[:2]
+        raw = lax.bitcast_convert_type(tokens, jnp.uint8).reshape(n, kv, -1)  # O(tokens)
+        call = jax.ffi.ffi_call(
+            "jaxkv_token_scatter", jax.ShapeDtypeStruct(array.shape, array.dtype), input_output_aliases={0: 0}
+        )
+        return call(
+            array, pages.astype(jnp.int32), slots.astype(jnp.int32), jnp.reshape(layer, (1,)).astype(jnp.int32), raw
+        )
+
+    args = (array, pages, jnp.asarray(layer, jnp.int32), slots, tokens)
+    if not _native.available():
+        return words(*args)
+    return lax.platform_dependent(*args, cpu=native, default=words)
 
 
 def _write(cache: KVCacheBuffer, layer, new: jax.Array, page_table, start_pos, q_lens) -> KVCacheBuffer:
