@@ -138,7 +138,7 @@ class OffloadWorker:
         """
         if not isinstance(plan, LoadPlan):
             raise ValueError(f"plan must be a LoadPlan from TieredStore.prepare_load, got {type(plan).__name__}")
-        units = self.engine._check_buffer(cache)
+        units = self.engine._h2d_units(cache)  # the full check, unless laid out as the last cache that passed it
         # The store knows no page count: check the pages here, before any row moves.
         _pages.check_page_ids(plan.device_pages, self.engine.num_device_pages, name="plan.device_pages")
         t0 = time.perf_counter()

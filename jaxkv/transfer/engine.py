@@ -234,12 +234,7 @@ class OffloadEngine:
         # `_units`: the worker checked this cache a moment ago (to_memory() and the layout cost ~20 µs).
         # A cache laid out as one that passed the full check needs only the units' shapes
         # (to_memory() alone cost 54 µs of a 16 MiB load on one CPU device, bench/max_pages.py).
-        if _units is not None:
-            units = _units
-        elif self._is_known(cache):
-            units = self._unit_shapes
-        else:
-            units = self._check_buffer(cache)
+        units = _units if _units is not None else self._h2d_units(cache)
         ids, slots = self._check_batch(device_page_ids, host_slots)
         self.flush()
         if ids.size == 0:
@@ -350,6 +345,10 @@ class OffloadEngine:
         ]
         self._unit_shapes = [_UnitShape(u.bytes_per_page, list(u.devices)) for u in units]
         self._known_signature = self._signature(cache)
+
+    def _h2d_units(self, cache) -> list:
+        """What an H2D needs of `cache`: its units' shapes if it is laid out as a checked one, else the full check."""
+        return self._unit_shapes if self._is_known(cache) else self._check_buffer(cache)
 
     def _is_known(self, cache) -> bool:
         """Whether `cache` is a live buffer laid out as one that passed `_check_buffer` (else run that check)."""
