@@ -56,3 +56,18 @@ def disk_threads(monkeypatch):
         self.writers = max(self.writers, 2)
 
     monkeypatch.setattr(disk.DiskTier, "__init__", init)
+
+
+@pytest.fixture
+def deadline():
+    """Abort, not hang, a run whose test waits forever (a kernel waiting on a DMA that never comes).
+
+    A blocked C call takes no Python signal, so a watchdog thread (faulthandler) prints every thread's
+    stack and exits the process after `seconds`: the run fails loudly instead of stalling CI.
+    """
+    import faulthandler
+
+    seconds = 300
+    faulthandler.dump_traceback_later(seconds, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()

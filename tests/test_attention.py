@@ -359,10 +359,10 @@ def test_pallas_rejects_shapes_it_cannot_load():
     ("kind", "dtype", "tp"),
     [("mha", "bfloat16", 1), ("mha", "int8", 2), ("mla", "float8_e4m3fn", 2), ("mla", "bfloat16", 1)],
 )
-def test_tpu_kernel_matches_dense_reference_in_tpu_interpret_mode(kind, dtype, tp, monkeypatch):
-    """The TPU variant (table as scalar prefetch, each page's blocks DMA'd from HBM into VMEM) run in Pallas'
-    TPU interpret mode, which simulates its DMAs, semaphores and VMEM buffers on CPU; garbage (NaN) in
-    unwritten slots included."""
+def test_tpu_kernel_matches_dense_reference_in_tpu_interpret_mode(kind, dtype, tp, monkeypatch, deadline):
+    """The TPU variant (table as scalar prefetch, each page's blocks DMA'd from HBM into VMEM, double-buffered)
+    run in Pallas' TPU interpret mode, which simulates its DMAs (landing as soon as they start: a buffer
+    overwritten in use shows), semaphores and VMEM buffers on CPU; garbage (NaN) in unwritten slots included."""
     from jaxkv.attention import pallas
 
     monkeypatch.setattr(pallas, "backend_for", lambda platform: "tpu_interpret")

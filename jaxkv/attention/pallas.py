@@ -77,7 +77,11 @@ def _kernel(
     """The GPU (Triton) and interpret-mode kernel: blocks are loaded straight from the cache refs."""
     layer, g = layer_ref[0], pl.program_id(1)
 
-    def fetch(page):
+    b = pl.program_id(0)
+
+    def fetch(j, pages):
+        page = table_ref[b, j]
+
         def load(kv, a, w, scales):
             ref = scales_ref if scales else values_ref
             return _head_block(ref, page, kv, layer, g, a, w)
@@ -93,27 +97,47 @@ def _tpu_kernel(
     q_ref, values_hbm, *rest,  # q: a VMEM block; values (and scales): the whole cache in HBM
     softmax_scale: float, value_dim: int, quantized: bool,
 ):  # fmt: skip
-    """The TPU (Mosaic) kernel: each page's K/V blocks are DMA'd from HBM into VMEM, then attended."""
+    """The TPU (Mosaic) kernel: each page's K/V blocks are DMA'd from HBM into VMEM, double-buffered: the
+    copies of page j + 1 run while page j is attended."""
     if quantized:
         scales_hbm, out_ref, kbuf, sbuf, sem = rest
     else:
         (out_ref, kbuf, sem), scales_hbm, sbuf = rest, None, None
-    layer, g = layer_ref[0], pl.program_id(1)
+    b, g = pl.program_id(0), pl.program_id(1)
+    layer = layer_ref[0]
     kv_dim = values_hbm.shape[1]
 
-    def fetch(page):
-        copies = [pltpu.make_async_copy(values_hbm.at[page, kv, layer, :, g, :], kbuf.at[kv], sem.at[kv])
-                  for kv in range(kv_dim)]  # fmt: skip
+    def copies(j, buf):
+        """The DMAs that bring page j's blocks into buffer `buf` (0 or 1)."""
+        page = table_ref[b, j]
+        out = [pltpu.make_async_copy(values_hbm.at[page, kv, layer, :, g, :], kbuf.at[buf, kv], sem.at[buf, kv])
+               for kv in range(kv_dim)]  # fmt: skip
         if scales_hbm is not None:
-            copies += [pltpu.make_async_copy(scales_hbm.at[page, kv, layer, :, g, :], sbuf.at[kv], sem.at[kv_dim + kv])
-                       for kv in range(kv_dim)]  # fmt: skip
-        for c in copies:
+            out += [pltpu.make_async_copy(scales_hbm.at[page, kv, layer, :, g, :], sbuf.at[buf, kv],
+                                          sem.at[buf, kv_dim + kv]) for kv in range(kv_dim)]  # fmt: skip
+        return out
+
+    def start(j, buf):
+        for c in copies(j, buf):
             c.start()
-        for c in copies:
+
+    pages = (start_ref[b] + lens_ref[b] + values_hbm.shape[3] - 1) // values_hbm.shape[3]
+
+    @pl.when(pages > 0)
+    def _():
+        start(0, 0)
+
+    def fetch(j, pages):
+        buf = j % 2
+        for c in copies(j, buf):
             c.wait()
 
+        @pl.when(j + 1 < pages)
+        def _():
+            start(j + 1, 1 - buf)
+
         def load(kv, a, w, scales):
-            return (sbuf if scales else kbuf)[kv, :, pl.ds(a, w)]
+            return (sbuf if scales else kbuf)[buf, kv, :, pl.ds(a, w)]
 
         return load
 
@@ -123,8 +147,8 @@ def _tpu_kernel(
 
 def _attend_pages(table_ref, start_ref, lens_ref, q_ref, out_ref, cache_shape, scales_ref, fetch, *,
                   softmax_scale: float, value_dim: int):  # fmt: skip
-    """Online softmax over this sequence's pages for one KV head's query rows; `fetch(page)` gives a loader
-    `load(kv, start, width, scales) -> [page_size, width]` of that page's K (kv=0) / V (kv=1) block."""
+    """Online softmax over this sequence's pages for one KV head's query rows; `fetch(j, pages)` gives a
+    loader `load(kv, start, width, scales) -> [page_size, width]` of page j's K (kv=0) / V (kv=1) block."""
     b = pl.program_id(0)
     start, n = start_ref[b], lens_ref[b]
     seq_end = start + n  # slots [0, seq_end) of this sequence hold K/V
@@ -147,7 +171,7 @@ def _attend_pages(table_ref, start_ref, lens_ref, q_ref, out_ref, cache_shape, s
 
     def step(j, carry):
         top, total, acc = carry
-        load = fetch(table_ref[b, j])
+        load = fetch(j, pages)
         slot = j * page_size + lax.broadcasted_iota(jnp.int32, (page_size,), 0)
         live = slot < seq_end
         scores = jnp.zeros((rows, page_size), _F32)
@@ -267,11 +291,11 @@ def _tpu_call(q, values, scales, layer, page_table, start_pos, q_lens, softmax_s
     kv_dim, page_size = values.shape[1], values.shape[3]
     anywhere = pl.BlockSpec(memory_space=pl.ANY)
     in_specs = [pl.BlockSpec((1, t, None, groups, d), lambda i, j, *_: (i, 0, j, 0, 0)), anywhere]
-    scratch = [pltpu.VMEM((kv_dim, page_size, d), values.dtype)]
+    scratch = [pltpu.VMEM((2, kv_dim, page_size, d), values.dtype)]  # two buffers: one in use, one filling
     if scales is not None:
         in_specs.append(anywhere)
-        scratch.append(pltpu.VMEM((kv_dim, page_size, scales.shape[5]), scales.dtype))
-    scratch.append(pltpu.SemaphoreType.DMA((2 * kv_dim,)))
+        scratch.append(pltpu.VMEM((2, kv_dim, page_size, scales.shape[5]), scales.dtype))
+    scratch.append(pltpu.SemaphoreType.DMA((2, 2 * kv_dim)))
     kernel = functools.partial(
         _tpu_kernel, softmax_scale=softmax_scale, value_dim=value_dim, quantized=scales is not None
     )
@@ -286,7 +310,11 @@ def _tpu_call(q, values, scales, layer, page_table, start_pos, q_lens, softmax_s
         kernel,
         grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct((b, t, heads, groups, value_dim), _F32),
-        interpret=pltpu.InterpretParams() if backend == "tpu_interpret" else False,
+        # Interpreted, DMAs land as soon as they start (a buffer overwritten while in use shows in the
+        # results) and the race detector watches the buffers.
+        interpret=pltpu.InterpretParams(dma_execution_mode="eager", detect_races=True)
+        if backend == "tpu_interpret"
+        else False,
     )(layer, page_table, start_pos, q_lens, q, values, *(() if scales is None else (scales,)))
 
 
