@@ -24,7 +24,7 @@ Backends (`attend(..., backend=)`): on GPUs a Triton kernel that loads each
 block from the cache in global memory (every loaded block a power of two: a
 head dim like MLA's 576 goes as 512 + 64); on TPUs a Mosaic kernel that takes
 the page table as scalar prefetch and DMAs each page's blocks from HBM into
-VMEM; on CPU Pallas' interpret mode (correctness, not speed), where the TPU
+VMEM, double-buffered; on CPU Pallas' interpret mode (correctness, not speed), where the TPU
 kernel also runs in Pallas' TPU interpret mode for tests. The online softmax
 is one function for all of them (`_attend_pages`).
 """
