@@ -306,11 +306,8 @@ class OffloadEngine:
                 f"device_page_ids has {ids.size} entries but host_slots has {slots.size}: "
                 f"they pair up one to one and must have the same length"
             )
-        for name, a in (("device_page_ids", ids), ("host_slots", slots)):
-            # A sort finds a repeat for less than np.unique costs; check_unique then names it.
-            s = np.sort(a)
-            if s.size > 1 and (s[1:] == s[:-1]).any():
-                _pages.check_unique(a, name=name)
+        _pages.check_unique(ids, name="device_page_ids")
+        _pages.check_unique(slots, name="host_slots")
         return ids, slots
 
     def _check_buffer(self, cache) -> list[KVCacheMemory]:
