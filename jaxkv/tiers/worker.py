@@ -160,19 +160,27 @@ class OffloadWorker:
             return cache, LoadHandle(LoadResult(plan, "refused", tuple(promoted), error, read=read, demoted=demoted))
         if not plan.block_hashes:
             return cache, LoadHandle(LoadResult(plan, "loaded", (), None, demoted=demoted))
-        error = None
-        try:
-            cache, transfer = self.engine.h2d(cache, list(plan.host_slots), list(plan.device_pages), _units=units)
-        except ValueError:
-            raise  # a bad argument, found before anything was written
-        except Exception as e:  # the copy itself failed: its pages are undefined
-            error, transfer = f"loading {len(plan.device_pages)} pages failed: {e}", None
+        cache, transfer, error = self._h2d(cache, plan, 0, len(plan.block_hashes), units)
         if agreement is not None and agreement.min(error is None) == 0 and error is None:
             error = "another process of the TP group failed its part of the load"
         status = "loaded" if error is None else "failed"
         nbytes = transfer.nbytes if transfer is not None else 0
         result = LoadResult(plan, status, tuple(promoted), error, nbytes, time.perf_counter() - t0, read, demoted)
         return cache, LoadHandle(result, transfer)
+
+    def _h2d(self, cache, plan: LoadPlan, a: int, b: int, units):
+        """H2D of the plan's blocks [a, b): (the new cache, the transfer, None), or (cache, None, the error) when
+        the copy itself failed (the pages it targeted are undefined). A ValueError, a bad argument found
+        before anything was written, propagates."""
+        try:
+            cache, transfer = self.engine.h2d(
+                cache, list(plan.host_slots[a:b]), list(plan.device_pages[a:b]), _units=units
+            )
+        except ValueError:
+            raise
+        except Exception as e:
+            return cache, None, f"loading {len(plan.device_pages)} pages failed: {e}"
+        return cache, transfer, None
 
     def _chunks(self, plan: LoadPlan) -> list[tuple[int, int]]:
         """The plan's blocks in overlapped chunks (one chunk when nothing is read from a lower tier).
@@ -221,17 +229,11 @@ class OffloadWorker:
                 else:
                     error = f"{why} after {written} of {len(plan.device_pages)} pages were written; recompute"
                 continue
-            try:  # the units checked at the start describe the cache given, not the one the first H2D returned
-                cache, t = self.engine.h2d(
-                    cache, list(plan.host_slots[a:b]), list(plan.device_pages[a:b]), _units=None if written else units
-                )
-            except ValueError:
-                raise  # a bad argument: the plan's pages were checked, so only a bug gets here
-            except Exception as e:  # the copy itself failed: its pages are undefined
-                error = f"loading {len(plan.device_pages)} pages failed: {e}"
-                continue
-            transfers.append(t)
-            written += b - a
+            # The units checked at the start describe the cache given, not the one the first H2D returned.
+            cache, t, error = self._h2d(cache, plan, a, b, None if written else units)
+            if error is None:
+                transfers.append(t)
+                written += b - a
         read = {name: (nbytes, seconds) for name, (nbytes, seconds) in read.items()}
         if refused is not None:
             return cache, LoadHandle(LoadResult(plan, "refused", tuple(promoted), refused, read=read, demoted=demoted))
