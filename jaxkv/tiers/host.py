@@ -166,9 +166,7 @@ class HostTier:
         """Where a lower tier writes a row promoted into `slot`: the pool row, or a fresh aligned buffer."""
         if self.backend == "numpy":
             return self.pool[slot]
-        from jaxkv.transfer.engine import _aligned
-
-        return _aligned((self.row_bytes,))
+        return aligned_rows(1, self.row_bytes)[0]
 
     def fill(self, slot: int, row: np.ndarray) -> None:
         """Place `row` (`[row_bytes]` uint8) in `slot`. arrays: zero-copy on CPU when `row` is 64-byte aligned."""
