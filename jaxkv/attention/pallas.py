@@ -235,6 +235,8 @@ def attend(
 
     The pages must already hold the new tokens' K/V (`paged_attention_shard` writes them first).
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     values, scales = cache.values, cache.scales
     b0, t0, n_heads, d = q.shape
     heads = values.shape[4]
@@ -247,30 +249,27 @@ def attend(
     page_table = jnp.pad(page_table, ((0, b - b0), (0, _pow2(page_table.shape[1]) - page_table.shape[1])))
     start_pos, q_lens = jnp.pad(start_pos, (0, b - b0)), jnp.pad(q_lens, (0, b - b0))
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    call = _tpu_call if backend in ("tpu", "tpu_interpret") else _triton_call
+    out = call(q, values, scales, layer, page_table, start_pos, q_lens, softmax_scale, value_dim, backend)
+    return out.reshape(b, t, n_heads, value_dim)[:b0, :t0]
+
+
+def _triton_call(q, values, scales, layer, page_table, start_pos, q_lens, softmax_scale, value_dim, backend):
+    """The GPU kernel (Triton), or the same kernel in Pallas' interpret mode: every input a whole-array block,
+    the pages read from the cache refs where they lie."""
+    b, t, heads, groups, d = q.shape
 
     def spec_all(x):
-        return None if x is None else pl.BlockSpec(x.shape, lambda i, j, n=x.ndim: (0,) * n)
+        return pl.BlockSpec(x.shape, lambda i, j, n=x.ndim: (0,) * n)
 
-    in_specs = [
-        spec_all(layer),
-        spec_all(page_table),
-        spec_all(start_pos),
-        spec_all(q_lens),
-        pl.BlockSpec((1, t, None, groups, d), lambda i, j: (i, 0, j, 0, 0)),
-        spec_all(values),  # whole: the kernel reads the pages the table names, where they lie
-        spec_all(scales),
-    ]
+    arrays = (layer, page_table, start_pos, q_lens, q, values) + (() if scales is None else (scales,))
+    in_specs = [spec_all(x) for x in arrays]
+    in_specs[4] = pl.BlockSpec((1, t, None, groups, d), lambda i, j: (i, 0, j, 0, 0))  # this (sequence, KV head)
     kernel = functools.partial(_kernel, softmax_scale=softmax_scale, value_dim=value_dim)
     if scales is None:
         kernel = _without_scales(kernel)
-        in_specs = in_specs[:-1]
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend in ("tpu", "tpu_interpret"):
-        out = _tpu_call(q, values, scales, layer, page_table, start_pos, q_lens, softmax_scale, value_dim, backend)
-        return out.reshape(b, t, n_heads, value_dim)[:b0, :t0]
     interpret = backend == "interpret"
-    out = pl.pallas_call(
+    return pl.pallas_call(
         kernel,
         grid=(b, heads),
         in_specs=in_specs,
@@ -280,13 +279,12 @@ def attend(
         # On GPUs the Triton backend: the cache stays in global memory and each page's block is loaded where it
         # lies (Mosaic GPU, the default, would stage every input in shared memory).
         compiler_params=None if interpret else pltriton.CompilerParams(num_warps=4, num_stages=2),
-    )(layer, page_table, start_pos, q_lens, q, values, *(() if scales is None else (scales,)))
-    return out.reshape(b, t, n_heads, value_dim)[:b0, :t0]
+    )(*arrays)
 
 
 def _tpu_call(q, values, scales, layer, page_table, start_pos, q_lens, softmax_scale, value_dim, backend):
-    """The TPU kernel: the table, positions and layer as scalar prefetch, the cache left in HBM, one page's
-    K/V (and scales) blocks DMA'd into VMEM at a time."""
+    """The TPU kernel: the table, positions and layer as scalar prefetch, the cache left in HBM, each page's
+    K/V (and scales) blocks DMA'd into VMEM, double-buffered."""
     b, t, heads, groups, d = q.shape
     kv_dim, page_size = values.shape[1], values.shape[3]
     anywhere = pl.BlockSpec(memory_space=pl.ANY)
