@@ -57,22 +57,7 @@ size_t StreamMinBatchBytes() {
 // Starting a thread costs tens of microseconds, a 8 MiB copy about a millisecond.
 constexpr size_t kParallelMinBatchBytes = size_t{8} << 20;
 
-// body(begin, end) over pages [0, k): on this thread, or halved with a second
-// thread for a large batch. Each half fences its own streaming stores.
-template <typename Body>
-void ForPages(int64_t k, size_t batch_bytes, Body body) {
-  static const unsigned cores = std::thread::hardware_concurrency();
-  if (k < 2 || cores < 2 || batch_bytes < kParallelMinBatchBytes) {
-    body(int64_t{0}, k);
-    return;
-  }
-  const int64_t half = k / 2;
-  std::thread other([&body, half, k] { body(half, k); });
-  body(int64_t{0}, half);
-  other.join();
-}
-
-// Copy `n` bytes; `stream`: with non-temporal stores (the caller fences).
+// Copy `n` bytes; `stream`: with non-temporal stores (ForPages fences them).
 inline void CopyPage(uint8_t* dst, const uint8_t* src, size_t n, bool stream) {
 #ifdef JAXKV_STREAM_STORES
   if (stream) {
@@ -106,6 +91,28 @@ inline void FenceStreams(bool stream) {
 #endif
 }
 
+// body(begin, end, stream) over pages [0, k), `stream` saying whether to copy
+// with non-temporal stores (the batch is past the cache): on this thread, or
+// halved with a second thread for a large batch. Each half's streaming stores
+// are fenced on the thread that made them.
+template <typename Body>
+void ForPages(int64_t k, size_t batch_bytes, Body body) {
+  const bool stream = batch_bytes >= StreamMinBatchBytes();
+  auto run = [&body, stream](int64_t begin, int64_t end) {
+    body(begin, end, stream);
+    FenceStreams(stream);
+  };
+  static const unsigned cores = std::thread::hardware_concurrency();
+  if (k < 2 || cores < 2 || batch_bytes < kParallelMinBatchBytes) {
+    run(int64_t{0}, k);
+    return;
+  }
+  const int64_t half = k / 2;
+  std::thread other([&run, half, k] { run(half, k); });
+  run(int64_t{0}, half);
+  other.join();
+}
+
 // Bytes of one page of `cache` ([num_pages, ...]).
 size_t PageBytes(const ffi::AnyBuffer& cache) {
   auto dims = cache.dimensions();
@@ -127,8 +134,7 @@ ffi::Error PageGather(ffi::AnyBuffer cache, ffi::Buffer<ffi::S32> ids,
   const auto* src = static_cast<const uint8_t*>(cache.untyped_data());
   auto* dst = rows->typed_data();
   const int32_t* id = ids.typed_data();
-  const bool stream = k * page_bytes >= StreamMinBatchBytes();
-  ForPages(k, k * page_bytes, [&](int64_t begin, int64_t end) {
+  ForPages(k, k * page_bytes, [&](int64_t begin, int64_t end, bool stream) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t p = id[i];
       if (p < 0 || p >= num_pages) {
@@ -137,7 +143,6 @@ ffi::Error PageGather(ffi::AnyBuffer cache, ffi::Buffer<ffi::S32> ids,
         CopyPage(dst + i * page_bytes, src + p * page_bytes, page_bytes, stream);
       }
     }
-    FenceStreams(stream);
   });
   return ffi::Error::Success();
 }
@@ -160,14 +165,12 @@ ffi::Error PageScatter(ffi::AnyBuffer cache, ffi::Buffer<ffi::S32> ids,
   if (dst != src) std::memcpy(dst, src, cache.size_bytes());  // not donated: copy first
   const uint8_t* r = rows.typed_data();
   const int32_t* id = ids.typed_data();
-  const bool stream = k * page_bytes >= StreamMinBatchBytes();
-  ForPages(k, k * page_bytes, [&](int64_t begin, int64_t end) {
+  ForPages(k, k * page_bytes, [&](int64_t begin, int64_t end, bool stream) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t p = id[i];
       if (p < 0 || p >= num_pages) continue;
       CopyPage(dst + p * page_bytes, r + i * page_bytes, page_bytes, stream);
     }
-    FenceStreams(stream);
   });
   return ffi::Error::Success();
 }
@@ -199,15 +202,13 @@ ffi::Error PageScatterFromPool(ffi::AnyBuffer cache, ffi::Buffer<ffi::S32> ids,
   const uint8_t* rows = pool.typed_data();
   const int32_t* id = ids.typed_data();
   const int32_t* slot = slots.typed_data();
-  const bool stream = k * page_bytes >= StreamMinBatchBytes();
-  ForPages(k, k * page_bytes, [&](int64_t begin, int64_t end) {
+  ForPages(k, k * page_bytes, [&](int64_t begin, int64_t end, bool stream) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t p = id[i];
       const int64_t s = slot[i];
       if (p < 0 || p >= num_pages || s < 0 || s >= num_rows) continue;
       CopyPage(dst + p * page_bytes, rows + s * row_bytes + off, page_bytes, stream);
     }
-    FenceStreams(stream);
   });
   return ffi::Error::Success();
 }
@@ -299,13 +300,10 @@ extern "C" int64_t jaxkv_copy_rows(uint8_t* dst, int64_t dst_stride, int64_t dst
       return i;
     }
   }
-  const size_t batch = static_cast<size_t>(k) * static_cast<size_t>(nbytes);
-  const bool stream = batch >= StreamMinBatchBytes();
-  ForPages(k, batch, [&](int64_t begin, int64_t end) {
+  ForPages(k, static_cast<size_t>(k) * static_cast<size_t>(nbytes), [&](int64_t begin, int64_t end, bool stream) {
     for (int64_t i = begin; i < end; ++i) {
       CopyPage(dst + dst_rows[i] * dst_stride, src + src_rows[i] * src_stride, static_cast<size_t>(nbytes), stream);
     }
-    FenceStreams(stream);
   });
   return -1;
 }
