@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +46,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxkv.attention.xla import IMPLS, paged_attention_shard
 from jaxkv.layout.buffer import KVCacheBuffer, allocate_buffer, check_tp_mesh
-from jaxkv.layout.pages import check_page_ids, check_unique
+from jaxkv.layout.pages import PageIds, check_page_ids, check_unique
 from jaxkv.layout.params import KVCacheParams, KVCacheQuantConfig, _positive_int
 from jaxkv.prefix.pool import NULL_PAGE
 from jaxkv.transfer.engine import bucket
@@ -177,7 +178,7 @@ def _cache_params(config: TinyConfig) -> KVCacheParams:
         widths = (config.kv_lora_rank, config.rope_dim) if mla else (config.head_dim,)
         quant = KVCacheQuantConfig(jnp.float32, granularity=math.gcd(QUANT_GROUP, *widths))
     return KVCacheParams(
-        dtype=config.cache_dtype,
+        dtype=jnp.dtype(config.cache_dtype),
         n_kv_heads=1 if mla else config.n_kv_heads,
         head_dim=config.cache_head_dim,
         num_layers=config.n_layers,
@@ -364,7 +365,13 @@ class TinyModel:
         """A zeroed cache of `num_pages` pages (page 0 is the null page) for this model."""
         return allocate_buffer(self.cache_params, self.mesh, num_pages, tp_axis=self.tp_axis)
 
-    def prefill(self, cache: KVCacheBuffer, token_ids, start_pos: int, page_table) -> tuple[jax.Array, KVCacheBuffer]:
+    def prefill(
+        self,
+        cache: KVCacheBuffer,
+        token_ids: Sequence[int] | np.ndarray | jax.Array,
+        start_pos: int,
+        page_table: PageIds,
+    ) -> tuple[jax.Array, KVCacheBuffer]:
         """Run token_ids (1-D ints, length T >= 1) at positions [start_pos, start_pos+T) for ONE sequence,
         attending to the cached positions [0, start_pos) through page_table (1-D int32 page ids covering at least
         ceil((start_pos+T)/page_size) pages; may be longer/padded with 0). Writes their K/V into the pages, cache

@@ -62,8 +62,11 @@ def _or_list(items) -> str:
 
 
 def _layout(args) -> int:
+    from typing import cast
+
     import jax
     import numpy as np
+    from jax.sharding import NamedSharding
 
     import jaxkv
     from jaxkv._cli import resources
@@ -97,7 +100,7 @@ def _layout(args) -> int:
         return fail(f"--pages ({args.pages:,}) exceeds {MAX_PAGES:,}: page ids are int32")
     try:
         params = jaxkv.KVCacheParams(
-            dtype="float8_e4m3fn" if args.fp8 else "bfloat16",
+            dtype=jax.numpy.dtype("float8_e4m3fn" if args.fp8 else "bfloat16"),
             n_kv_heads=heads,
             head_dim=args.head_dim,
             num_layers=args.layers,
@@ -141,7 +144,7 @@ def _layout(args) -> int:
     print(f"jax {jax.__version__} on {devices[0].platform}: {len(devices)} devices, TP mesh {dict(mesh.shape)}")
     print(f"params: {params}")
     print(f"buffer: {buffer}")
-    print(f"  values sharding: {buffer.values.sharding.spec}")
+    print(f"  values sharding: {cast(NamedSharding, buffer.values.sharding).spec}")
     print(f"  page shape per shard: {params.shape_per_page(tp)}", end="")
     print(f" + scales {params.shape_per_scale_page(tp)}" if params.quant else "")
     print(

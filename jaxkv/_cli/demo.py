@@ -164,17 +164,17 @@ def run_demo(cfg: DemoConfig) -> dict:
     _check(cfg, page_size)
     _prepare_out(out)
     devices = jax.devices()
-    if cfg.tp is None:
-        cfg = dataclasses.replace(cfg, tp=max(t for t in (4, 2, 1) if t <= len(devices)))
-    if cfg.tp > len(devices):
-        raise DemoError(f"--tp ({cfg.tp}) exceeds the {len(devices)} available devices")
+    tp = cfg.tp if cfg.tp is not None else max(t for t in (4, 2, 1) if t <= len(devices))
+    cfg = dataclasses.replace(cfg, tp=tp)
+    if tp > len(devices):
+        raise DemoError(f"--tp ({tp}) exceeds the {len(devices)} available devices")
     with contextlib.ExitStack() as stack:
         shared = None
         if cfg.remote is not None:  # first: a server that is missing or does not answer fails before any work
             from jaxkv._cli.demo_remote import shared_server
 
             shared = stack.enter_context(shared_server(cfg.remote, out))
-        mesh = jax.make_mesh((cfg.tp,), ("tp",), devices=devices[: cfg.tp])
+        mesh = jax.make_mesh((tp,), ("tp",), devices=devices[:tp])
         try:
             model = TinyModel(
                 TinyConfig(
@@ -211,14 +211,14 @@ def _serve(cfg, jax, jaxkv, model, events, layout, disk_dir, out, devices, share
     # The stack under test: `device_pages` pages on the device, host memory and disk behind them (and with
     # --remote, the shared server behind those).
     cache = model.allocate_cache(cfg.device_pages)
-    store = jaxkv.TieredStore.for_cache(
+    # The store (scheduler side) indexes the tiers; the worker owns their bytes and moves pages.
+    store, worker = jaxkv.open_tiers(
         cache,
         cfg.host_pages * layout.row_bytes,
         disk_directory=disk_dir,
         disk_capacity_bytes=cfg.disk_mib << 20,
-        tiers=() if shared is None else [shared.tier()],
+        tiers=[] if shared is None else [shared.tier()],
     )
-    worker = jaxkv.OffloadWorker(cache, store)
     manager = jaxkv.PagedKVCacheManager(model.cache_params, store, num_pages=cfg.device_pages, tp=cfg.tp, seed=cfg.seed)
     # The baseline recomputes every prompt from scratch, on a cache of the same shape (so it runs the
     # same compiled programs at the same cost per step: a step's cost grows with the cache's size).
@@ -356,7 +356,7 @@ def _serve(cfg, jax, jaxkv, model, events, layout, disk_dir, out, devices, share
 
     sources = manager.sources  # 'device', then the tiers in order
     per_turn, compared, run_seconds = run("main", manager, worker, second=False)
-    worker.flush()
+    worker.close()  # waits for transfers in flight, closes the tiers
     store.close()
 
     st = store.metrics
@@ -417,8 +417,7 @@ def _serve(cfg, jax, jaxkv, model, events, layout, disk_dir, out, devices, share
         # compared (`own` in `serve`).
         del state["main"], state["baseline"], cache, worker, manager, store  # the first instance is gone
         state["second"] = model.allocate_cache(cfg.device_pages)
-        store = jaxkv.TieredStore.for_cache(state["second"], cfg.host_pages * row, tiers=[shared.tier()])
-        worker = jaxkv.OffloadWorker(state["second"], store)
+        store, worker = jaxkv.open_tiers(state["second"], cfg.host_pages * row, tiers=[shared.tier()])
         manager = jaxkv.PagedKVCacheManager(
             model.cache_params, store, num_pages=cfg.device_pages, tp=cfg.tp, seed=cfg.seed
         )
@@ -426,9 +425,9 @@ def _serve(cfg, jax, jaxkv, model, events, layout, disk_dir, out, devices, share
         warm_transfers("second", worker)
         compile_seconds = time.perf_counter() - t_compile
         turns, compared, run_seconds = run("second", manager, worker, second=True)
-        worker.flush()
+        worker.close()
         store.close()
-        remote, rm = store.tiers["remote"], store.metrics.tiers["remote"]
+        remote, rm = worker.tiers["remote"], store.metrics.tiers["remote"]
         tokens = _tally(turns, manager.sources)
         report["second_instance"] = {
             "remote": shared.describe(),
@@ -483,7 +482,7 @@ class _CompileCounter:
         if event == "/jax/compilation_cache/cache_hits":
             self.hits += 1
 
-    def _on_duration(self, event, _seconds, **_):
+    def _on_duration(self, event, duration_secs, **_):
         if event == "/jax/core/compile/backend_compile_duration":
             self.requests += 1  # one per program, compiled or loaded from the persistent cache
 
@@ -552,8 +551,9 @@ _SOURCE_LABEL = {"device": "device", "host": "host memory"}
 def _served(r: dict, full_note: str = "") -> list[str]:
     """Lines of a report (or its second instance): prompt tokens per source, then prefill times."""
     tok, pt = r["tokens"], r["prompt_tokens"]
+    sources: list[str] = r["sources"]
     lines = [
-        f"  {'tokens served from ' + _SOURCE_LABEL.get(s, s):<34}{tok[s]:>9,}  {tok[s] / pt:6.1%}" for s in r["sources"]
+        f"  {'tokens served from ' + _SOURCE_LABEL.get(s, s):<34}{tok[s]:>9,}  {tok[s] / pt:6.1%}" for s in sources
     ]
     full, reuse = r["prefill_seconds_full_recompute"], r["prefill_seconds_with_reuse"]
     note = f"{full_note}; " if full_note else ""

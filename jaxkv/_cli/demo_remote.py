@@ -100,7 +100,7 @@ def shared_server(remote: str, out: Path):
         stack.callback(client.close)
         try:
             info = client.info("server")
-        except (redis.exceptions.RedisError, OSError) as e:
+        except (redis.RedisError, OSError) as e:
             raise DemoError(
                 f"--remote {shown}: the server does not answer ({type(e).__name__}: {e}); start it, "
                 f"or pass --remote {LOCAL}"
@@ -123,7 +123,7 @@ def _delete_prefix(client, prefix: str, shown: str) -> int:
         for key in keys:
             pipe.delete(key)
         pipe.execute()
-    except (redis.exceptions.RedisError, OSError) as e:
+    except (redis.RedisError, OSError) as e:
         log.warning("jaxkv demo: could not delete the keys under %r on %s (%s: %s)", prefix, shown, type(e).__name__, e)
         return 0
     return len(keys)

@@ -120,7 +120,7 @@ class RedisServer:
                 with redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5) as r:
                     r.ping()
                 return self
-            except redis.exceptions.ConnectionError:
+            except redis.ConnectionError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     tail = self.log.read_text(errors="replace")[-2000:].strip()
                     self.stop()

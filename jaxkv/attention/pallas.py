@@ -32,6 +32,7 @@ is one function for all of them (`_attend_pages`).
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -99,10 +100,12 @@ def _tpu_kernel(
 ):  # fmt: skip
     """The TPU (Mosaic) kernel: each page's K/V blocks are DMA'd from HBM into VMEM, double-buffered: the
     copies of page j + 1 run while page j is attended."""
+    scales_hbm: Any = None
+    sbuf: Any = None
     if quantized:
         scales_hbm, out_ref, kbuf, sbuf, sem = rest
     else:
-        (out_ref, kbuf, sem), scales_hbm, sbuf = rest, None, None
+        out_ref, kbuf, sem = rest
     b, g = pl.program_id(0), pl.program_id(1)
     layer = layer_ref[0]
     kv_dim = values_hbm.shape[1]
@@ -221,7 +224,7 @@ def backend_for(platform: str) -> str:
 @functools.partial(jax.jit, static_argnames=("softmax_scale", "value_dim", "backend"))
 def attend(
     cache: KVCacheBuffer,
-    layer,
+    layer: int | jax.Array,  # int or traced int32 scalar
     q: jax.Array,
     page_table: jax.Array,
     start_pos: jax.Array,

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from jax.typing import DTypeLike
 
 from jaxkv import _native
 from jaxkv.layout.buffer import HEADS_AXIS, KVCacheBuffer
@@ -76,7 +77,7 @@ def _pow2_ceil(x: jax.Array) -> jax.Array:
     return jnp.ldexp(jnp.ones_like(x), jnp.where(mantissa == 0.5, exponent - 1, exponent))
 
 
-def quantize(x: jax.Array, dtype, scale_dtype, granularity: int) -> tuple[jax.Array, jax.Array]:
+def quantize(x: jax.Array, dtype: DTypeLike, scale_dtype: DTypeLike, granularity: int) -> tuple[jax.Array, jax.Array]:
     """Quantize `x` [..., D] in groups of `granularity` consecutive elements.
 
     scale = amax(|group|) / max(dtype), stored in `scale_dtype`: an all-zero
@@ -201,7 +202,7 @@ def _attend(q, keys, vals, pos, seq_end, softmax_scale: float) -> jax.Array:
 
 def paged_attention_shard(
     cache: KVCacheBuffer,  # this shard's values/scales
-    layer,  # int or traced int32 scalar
+    layer: int | jax.Array,  # int or traced int32 scalar
     q: jax.Array,  # [B, T, query heads of this shard, head_dim]
     k: jax.Array,  # [B, T, KV heads of this shard, head_dim]; MLA: [B, T, latent]
     v: jax.Array | None,  # like k; None for MLA
@@ -307,7 +308,7 @@ def _cache_mesh(cache: KVCacheBuffer) -> Mesh | AbstractMesh:
 
 def paged_attention(
     cache: KVCacheBuffer,
-    layer,
+    layer: int | jax.Array,
     q: jax.Array,
     k: jax.Array,
     v: jax.Array | None,

@@ -9,6 +9,9 @@ replicated over the TP group. The mesh and TP axis are read from the sharding.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any, TypeAlias, cast
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
@@ -37,6 +40,16 @@ def _spec_entries(name: str, array) -> tuple:
         raise ValueError(f"{name} must have rank 6 [{', '.join(_AXIS_NAMES)}], got shape {tuple(array.shape)}")
     spec = tuple(array.sharding.spec)
     return spec + (None,) * (6 - len(spec))
+
+
+def _sharding(array: jax.Array) -> NamedSharding:
+    """`array.sharding`: a NamedSharding for every array of a constructed buffer (`_spec_entries` checks it)."""
+    return cast(NamedSharding, array.sharding)
+
+
+def _mesh(array: jax.Array) -> Mesh:
+    """The mesh of `_sharding(array)`: a concrete `Mesh` (an abstract one belongs to tracers, which have no sharding)."""
+    return cast(Mesh, _sharding(array).mesh)
 
 
 def _tp_axis(name: str, array, spec: tuple) -> str:
@@ -86,7 +99,7 @@ class KVCacheBuffer:
     def _validate(self) -> None:
         values, scales = self.values, self.scales
         spec = _spec_entries("values", values)
-        mesh = values.sharding.mesh
+        mesh = _mesh(values)
         if values.dtype not in CACHE_DTYPES:
             raise ValueError(
                 f"values dtype must be one of {', '.join(d.name for d in CACHE_DTYPES)}, got {values.dtype}"
@@ -123,9 +136,9 @@ class KVCacheBuffer:
             raise ValueError(
                 f"scales shape {tuple(scales.shape)} must match values {tuple(values.shape)} on every axis but head_dim"
             )
-        if scales.sharding.mesh.devices.tolist() != mesh.devices.tolist():
+        if _mesh(scales).devices.tolist() != mesh.devices.tolist():
             raise ValueError(
-                f"scales devices {[d.id for d in scales.sharding.mesh.devices.flat]} differ from values "
+                f"scales devices {[d.id for d in _mesh(scales).devices.flat]} differ from values "
                 f"devices {[d.id for d in mesh.devices.flat]}"
             )
         if scale_spec != spec:
@@ -135,11 +148,11 @@ class KVCacheBuffer:
             )
 
     # -- pytree ------------------------------------------------------------
-    def tree_flatten(self):
+    def tree_flatten(self) -> tuple[tuple[jax.Array, jax.Array | None], bool]:
         return (self.values, self.scales), self.replicates_kv_across_tp
 
     @classmethod
-    def tree_unflatten(cls, replicates, children):
+    def tree_unflatten(cls, replicates: bool, children: tuple[Any, Any]) -> KVCacheBuffer:
         # Leaves may be tracers or placeholders inside transformations: no validation.
         obj = object.__new__(cls)
         obj.replicates_kv_across_tp = replicates
@@ -150,14 +163,14 @@ class KVCacheBuffer:
     @property
     def mesh(self) -> Mesh:
         """The mesh the cache is laid out on."""
-        return self.values.sharding.mesh
+        return _mesh(self.values)
 
     @property
     def tp_axis(self) -> str | None:
         """The mesh axis sharding the heads; None when replicated."""
         if self.replicates_kv_across_tp:
             return None
-        axis = self.values.sharding.spec[HEADS_AXIS]
+        axis = _sharding(self.values).spec[HEADS_AXIS]
         return axis[0] if isinstance(axis, tuple) else axis
 
     @property
@@ -179,7 +192,7 @@ class KVCacheBuffer:
         Replicated shards are ordered (and numbered) by mesh position.
         """
         if self.replicates_kv_across_tp:
-            rank = {d: i for i, d in enumerate(array.sharding.mesh.devices.flat)}
+            rank = {d: i for i, d in enumerate(_mesh(array).devices.flat)}
             pairs = [(rank[s.device], s.data) for s in array.addressable_shards]
         else:
             h = array.shape[HEADS_AXIS] // self.tp_degree
@@ -281,11 +294,11 @@ class MultiKVCacheBuffer:
         """Every child's `to_memory()` units, in the order of `children`. Copies nothing."""
         return [u for child in self.children.values() for u in child.to_memory()]
 
-    def tree_flatten(self):
+    def tree_flatten(self) -> tuple[tuple[KVCacheBuffer, ...], tuple[str, ...]]:
         return tuple(self.children.values()), tuple(self.children)
 
     @classmethod
-    def tree_unflatten(cls, names, children):
+    def tree_unflatten(cls, names: tuple[str, ...], children: Iterable[Any]) -> MultiKVCacheBuffer:
         obj = object.__new__(cls)
         obj.children = dict(zip(names, children, strict=True))
         return obj
@@ -296,8 +309,12 @@ class MultiKVCacheBuffer:
 
 jax.tree_util.register_pytree_node_class(MultiKVCacheBuffer)
 
+Cache: TypeAlias = KVCacheBuffer | MultiKVCacheBuffer
+"""What every `cache` parameter accepts: one `KVCacheBuffer`, or several managed together as a
+`MultiKVCacheBuffer` (whose pages are moved, stored and hashed as one row of all its children)."""
 
-def check_tp_mesh(mesh, tp_axis: str) -> int:
+
+def check_tp_mesh(mesh: Mesh, tp_axis: str) -> int:
     """Validate a TP mesh (a `Mesh` with axis `tp_axis`, every other axis of size 1); returns the TP degree."""
     if not isinstance(mesh, Mesh):
         raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
@@ -329,14 +346,15 @@ def allocate_buffer(params: KVCacheParams, mesh: Mesh, num_pages: int, tp_axis: 
     sharding = NamedSharding(mesh, spec)
     shape = (num_pages, params.kv_dim, params.num_layers, params.page_size, params.n_kv_heads)
     values_shape = shape + (params.head_dim,)
-    if params.quant is None:
+    quant = params.quant
+    if quant is None:
         values = jax.jit(lambda: _zero_bytes(values_shape, params.dtype), out_shardings=sharding)()
         return KVCacheBuffer(replicated, values)
     scales_shape = shape + (params.scales_per_head,)
     values, scales = jax.jit(
         lambda: (
             _zero_bytes(values_shape, params.dtype),
-            _zero_bytes(scales_shape, params.quant.scale_dtype),
+            _zero_bytes(scales_shape, quant.scale_dtype),
         ),
         out_shardings=(sharding, sharding),
     )()

@@ -40,7 +40,7 @@ import hashlib
 import numpy as np
 
 from jaxkv import _native as native
-from jaxkv.layout.buffer import KVCacheBuffer, MultiKVCacheBuffer
+from jaxkv.layout.buffer import Cache, KVCacheBuffer, MultiKVCacheBuffer
 from jaxkv.layout.params import KVCacheParams
 
 # Bump when the meaning of a row changes: every stored block becomes a miss.
@@ -99,7 +99,7 @@ class RowLayout:
     @property
     def fingerprint(self) -> bytes:
         """SHA-256 of what the row's bytes mean. Equal layouts, equal digests; nothing else matters."""
-        desc = [(u.kind, u.dtype, u.page_shape, u.bytes_per_page) for u in self.units]
+        desc: list[tuple] = [(u.kind, u.dtype, u.page_shape, u.bytes_per_page) for u in self.units]
         if self.owned_shards:
             desc.append(("owned TP shards", self.owned_shards))
         return hashlib.sha256(_TAG + repr(desc).encode()).digest()
@@ -128,7 +128,7 @@ class RowLayout:
         return StoredLayout.of(self)
 
     @classmethod
-    def of(cls, cache: KVCacheBuffer | MultiKVCacheBuffer | KVCacheParams, *, tp: int | None = None) -> RowLayout:
+    def of(cls, cache: Cache | KVCacheParams, *, tp: int | None = None) -> RowLayout:
         """The row layout of a cache, or of the cache `KVCacheParams` describe at TP degree `tp`.
 
         From params the cache is taken to live in one process (every shard local).
@@ -166,8 +166,8 @@ def _units_from_params(params: KVCacheParams, tp: int) -> tuple[RowUnit, ...]:
     replicated = params.replicated(tp)
     copies = 1 if replicated else tp
     kinds = [("values", params.dtype, params.shape_per_page(tp))]
-    if params.quant is not None:
-        kinds.append(("scales", params.quant.scale_dtype, params.shape_per_scale_page(tp)))
+    if params.quant is not None and (scale_shape := params.shape_per_scale_page(tp)) is not None:
+        kinds.append(("scales", params.quant.scale_dtype, scale_shape))
     units = []
     for kind, dtype, shape in kinds:
         width = dtype.itemsize
@@ -194,7 +194,7 @@ def _owned_shards(children: list[KVCacheBuffer]) -> tuple:
     return tuple(owned)
 
 
-def layout_fingerprint(cache, *, tp: int | None = None) -> bytes:
+def layout_fingerprint(cache: Cache | KVCacheParams, *, tp: int | None = None) -> bytes:
     """`RowLayout.of(cache, tp=tp).fingerprint`: the one layout fingerprint of a cache."""
     return RowLayout.of(cache, tp=tp).fingerprint
 

@@ -10,12 +10,15 @@ runs inside the jitted gather of `read_pages`, over the requested pages only;
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import jax
 import numpy as np
 
 from jaxkv.layout import pages as _pages
 
+# jaxlib ships no type stub for `jax.Device` (jax's own stubs spell it `Any`), so pyright rejects it in an
+# annotation: those lines say `pyright: ignore[reportInvalidTypeForm]`.
 KINDS = ("values", "scales")
 
 
@@ -39,7 +42,7 @@ class KVCacheMemory:
         return self._shard
 
     @property
-    def device(self) -> jax.Device:
+    def device(self) -> jax.Device:  # pyright: ignore[reportInvalidTypeForm]
         """The device whose memory holds this unit's pages."""
         (device,) = self._shard.devices()
         return device
@@ -65,7 +68,7 @@ class KVCacheMemory:
         return math.prod(self.page_shape) * self.dtype.itemsize
 
     @property
-    def devices(self) -> list[jax.Device]:
+    def devices(self) -> list[jax.Device]:  # pyright: ignore[reportInvalidTypeForm]
         """Every device this unit's bytes live on (one, unless replicated)."""
         return [self.device]
 
@@ -77,12 +80,12 @@ class KVCacheMemory:
         """
         return _pages.shard_bytes_jit(self._shard)
 
-    def read_pages(self, page_ids) -> jax.Array:
+    def read_pages(self, page_ids: _pages.PageIds) -> jax.Array:
         """Bytes of the pages `page_ids`: `[len(page_ids), bytes_per_page]` uint8 on `device`."""
         ids = _pages.check_page_ids(page_ids, self.total_num_pages)
         return _pages.read_pages_jit(self._shard, ids)
 
-    def write_pages(self, page_ids, page_bytes) -> KVCacheMemory:
+    def write_pages(self, page_ids: _pages.PageIds, page_bytes: np.ndarray | jax.Array) -> KVCacheMemory:
         """A new unit whose pages `page_ids` hold `page_bytes`; this unit is unchanged.
 
         The inverse of `read_pages`, bit-exact. `page_bytes` is
@@ -129,7 +132,7 @@ class ReplicatedKVCacheMemory(KVCacheMemory):
     replica only).
     """
 
-    def __init__(self, root: jax.Array, peers: list[KVCacheMemory | jax.Array], *, kind: str):
+    def __init__(self, root: jax.Array, peers: Sequence[KVCacheMemory | jax.Array], *, kind: str):
         super().__init__(root, kind=kind, shard_index=0)
         units = []
         for i, peer in enumerate(peers, start=1):
@@ -148,7 +151,7 @@ class ReplicatedKVCacheMemory(KVCacheMemory):
         `shard_index` its position along the TP axis."""
 
     @property
-    def devices(self) -> list[jax.Device]:
+    def devices(self) -> list[jax.Device]:  # pyright: ignore[reportInvalidTypeForm]
         """The root's device, then every peer's: each holds the same bytes."""
         return [self.device] + [p.device for p in self.peers]
 

@@ -21,18 +21,26 @@ computation (directly, or per shard inside `jax.shard_map`). Two families:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeAlias
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.typing import DTypeLike
 
 from jaxkv import _native as native
 
+PageIds: TypeAlias = Sequence[int] | np.ndarray | jax.Array
+"""Page ids as callers pass them: a rank-1 sequence, numpy array or jax.Array of ints (see `check_page_ids`)."""
+
+# jaxlib ships no type stub for `jax.Device` (jax's own stubs spell it `Any`), so pyright rejects it in an
+# annotation: those lines say `pyright: ignore[reportInvalidTypeForm]`.
 _WORD_DTYPES = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
 
 
-def word_dtype(dtype) -> jnp.dtype:
+def word_dtype(dtype: DTypeLike) -> np.dtype:
     """The unsigned integer dtype as wide as `dtype`."""
     return jnp.dtype(_WORD_DTYPES[jnp.dtype(dtype).itemsize])
 
@@ -112,12 +120,12 @@ def scatter_page_bytes_from_pool(
     return call(shard, page_ids, pool, slots, offset)
 
 
-def native_enabled(devices) -> bool:
+def native_enabled(devices: Iterable[jax.Device]) -> bool:  # pyright: ignore[reportInvalidTypeForm]
     """Whether the native memcpy kernels serve these devices (all CPU, kernels built)."""
     return all(d.platform == "cpu" for d in devices) and native.available()
 
 
-def kernels(devices) -> tuple:
+def kernels(devices: Iterable[jax.Device]) -> tuple[Callable[..., jax.Array], Callable[..., jax.Array]]:  # pyright: ignore[reportInvalidTypeForm]
     """(gather, scatter) per-shard kernels for arrays on `devices`.
 
     On XLA:CPU the native kernels: XLA:CPU's gather moves about 4 GB/s, and a
@@ -135,12 +143,14 @@ _jitted = {
 }
 
 
-def read_pages_jit(shard: jax.Array, page_ids) -> jax.Array:
+def read_pages_jit(shard: jax.Array, page_ids: np.ndarray | jax.Array) -> jax.Array:
     """Jitted gather of page bytes from a single-device shard, with the best kernel for its device."""
     return _jitted[kernels(shard.devices())[0]](shard, page_ids)
 
 
-def write_pages_jit(shard: jax.Array, page_ids, page_bytes) -> jax.Array:
+def write_pages_jit(
+    shard: jax.Array, page_ids: np.ndarray | jax.Array, page_bytes: np.ndarray | jax.Array
+) -> jax.Array:
     """Jitted (non-donating) scatter of page bytes into a copy of a single-device shard."""
     return _jitted[kernels(shard.devices())[1]](shard, page_ids, page_bytes)
 
@@ -148,7 +158,7 @@ def write_pages_jit(shard: jax.Array, page_ids, page_bytes) -> jax.Array:
 shard_bytes_jit = jax.jit(shard_bytes)
 
 
-def check_page_ids(page_ids, num_pages: int, *, name: str = "page_ids") -> np.ndarray:
+def check_page_ids(page_ids: PageIds, num_pages: int, *, name: str = "page_ids") -> np.ndarray:
     """Validate page ids on the host; returns them as an int32 numpy array.
 
     Accepts a sequence, numpy array or jax.Array of integers, rank 1. Raises

@@ -12,6 +12,7 @@ import math
 
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
 
 # Value dtypes a cache may hold without quantization.
 CACHE_DTYPES = (
@@ -46,7 +47,7 @@ def _positive_int(field: str, value) -> None:
         raise ValueError(f"{field} must be a positive int, got {value!r}")
 
 
-def check_value_scale_dtypes(value_dtype, scale_dtype) -> None:
+def check_value_scale_dtypes(value_dtype: DTypeLike, scale_dtype: DTypeLike) -> None:
     """Raise `ValueError` unless (value_dtype, scale_dtype) is a supported pair."""
     value_dtype, scale_dtype = jnp.dtype(value_dtype), jnp.dtype(scale_dtype)
     if value_dtype not in QUANT_VALUE_DTYPES:
@@ -184,8 +185,8 @@ class KVCacheParams:
     def shard_bytes_per_page(self, tp: int) -> int:
         """Bytes of one page on one TP shard, values plus scales."""
         n = math.prod(self.shape_per_page(tp)) * self.dtype.itemsize
-        if self.quant is not None:
-            n += math.prod(self.shape_per_scale_page(tp)) * self.quant.scale_dtype.itemsize
+        if self.quant is not None and (scale_shape := self.shape_per_scale_page(tp)) is not None:
+            n += math.prod(scale_shape) * self.quant.scale_dtype.itemsize
         return n
 
     def bytes_per_page(self, tp: int) -> int:

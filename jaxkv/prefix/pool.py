@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
+from collections.abc import Container
 
 NULL_PAGE = 0
 
@@ -53,7 +54,7 @@ class BlockPool:
         """The page holding `block_hash`, or None."""
         return self.hash_to_page.get(block_hash)
 
-    def next_free(self, n: int, skip=()) -> list[int]:
+    def next_free(self, n: int, skip: Container[int] = ()) -> list[int]:
         """The `n` pages `allocate` would hand out next, once the pages in `skip` left the free queue.
 
         Nothing changes: a caller plans on these pages before taking them.

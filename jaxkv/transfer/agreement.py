@@ -36,15 +36,17 @@ from __future__ import annotations
 import itertools
 import time
 import warnings
+from collections.abc import Iterable
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxkv import _jax_compat
-from jaxkv.layout.buffer import KVCacheBuffer, MultiKVCacheBuffer
+from jaxkv.layout.buffer import Cache, KVCacheBuffer, MultiKVCacheBuffer
 
 MECHANISMS = ("auto", "store", "collective")
 
@@ -65,7 +67,7 @@ class GroupAgreementError(RuntimeError):
     """
 
 
-def cache_arrays(cache) -> list[jax.Array]:
+def cache_arrays(cache: Cache) -> list[jax.Array]:
     """The values/scales arrays of a KVCacheBuffer or MultiKVCacheBuffer (empty for anything else)."""
     if isinstance(cache, MultiKVCacheBuffer):
         children = list(cache.children.values())
@@ -76,12 +78,12 @@ def cache_arrays(cache) -> list[jax.Array]:
     return [a for c in children for a in (c.values, c.scales) if a is not None]
 
 
-def cache_processes(cache) -> tuple[int, ...]:
+def cache_processes(cache: Cache) -> tuple[int, ...]:
     """The process indices of every device the cache spans, sorted."""
     return tuple(sorted({d.process_index for a in cache_arrays(cache) for d in a.sharding.device_set}))
 
 
-def spans_processes(cache) -> bool:
+def spans_processes(cache: Cache) -> bool:
     """Whether the cache's devices belong to more than one process."""
     return len(cache_processes(cache)) > 1
 
@@ -96,7 +98,7 @@ class GroupAgreement:
 
     def __init__(
         self,
-        processes,
+        processes: Iterable[int],
         *,
         mesh: jax.sharding.Mesh | None = None,
         name: str | None = None,
@@ -148,19 +150,20 @@ class GroupAgreement:
         """Completed `min` calls."""
         self.seconds = 0.0
         """Wall time spent in `min`, waiting for peers included."""
-        self._client = client
+        self._client: Any = client  # jaxlib's coordination client (no type stub); None unless 'store'
         self._mesh = mesh
         self._collective = None
         self._broken: str | None = None
 
     @classmethod
-    def for_cache(cls, cache, **kwargs) -> GroupAgreement | None:
+    def for_cache(cls, cache: Cache, **kwargs: Any) -> GroupAgreement | None:
         """The agreement over the processes `cache` spans; None when it spans one (no cost at all)."""
         processes = cache_processes(cache)
         if len(processes) < 2:
             return None
         (array, *_) = cache_arrays(cache)
-        return cls(processes, mesh=array.sharding.mesh, **kwargs)
+        sharding = cast(NamedSharding, array.sharding)  # every cache array's: checked when the cache was built
+        return cls(processes, mesh=cast(Mesh, sharding.mesh), **kwargs)
 
     def min(self, value: int) -> int:
         """The minimum of `value` over the group. Raises `GroupAgreementError` on timeout."""
@@ -196,6 +199,7 @@ class GroupAgreement:
 
     def _collective_min(self, value: int) -> int:
         mesh = self._mesh
+        assert mesh is not None  # __init__ requires one for mechanism 'collective'
         sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))
         if self._collective is None:
             self._collective = jax.jit(jnp.min, out_shardings=NamedSharding(mesh, P()))

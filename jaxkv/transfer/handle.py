@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 
@@ -21,7 +21,7 @@ class Transfer:
         direction: str,
         num_pages: int,
         nbytes: int,
-        arrays: list[jax.Array] = (),
+        arrays: Sequence[jax.Array] = (),
         on_complete: Callable[[], None] | None = None,
     ):
         self.direction = direction
@@ -34,7 +34,8 @@ class Transfer:
 
     def is_complete(self) -> bool:
         """Whether every copy has finished. Never blocks."""
-        return all(a.is_deleted() or a.is_ready() for a in self._arrays)
+        # is_ready is on every concrete array, but jax.Array's type stub does not declare it.
+        return all(a.is_deleted() or a.is_ready() for a in self._arrays)  # pyright: ignore[reportAttributeAccessIssue]
 
     def synchronize(self) -> Transfer:
         """Block until the copy has finished and its bytes are in place."""
