@@ -267,6 +267,10 @@ class KVCacheBuffer:
         return f"KVCacheBuffer(values={self.values.dtype}{list(self.values.shape)}{scales}, TP {self.tp_degree} {axis})"
 
 
+# Not `jax.tree_util.register_dataclass`, which unflattens by calling the class: the constructor's checks would
+# run on every unflatten of concrete leaves (each jit output: 7-14x this unflatten's time), and be skipped for
+# any other leaves (tracers, the PartitionSpecs of `jax.tree.map`), letting a numpy `values` through. Without
+# checks its unflatten is still ~1.5x this one; its flatten is ~0.7x (bench/pytree.py, docs/benchmarks.md).
 jax.tree_util.register_pytree_node_class(KVCacheBuffer)
 
 
@@ -307,6 +311,7 @@ class MultiKVCacheBuffer:
         return f"MultiKVCacheBuffer({', '.join(f'{k}={v!r}' for k, v in self.children.items())})"
 
 
+# Not `register_dataclass` either, for the same reason: its unflatten with the checks is ~5.5x (bench/pytree.py).
 jax.tree_util.register_pytree_node_class(MultiKVCacheBuffer)
 
 Cache: TypeAlias = KVCacheBuffer | MultiKVCacheBuffer
