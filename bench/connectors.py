@@ -365,8 +365,7 @@ def bench_host_hits(mesh, batches, *, quick: bool, rng) -> tuple[list[dict], dic
     row_bytes, num_pages, host_rows = 256 * KIB, 256, 256
     params = params_for(row_bytes)
     cache = random_cache(params, mesh, num_pages, rng)
-    store = jaxkv.TieredStore.for_cache(cache, host_rows * row_bytes)  # host tier only
-    worker = jaxkv.OffloadWorker(cache, store)
+    store, worker = jaxkv.open_tiers(cache, host_rows * row_bytes)  # host tier only
     engine = worker.engine
     held = rng.permutation(num_pages)[: 2 * max(batches)].astype(np.int32)
     hashes = new_hashes(held.size)
@@ -423,7 +422,7 @@ def bench_host_hits(mesh, batches, *, quick: bool, rng) -> tuple[list[dict], dic
         d2h_path=engine.d2h_path,
         tiers=store.tier_names,
     )
-    store.close()
+    worker.close()
     return out, cond
 
 
@@ -436,11 +435,10 @@ def bench_tiered(mesh, root: Path, *, quick: bool, rng) -> dict:
     cache = random_cache(params, mesh, 2 * k, rng)
     disk_capacity = 4 * k * (HEADER_BYTES + row_bytes)  # no disk eviction in this run
     policy = jaxkv.TierPolicy(write_through=True, promote_on_load=True)
-    store = jaxkv.TieredStore.for_cache(
+    store, worker = jaxkv.open_tiers(
         cache, k * row_bytes, disk_directory=root / "tiered", disk_capacity_bytes=disk_capacity, policy=policy
     )
-    worker = jaxkv.OffloadWorker(cache, store)
-    engine, disk = worker.engine, store.tiers["disk"]
+    engine, disk = worker.engine, worker.tiers["disk"]
     assert engine.row_bytes == row_bytes and store.host.num_slots == k, (engine.row_bytes, store.host.num_slots)
     src = np.arange(k, dtype=np.int32)  # stored from these device pages ...
     dst = np.arange(k, 2 * k, dtype=np.int32)  # ... and loaded back into these
@@ -455,8 +453,9 @@ def bench_tiered(mesh, root: Path, *, quick: bool, rng) -> dict:
     results: list[jaxkv.StoreResult] = []
 
     def offload_setup():
-        store.host.clear()
-        disk.clear()
+        store.host.clear()  # the scheduler's host slots, all free again
+        disk.clear()  # the worker's files, and what the store's index of the disk tier knows of them
+        store.lower["disk"].discard(h for batch in batches for h in batch)
         store.reset_metrics()
         batches.append(new_hashes(k))
         os.sync()
@@ -495,7 +494,7 @@ def bench_tiered(mesh, root: Path, *, quick: bool, rng) -> dict:
     m = store.metrics  # the last round's (reset before each)
     assert m["disk"].bytes_written == nbytes and m["disk"].blocks_stored == k, m
     assert m.dropped_offloads == 0 and m["disk"].evictions == 0 and m["host"].evictions == 0, m
-    assert disk.used_bytes == k * disk.file_bytes
+    assert disk.used_bytes == k * disk.file_bytes == store.bytes()["disk"][0]  # the tier and its index agree
     # One more batch (untimed): the last round's blocks leave host memory and stay on disk.
     batches.append(new_hashes(k))
     store_blocks(store, worker, state["cache"], batches[-1], src)
@@ -570,7 +569,7 @@ def bench_tiered(mesh, root: Path, *, quick: bool, rng) -> dict:
     res["load_composed_ratio"] = med(paired(r["load_disk"], both_r))
     res["seconds"] = {"offload": w, "load": r}
     res["offload_ok"], res["load_ok"] = verdict(res["offload_ratio"]), verdict(res["load_ratio"])
-    store.close()
+    worker.close()
     shutil.rmtree(disk.directory, ignore_errors=True)
     for p in plain:
         shutil.rmtree(p.directory, ignore_errors=True)

@@ -87,14 +87,13 @@ def bench_one(root: Path, mesh, row_bytes: int, k: int, *, quick: bool, rng) -> 
     src, dst = list(range(k)), list(range(k, 2 * k))
     want = page_rows(cache, src)
     directory = root / f"tier-{row_bytes}"
-    store = jaxkv.TieredStore.for_cache(
+    store, worker = jaxkv.open_tiers(
         cache,
         k * row_bytes,
         disk_directory=directory,
         disk_capacity_bytes=2 * k * (row_bytes + 4096),
         policy=jaxkv.TierPolicy(write_through=True, promote_on_load=True),
     )
-    worker = jaxkv.OffloadWorker(cache, store)
     hashes = [os.urandom(32) for _ in range(k)]
     plan = store.prepare_store(hashes, src)
     store.complete_store(worker.store(cache, plan).result())
@@ -173,7 +172,7 @@ def bench_one(root: Path, mesh, row_bytes: int, k: int, *, quick: bool, rng) -> 
     def gbps(seconds):
         return nbytes / statistics.median(seconds) / 1e9
 
-    store.close()
+    worker.close()
     shutil.rmtree(directory, ignore_errors=True)
     shutil.rmtree(plain, ignore_errors=True)
     per = 1 << max(0, (worker_mod.LOAD_CHUNK_BYTES // row_bytes).bit_length() - 1)

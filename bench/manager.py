@@ -282,10 +282,9 @@ def bench_hit_rates(events, device_pages: list[int], host_pages: int) -> list[di
         with tempfile.TemporaryDirectory(dir=_common.RESULTS.parent) as tmp:
             cache = jaxkv.allocate_buffer(params, mesh, n)
             row = jaxkv.RowLayout.of(cache).row_bytes
-            store = jaxkv.TieredStore.for_cache(
+            store, worker = jaxkv.open_tiers(
                 cache, host_pages * row, disk_directory=Path(tmp) / "disk", disk_capacity_bytes=1 << 34
             )
-            worker = jaxkv.OffloadWorker(cache, store)
             m = jaxkv.PagedKVCacheManager(cache, store)
             t0 = time.perf_counter()
             cache = serve(m, events, worker, cache)
@@ -311,7 +310,7 @@ def bench_hit_rates(events, device_pages: list[int], host_pages: int) -> list[di
                     seconds=seconds,
                 )
             )
-            store.close()
+            worker.close()
     return rows
 
 

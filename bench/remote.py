@@ -220,8 +220,8 @@ def bench_load(url: str, prefix: str, k: int, *, repeats: int, warmup: int, rng)
     mesh = jax.make_mesh((TP,), ("tp",), devices=jax.devices()[:TP])
     cache = random_cache(params, mesh, 2 * k, rng)
     remote = RemoteTier(url, prefix=prefix, socket_timeout=30)
-    store = jaxkv.TieredStore(jaxkv.RowLayout.of(cache), [jaxkv.HostTier(k * row_bytes), remote])
-    worker = jaxkv.OffloadWorker(cache, store)
+    worker = jaxkv.OffloadWorker(cache, [jaxkv.HostTier(k * row_bytes), remote])
+    store = jaxkv.TieredStore(worker.spec(), probe=worker.probe)  # the probe asks the server about blocks
     engine = worker.engine
     src = np.arange(k, dtype=np.int32)
     dst = np.arange(k, 2 * k, dtype=np.int32)
@@ -286,7 +286,7 @@ def bench_load(url: str, prefix: str, k: int, *, repeats: int, warmup: int, rng)
     remote.clear()
     delete_keys(client, plain_keys)
     client.close()
-    store.close()
+    worker.close()
     nbytes = k * row_bytes
     load_ratio, load_range = ratio(t["load"], t["plain"])
     return dict(

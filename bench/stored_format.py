@@ -220,17 +220,18 @@ def end_to_end_case(params, tp: int, pages: int, repeats: int, tmp: Path) -> dic
         ("local", TPLocalDisk.make(tmp / "local", 1 << 40)),
         ("stored", DiskTier(tmp / "stored", 1 << 40)),
     ):
-        store = jaxkv.TieredStore(layout, [jaxkv.HostTier(pages * layout.row_bytes), disk])
+        worker = jaxkv.OffloadWorker(src, [jaxkv.HostTier(pages * layout.row_bytes), disk])  # opens the disk tier
         assert disk.converts == (name == "stored" and not layout.stored.identity)
-        stacks[name] = [store, jaxkv.OffloadWorker(src, store), jaxkv.allocate_buffer(params, mesh, num_pages=pages)]
+        stacks[name] = [jaxkv.TieredStore(worker.spec()), worker, jaxkv.allocate_buffer(params, mesh, num_pages=pages)]
     hashes_ = {n: hashes(pages, n) for n in stacks}
     ids = list(range(pages))
 
     def forget(name):
         def run():
-            store = stacks[name][0]
+            store, worker, _ = stacks[name]
             store.host.clear()
-            store.tiers["disk"].clear()
+            worker.tiers["disk"].clear()  # the files, and the store's index of them
+            store.lower["disk"].discard(hashes_[name])
 
         return run
 
@@ -265,7 +266,7 @@ def end_to_end_case(params, tp: int, pages: int, repeats: int, tmp: Path) -> dic
     want = np.asarray(src.values)[::-1].tobytes()
     for n in stacks:
         assert np.asarray(stacks[n][2].values).tobytes() == want, f"{n}: a loaded page differs"
-        stacks[n][0].close()
+        stacks[n][1].close()  # the worker closes its tiers
     nbytes = pages * layout.row_bytes
     row = {}
     for op, times in (("store", w), ("load", r)):

@@ -26,14 +26,14 @@ params = jaxkv.KVCacheParams(jnp.bfloat16, n_kv_heads=8, head_dim=64, num_layers
 mesh = jax.make_mesh((4,), ("tp",), devices=jax.devices()[:4])
 cache = jaxkv.allocate_buffer(params, mesh, num_pages=9)  # small on purpose: pages travel
 
-# Scheduler side: host memory and disk behind the device, and the prefix-caching manager.
+# Host memory and disk behind the device, both sides at once: the store (scheduler side) knows which
+# block is where; the worker owns the bytes (host rows, disk files) and moves pages as the store plans.
 row = jaxkv.RowLayout.of(cache).row_bytes
-store = jaxkv.TieredStore.for_cache(
+store, worker = jaxkv.open_tiers(
     cache, 4 * row, disk_directory=tempfile.mkdtemp(prefix="jaxkv-"), disk_capacity_bytes=64 << 20
 )
+# Scheduler side: the prefix-caching manager decides which pages each request uses, over the store.
 manager = jaxkv.PagedKVCacheManager(cache, store)
-# Worker side: moves pages between the cache it is handed and the store's tiers.
-worker = jaxkv.OffloadWorker(cache, store)
 
 
 CHUNK = 32  # prompt chunks are padded to this many tokens: one compiled step
@@ -96,4 +96,4 @@ for i, prompt in enumerate(prompts + prompts[:2]):  # the last two come back aft
 m = manager.metrics
 print(f"hit rate {m.hit_rate:.0%}; tokens from {m.tokens_from}; recomputed {m.tokens_recomputed}")
 print({name: (t.blocks_stored, t.blocks_loaded, t.evictions) for name, t in store.metrics.tiers.items()})
-store.close()
+worker.close()  # the tiers are the worker's: it closes the disk tier's files and frees the host rows

@@ -34,12 +34,12 @@ prompt = np.random.default_rng(0).integers(0, 1000, 88).astype(np.int32)  # 5 fu
 
 
 def stack(tp: int, directory: pathlib.Path):
-    """A cache on a TP-`tp` mesh, host memory and disk behind it, the manager and the worker."""
+    """A cache on a TP-`tp` mesh, host memory and disk behind it: (cache, the manager over the store, the worker)."""
     mesh = jax.make_mesh((tp,), ("tp",), devices=jax.devices()[:tp])
     cache = jaxkv.allocate_buffer(params, mesh, num_pages=16)
     row = jaxkv.RowLayout.of(cache).row_bytes
-    store = jaxkv.TieredStore.for_cache(cache, 8 * row, disk_directory=directory, disk_capacity_bytes=64 << 20)
-    return cache, store, jaxkv.PagedKVCacheManager(cache, store), jaxkv.OffloadWorker(cache, store)
+    store, worker = jaxkv.open_tiers(cache, 8 * row, disk_directory=directory, disk_capacity_bytes=64 << 20)
+    return cache, jaxkv.PagedKVCacheManager(cache, store), worker
 
 
 @jax.jit
@@ -66,7 +66,7 @@ def page_bytes(cache, pages) -> list[bytes]:
 
 
 def store(directory: pathlib.Path) -> None:
-    cache, store, manager, worker = stack(4, directory)
+    cache, manager, worker = stack(4, directory)
     req = manager.add_request("r", prompt)
     table = manager.page_table("r", width=8)
     cache = write_kv(cache, table, 0, prompt)
@@ -75,11 +75,11 @@ def store(directory: pathlib.Path) -> None:
     full = len(prompt) // params.page_size
     np.save(directory / "reference.npy", np.array(page_bytes(cache, req.pages[:full])))
     print(f"TP 4: stored {full} blocks of {len(prompt)} prompt tokens in {directory}")
-    store.close()
+    worker.close()  # closes the disk tier (the store holds only indexes)
 
 
 def serve(directory: pathlib.Path) -> None:
-    cache, store, manager, worker = stack(2, directory)
+    cache, manager, worker = stack(2, directory)
     req = manager.add_request("r", prompt)
     assert req.load is not None, "nothing found on disk"
     cache, handle = worker.load(cache, req.load)
@@ -92,7 +92,7 @@ def serve(directory: pathlib.Path) -> None:
     table = manager.page_table("r", width=8)
     cache = write_kv(cache, table, req.num_cached_tokens, prompt[req.num_cached_tokens :])  # only the rest is computed
     print(f"TP 2: pages bit-identical to TP 4's; computed the last {len(prompt) - req.num_cached_tokens} tokens")
-    store.close()
+    worker.close()  # closes the disk tier (the store holds only indexes)
 
 
 def main() -> None:

@@ -228,22 +228,22 @@ def load(worker, store, cache, plan):
 
 def tiered_scenario(params, mesh, arrays, process, base: Path) -> dict:
     """Store and reload through each process's host and disk tiers; refusals and failures agree."""
-    from jaxkv import GroupAgreement, OffloadWorker, TieredStore, allocate_buffer
+    from jaxkv import GroupAgreement, allocate_buffer, open_tiers
     from jaxkv.tiers.disk import SUFFIX
 
     replicated = params.replicated(TP)
     src = global_cache(params, mesh, arrays)
     row = params.host_bytes_per_page(TP) // (1 if replicated else NUM_PROCESSES)
     # agreement="auto" (the default): the TP group's GroupAgreement over the coordination service.
-    store = TieredStore.for_cache(src, 2 * row, disk_directory=base, disk_capacity_bytes=1 << 20)
+    store, worker = open_tiers(src, 2 * row, disk_directory=base, disk_capacity_bytes=1 << 20)
     agreement = store.agreement
     assert isinstance(agreement, GroupAgreement) and agreement.mechanism == "store", agreement
     assert agreement.processes == tuple(range(NUM_PROCESSES)), agreement
-    disk = store.tiers["disk"]
+    assert worker.agreement is agreement  # the worker agrees on loads with the same group
+    disk = worker.tiers["disk"]
     assert disk.directory == base / f"process-{process}", disk.directory
-    worker = OffloadWorker(src, store)
-    assert worker.engine.row_bytes == row == store.layout.row_bytes
-    assert store.host.num_slots == 2
+    assert worker.engine.row_bytes == row == store.layout.row_bytes == worker.layout.row_bytes
+    assert store.host.num_slots == worker.host.num_slots == 2
 
     hashes = [block_hash(i) for i in range(6)]
     plan = store.prepare_store(hashes, list(range(6)))
@@ -255,7 +255,7 @@ def tiered_scenario(params, mesh, arrays, process, base: Path) -> dict:
     for i, h in enumerate(hashes):
         assert disk.get(h).tobytes() == expected_row(arrays, i, process, replicated)
     for i, h in enumerate(hashes[4:], 4):
-        assert store.host.pool[store.host.slot_of(h)].tobytes() == expected_row(arrays, i, process, replicated)
+        assert worker.host.pool[store.host.slot_of(h)].tobytes() == expected_row(arrays, i, process, replicated)
     calls = agreement.calls
     assert store.lookup(hashes) == ["disk"] * 4 + ["host"] * 2
     assert agreement.calls == calls + 1  # one agreement per lookup
@@ -341,13 +341,13 @@ def tiered_scenario(params, mesh, arrays, process, base: Path) -> dict:
     out["statuses"] = statuses
     out["agreement_calls"] = agreement.calls
     out["fingerprint"] = store.fingerprint.hex()
-    store.close()
+    worker.close()
     return out
 
 
 def manager_scenario(params, mesh, process, base: Path) -> dict:
     """Drive the prefix-caching manager through a workload; return what it decided per request."""
-    from jaxkv import GroupAgreement, OffloadWorker, PagedKVCacheManager, TieredStore, allocate_buffer
+    from jaxkv import GroupAgreement, PagedKVCacheManager, allocate_buffer, open_tiers
     from jaxkv._cli.workload import chat_workload
 
     class Recording(GroupAgreement):
@@ -364,11 +364,8 @@ def manager_scenario(params, mesh, process, base: Path) -> dict:
     agreement = Recording.for_cache(cache, timeout_s=AGREEMENT_TIMEOUT_S)
     agreement.log = []
     row = params.host_bytes_per_page(TP) // (1 if params.replicated(TP) else NUM_PROCESSES)
-    store = TieredStore.for_cache(
-        cache, 10 * row, disk_directory=base, disk_capacity_bytes=1 << 20, agreement=agreement
-    )
-    assert store.agreement is agreement
-    worker = OffloadWorker(cache, store)
+    store, worker = open_tiers(cache, 10 * row, disk_directory=base, disk_capacity_bytes=1 << 20, agreement=agreement)
+    assert store.agreement is agreement and worker.agreement is agreement
     manager = PagedKVCacheManager(cache, store)
     events = chat_workload(
         np.random.default_rng(7),
@@ -385,7 +382,7 @@ def manager_scenario(params, mesh, process, base: Path) -> dict:
         if process == 1 and step == len(events) // 2:
             # Process 1's disk loses every block: from here on its tiers hold
             # less than process 0's, and the group must still decide alike.
-            for path in store.tiers["disk"].directory.iterdir():
+            for path in worker.tiers["disk"].directory.iterdir():
                 path.unlink()
         rid = f"{conversation}/{step}"
         request = manager.add_request(rid, prompt)
@@ -405,7 +402,7 @@ def manager_scenario(params, mesh, process, base: Path) -> dict:
     m = manager.metrics
     outside = sum(n for source, n in m.tokens_from.items() if source != "device")
     decisions.append(["totals", m.tokens_from["device"], outside, m.tokens_recomputed])
-    store.close()
+    worker.close()
     overruled = sum(value != agreed for value, agreed in agreement.log)
     return {
         "decisions": decisions,
@@ -418,7 +415,7 @@ def manager_scenario(params, mesh, process, base: Path) -> dict:
 
 def agreement_cost(mesh, params, repeats: int = 200) -> dict:
     """Seconds per agreement, each mechanism, and per lookup with and without agreeing."""
-    from jaxkv import OffloadWorker, TieredStore, allocate_buffer
+    from jaxkv import allocate_buffer, open_tiers
     from jaxkv.transfer.agreement import GroupAgreement
 
     out = {}
@@ -437,8 +434,7 @@ def agreement_cost(mesh, params, repeats: int = 200) -> dict:
     out["fallback"] = agreement_fallback(cache)
     hashes = [block_hash(i) for i in range(4)]
     for name, agreement in (("alone", None), ("agreed", "auto")):
-        store = TieredStore.for_cache(cache, 4 * params.host_bytes_per_page(TP), agreement=agreement)
-        worker = OffloadWorker(cache, store)
+        store, worker = open_tiers(cache, 4 * params.host_bytes_per_page(TP), agreement=agreement)
         store.complete_store(worker.store(cache, store.prepare_store(hashes, list(range(4)))).result())
         times = []
         for _ in range(repeats):
@@ -448,7 +444,7 @@ def agreement_cost(mesh, params, repeats: int = 200) -> dict:
         out[f"lookup_{name}_median_s"] = float(np.median(times))
         if agreement == "auto":
             out["auto_mechanism"] = store.agreement.mechanism
-        store.close()
+        worker.close()
     return out
 
 
@@ -531,7 +527,7 @@ def roundtrip(process: int, port: int, out: Path) -> dict:
 
 def kill(process: int, port: int, out: Path) -> dict:
     mesh = start(process, port, recoverable=True)
-    from jaxkv import OffloadWorker, TieredStore
+    from jaxkv import open_tiers
     from jaxkv.tiers import disk as _disk
     from jaxkv.tiers.disk import DiskTier
     from jaxkv.transfer.agreement import GroupAgreement, GroupAgreementError
@@ -541,11 +537,10 @@ def kill(process: int, port: int, out: Path) -> dict:
     src = global_cache(params, mesh, arrays)
     agreement = GroupAgreement.for_cache(src, timeout_s=KILL_TIMEOUT_S)
     row = params.host_bytes_per_page(TP) // NUM_PROCESSES
-    store = TieredStore.for_cache(
+    store, worker = open_tiers(
         src, 2 * row, disk_directory=out / "tiers", disk_capacity_bytes=1 << 20, agreement=agreement
     )
-    worker = OffloadWorker(src, store)
-    disk = store.tiers["disk"]
+    disk = worker.tiers["disk"]
     info = {
         "fingerprint": disk.fingerprint.hex(),  # the stored form's
         "row_bytes": worker.engine.row_bytes,
@@ -621,7 +616,7 @@ def mesh_of(tp: int):
 
 def tp_change(process: int, port: int, out: Path) -> dict:
     start(process, port, recoverable=False)
-    from jaxkv import OffloadWorker, PagedKVCacheManager, TieredStore, allocate_buffer
+    from jaxkv import PagedKVCacheManager, allocate_buffer, open_tiers
 
     result = {}
     src_pages, dst_pages = [6, 1, 3, 0], [2, 7, 0, 5]
@@ -633,11 +628,11 @@ def tp_change(process: int, port: int, out: Path) -> dict:
             base = out / f"tp-{name}-{a}-{b}"
             src = global_cache(params, mesh_of(a), arrays)
             row = params.host_bytes_per_page(a) // NUM_PROCESSES
-            store = TieredStore.for_cache(src, 2 * row, disk_directory=base, disk_capacity_bytes=1 << 22)
+            store, worker = open_tiers(src, 2 * row, disk_directory=base, disk_capacity_bytes=1 << 22)
             plan = store.prepare_store(hashes, list(range(NUM_PAGES)))
-            store.complete_store(OffloadWorker(src, store).store(src, plan).result())
-            stored_fp = store.tiers["disk"].fingerprint
-            store.close()
+            store.complete_store(worker.store(src, plan).result())
+            stored_fp = worker.tiers["disk"].fingerprint
+            worker.close()
             disk = base / f"process-{process}"
             raw = (disk / (hashes[3].hex() + ".kvblock")).read_bytes()
             assert raw.endswith(expected_stored(arrays, 3, process)), "the stored row is not this process's heads"
@@ -645,9 +640,8 @@ def tp_change(process: int, port: int, out: Path) -> dict:
             # "Restart" at TP b over the same directory: a fresh cache and store.
             mesh = mesh_of(b)
             cache = allocate_buffer(params, mesh, NUM_PAGES)
-            store = TieredStore.for_cache(cache, 8 * row, disk_directory=base, disk_capacity_bytes=1 << 22)
-            assert store.tiers["disk"].fingerprint == stored_fp
-            worker = OffloadWorker(cache, store)
+            store, worker = open_tiers(cache, 8 * row, disk_directory=base, disk_capacity_bytes=1 << 22)
+            assert worker.tiers["disk"].fingerprint == stored_fp
             plan = store.prepare_load([hashes[i] for i in src_pages], dst_pages)
             assert plan.sources == ("disk",) * len(src_pages), plan
             cache, handle = worker.load(cache, plan)
@@ -664,7 +658,7 @@ def tp_change(process: int, port: int, out: Path) -> dict:
                     exp = np.ascontiguousarray(shard_slice(expected, position, False, tp=b)).tobytes()
                     assert got == exp, f"{name} {a}->{b}: {kind} shard {position} differs"
                     digests[f"{kind}/{position}"] = digest(got)
-            store.close()
+            worker.close()
             result[f"{name}/{a}->{b}"] = {
                 "digests": digests,
                 "stored_fingerprint": stored_fp.hex(),

@@ -2,7 +2,7 @@
 
     python tests/remote_worker.py ROLE URL PREFIX OUT_JSON
 
-Each process has one CPU device and a `TieredStore` (host -> `RemoteTier`).
+Each process has one CPU device, an `OffloadWorker` (host -> `RemoteTier`) and its `TieredStore`.
 Roles:
 
 - ``store``: fills a cache with random bits (seeded) and stores its pages
@@ -57,8 +57,8 @@ def instance(kind: str, url: str, prefix: str, cache):
     from jaxkv.tiers.remote import RemoteTier
 
     remote = RemoteTier(url, prefix=prefix, socket_timeout=5, connect_timeout=5)
-    store = TieredStore(RowLayout.of(cache), [HostTier(2 * RowLayout.of(cache).row_bytes), remote])
-    return store, OffloadWorker(cache, store), remote
+    worker = OffloadWorker(cache, [HostTier(2 * RowLayout.of(cache).row_bytes), remote])
+    return TieredStore(worker.spec(), probe=worker.probe), worker, remote
 
 
 def run(role: str, url: str, prefix: str) -> dict:
@@ -113,7 +113,7 @@ def run(role: str, url: str, prefix: str) -> dict:
                 "lookup": store.lookup(hashes),
                 "num_held": plan.num_held,
                 "status": handle.status,
-                "get": [repr(e) for e in remote.get_many([(hashes[0], store.host.pool[0])])],
+                "get": [repr(e) for e in remote.get_many([(hashes[0], worker.host.pool[0])])],
                 "corrupt": remote.corrupt,
             }
         return out

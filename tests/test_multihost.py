@@ -32,7 +32,7 @@ from multihost_worker import (
     source_arrays,
 )
 
-from jaxkv import OffloadEngine, PagedKVCacheManager, TieredStore, _jax_compat, layout_fingerprint
+from jaxkv import OffloadEngine, PagedKVCacheManager, _jax_compat, layout_fingerprint, open_tiers
 from jaxkv import _native as native
 from jaxkv.tiers.disk import DiskTier
 from jaxkv.transfer.agreement import GroupAgreement
@@ -158,7 +158,7 @@ def test_tiered_store_reloads_every_shard_bit_exact(roundtrip, name):
     # After the refused and failed loads, a load of blocks 0 and 1 into pages 0 and 1 restored them.
     final = expected_digests(name, seed, [0, 1, 2, 3, 4, 5, 0, 1], [7, 6, 5, 4, 3, 2, 0, 1])
     assert merged([r["tiered"][name] for r in reports], "final") == final
-    # One disk directory per process (TieredStore.for_cache), each with its own shards' rows.
+    # One disk directory per process (open_tiers), each with its own shards' rows.
     assert sorted(p.name for p in (out / f"tiers-{name}").iterdir()) == ["process-0", "process-1"]
 
 
@@ -296,10 +296,12 @@ def test_one_process_agrees_with_nobody(tmp_path):
     disk blocks in the directory it was given, not in a process-<i> subdirectory."""
     src, _, _ = random_buffer(BF16_MHA, 8, 4)
     assert GroupAgreement.for_cache(src) is None
-    assert TieredStore.for_cache(src, 1 << 20).agreement is None
-    store = TieredStore.for_cache(src, 1 << 20, disk_directory=tmp_path, disk_capacity_bytes=1 << 20)
-    assert store.agreement is None and store.tiers["disk"].directory == tmp_path
-    store.close()
+    store, worker = open_tiers(src, 1 << 20)
+    assert store.agreement is None and worker.agreement is None
+    worker.close()
+    store, worker = open_tiers(src, 1 << 20, disk_directory=tmp_path, disk_capacity_bytes=1 << 20)
+    assert store.agreement is None and worker.agreement is None and worker.tiers["disk"].directory == tmp_path
+    worker.close()
 
 
 # Fingerprints of single-process caches at TP 4, row layout v2 (jaxkv/layout/fingerprint.py
@@ -334,7 +336,7 @@ def test_agreement_arguments_are_validated():
         GroupAgreement([0])
     src, _, _ = random_buffer(BF16_MHA, 2, 4)
     with pytest.raises(ValueError, match=r"agreement must be 'auto', None or a GroupAgreement"):
-        TieredStore.for_cache(src, 1 << 20, agreement="always")
+        open_tiers(src, 1 << 20, agreement="always")
 
 
 def test_collective_agreement_in_one_process():

@@ -25,7 +25,8 @@ from redis_server import RedisServer
 from test_tiers import BF16_MHA, FP8_MLA, ROW, all_pages, h, load, offload, page_bytes
 
 from jaxkv import HostTier, KVCacheParams, OffloadWorker, RowLayout, TieredStore, allocate_buffer
-from jaxkv.tiers.disk import _HEADER, HEADER_BYTES, SUFFIX, DiskTier, checksum
+from jaxkv.tiers.blockformat import HEADER, HEADER_BYTES, checksum
+from jaxkv.tiers.disk import SUFFIX, DiskTier
 from jaxkv.tiers.remote import RemoteTier, RemoteUnavailable, RemoteWriteError
 
 TEST_DEADLINE_S = 60  # each test takes a few seconds at most; past this something hangs
@@ -62,8 +63,8 @@ def remote_store(cache, url, host_rows=2, lower=(), **kwargs):
     kwargs = {"socket_timeout": 0.5, "connect_timeout": 0.5, "retry_interval": 0.2, **kwargs}
     remote = RemoteTier(url, **kwargs)
     row = RowLayout.of(cache).row_bytes
-    store = TieredStore(RowLayout.of(cache), [HostTier(host_rows * row), *lower, remote])
-    return store, OffloadWorker(cache, store), remote
+    worker = OffloadWorker(cache, [HostTier(host_rows * row), *lower, remote])
+    return TieredStore(worker.spec(), probe=worker.probe), worker, remote
 
 
 def keys(server) -> list[bytes]:
@@ -135,8 +136,9 @@ def test_device_host_remote_promotes_a_remote_block_bit_exact(params, tp, server
     assert [store.where(h(i)) for i in (0, 1)] == ["host", "host"]  # promoted into host memory
     m = store.metrics["remote"]
     assert (m.blocks_stored, m.blocks_loaded, m.bytes_read, m.hits) == (4, 2, 2 * row, 2)
-    assert store.bytes()["remote"] == (4 * (row + HEADER_BYTES), remote.capacity_bytes)
-    store.close()
+    # The tier's own count, and its index's (4 blocks of header + row): they agree.
+    assert worker.bytes()["remote"] == store.bytes()["remote"] == (4 * (row + HEADER_BYTES), remote.capacity_bytes)
+    worker.close()
 
 
 def test_device_host_disk_remote(server, tmp_path):
@@ -153,7 +155,7 @@ def test_device_host_disk_remote(server, tmp_path):
     assert store.where(h(0)) == "host"
     cache, result = load(store, worker, cache, [h(2)], [6])
     assert result.plan.sources == ("disk",) and page_bytes(cache, 6) == want[2]
-    store.close()
+    worker.close()
 
 
 def test_lookup_asks_the_server_once(server):
@@ -164,8 +166,11 @@ def test_lookup_asks_the_server_once(server):
     real = remote.contains_many
     remote.contains_many = lambda hashes: asked.append(len(hashes)) or real(hashes)
     assert store.lookup([h(i) for i in range(8)]) == ["remote"] * 4 + ["host"] * 2
-    assert asked == [6]  # one round trip, for the blocks host memory does not hold
-    store.close()
+    # One round trip, for the blocks neither host memory nor the remote tier's index holds: the index
+    # learned h0..h3 from the store's answers, host memory holds h4 and h5; h6 and h7 are asked.
+    assert asked == [2]
+    assert store.lookup([h(i) for i in range(4)]) == ["remote"] * 4 and asked == [2]  # all known: no round trip
+    worker.close()
 
 
 def run_worker(role, url, prefix, out: Path) -> subprocess.Popen:
@@ -256,8 +261,8 @@ def test_server_not_running_at_start_logs_once_and_serves_on(tmp_path, caplog):
         store2, worker2, _ = remote_store(fresh, server.url)
         out, result = load(store2, worker2, fresh, [h(3)], [0])
         assert result.status == "loaded" and page_bytes(out, 0) == want[3]
-        store.close()
-        store2.close()
+        worker.close()
+        worker2.close()
     finally:
         server.stop()
 
@@ -275,7 +280,7 @@ def test_server_killed_mid_offload(server):
     assert [store.where(h(i)) for i in range(6)] == ["host"] * 6  # every host copy stays
     assert store.metrics["remote"].errors == 4 and store.metrics.dropped_offloads == 0
     assert store.lookup([h(i) for i in range(6)]) == ["host"] * 6
-    store.close()
+    worker.close()
 
 
 def test_server_killed_mid_load(server):
@@ -302,7 +307,7 @@ def test_server_killed_mid_load(server):
     assert remote.evictions == 2  # stored by this instance, gone from the server
     cache, result = load(store, worker, cache, [h(4), h(5)], [6, 7])  # host memory still serves
     assert result.status == "loaded" and [page_bytes(cache, p) for p in (6, 7)] == want[4:6]
-    store.close()
+    worker.close()
 
 
 def test_server_restarted_empty(server):
@@ -319,12 +324,12 @@ def test_server_restarted_empty(server):
     time.sleep(remote.retry_interval)  # in case the first command met the dead connection
     assert store.lookup([h(0), h(1)]) == [] and h(2) not in remote
     assert remote.contains_many([h(2), h(3)]) == [False, False]
-    assert store.bytes()["remote"][0] == 0 and remote.evictions == 4  # all it stored, seen gone
+    assert worker.bytes()["remote"][0] == 0 and remote.evictions == 4  # all it stored, seen gone
     result = offload(store, worker, src, [0], [h(0)])  # stored again on the new server
     assert result.written == {"remote": (True,)}
     cache, result = load(store, worker, cache, [h(0)], [6])
     assert result.status == "loaded" and page_bytes(cache, 6) == want[0]
-    store.close()
+    worker.close()
 
 
 def test_keys_evicted_by_the_server_under_maxmemory_allkeys_lru(tmp_path):
@@ -357,7 +362,7 @@ def test_keys_evicted_by_the_server_under_maxmemory_allkeys_lru(tmp_path):
         cache, result = load(store, worker, cache, pair, [0, 1])  # present ones load bit-exact
         assert result.plan.sources == ("remote", "remote") and result.status == "loaded"
         assert [page_bytes(cache, p) for p in (0, 1)] == [want[i] for i in kept[:2]]
-        store.close()
+        worker.close()
     finally:
         server.stop()
 
@@ -377,7 +382,7 @@ def test_a_full_server_without_eviction_refuses_writes_and_the_host_copy_stays(t
         assert "OutOfMemoryError" in str(result.written["remote"][0])
         assert [store.where(h(i)) for i in (0, 1)] == ["host", "host"] and remote.used_bytes == 0
         assert remote.available  # a refusal is an answer, not an outage
-        store.close()
+        worker.close()
     finally:
         server.stop()
 
@@ -401,10 +406,10 @@ def truncate_value(r, key, **_):
 def truncate_with_a_matching_checksum(r, key, **_):
     """A short row whose header checksum was recomputed: only the length check stands between it and a copy."""
     value = r.get(key)
-    fields = list(_HEADER.unpack_from(value))
+    fields = list(HEADER.unpack_from(value))
     payload = value[HEADER_BYTES:-64]
     fields[-1] = checksum(payload)
-    r.set(key, _HEADER.pack(*fields) + payload)
+    r.set(key, HEADER.pack(*fields) + payload)
 
 
 def another_blocks_bytes(r, key, other_key, **_):
@@ -461,7 +466,7 @@ def test_a_value_corrupted_inside_the_server_is_a_miss_and_its_key_is_deleted(da
     offload(store, worker, src, [0], [h(0)])  # stored again, then served bit-exact
     cache, result = load(store, worker, cache, [h(1), h(0)], [6, 7])
     assert result.status == "loaded" and [page_bytes(cache, p) for p in (6, 7)] == [want[1], want[0]]
-    store.close()
+    worker.close()
 
 
 def slow_by_client_pause(server):
@@ -504,7 +509,7 @@ def test_a_server_slower_than_the_timeout_is_a_refusal(slow, server):
     assert result.status == "loaded" and [page_bytes(cache, p) for p in (6, 7)] == want[2:4]
     cache, result = load(store, worker, cache, [h(0), h(1)], [4, 5])
     assert result.status == "loaded" and [page_bytes(cache, p) for p in (4, 5)] == want[:2]
-    store.close()
+    worker.close()
 
 
 def test_a_cluster_client_spreads_blocks_over_hash_slots(tmp_path):
@@ -523,9 +528,9 @@ def test_a_cluster_client_spreads_blocks_over_hash_slots(tmp_path):
         client = RedisCluster(host="127.0.0.1", port=server.port, socket_timeout=2)
         src, _, _ = random_buffer(BF16_MHA, 2, 8)
         want = all_pages(src)
-        store = TieredStore(RowLayout.of(src), [HostTier(2 * ROW), RemoteTier(client=client)])
-        worker = OffloadWorker(src, store)
-        remote = store.tiers["remote"]
+        worker = OffloadWorker(src, [HostTier(2 * ROW), RemoteTier(client=client)])
+        store = TieredStore(worker.spec(), probe=worker.probe)
+        remote = worker.tiers["remote"]
         offload(store, worker, src, list(range(6)), [h(i) for i in range(6)])
         with server.admin() as r:
             slots = {r.execute_command("CLUSTER", "KEYSLOT", remote.key(h(i))) for i in range(6)}
@@ -537,7 +542,7 @@ def test_a_cluster_client_spreads_blocks_over_hash_slots(tmp_path):
         assert result.status == "refused" and remote.corrupt == 1 and h(1) not in remote
         cache, result = load(store, worker, cache, [h(2), h(3)], [6, 7])
         assert result.status == "loaded" and [page_bytes(cache, p) for p in (6, 7)] == want[2:4]
-        store.close()
+        worker.close()
         assert client.ping()  # a client passed in is the caller's: close() left it open
         client.close()
     finally:

@@ -18,11 +18,10 @@ from jaxkv import (
     KVCacheParams,
     KVCacheQuantConfig,
     MultiKVCacheBuffer,
-    OffloadWorker,
     PagedKVCacheManager,
     RowLayout,
-    TieredStore,
     allocate_buffer,
+    open_tiers,
 )
 from jaxkv.tiers.disk import HEADER_BYTES, SUFFIX
 from jaxkv.tiers.remote import RemoteTier
@@ -135,29 +134,25 @@ def store_at(params, tp, directory, *, seed=11, tiers=()):
     """Offload every page of a random cache at TP `tp` through host and disk (write-through); the logical arrays."""
     cache, values, scales = random_buffer(params, tp, PAGES, seed=seed)
     row = params.host_bytes_per_page(tp)
-    store = TieredStore.for_cache(
-        cache, 2 * row, disk_directory=directory, disk_capacity_bytes=1 << 22, tiers=list(tiers)
-    )
-    worker = OffloadWorker(cache, store)
+    store, worker = open_tiers(cache, 2 * row, disk_directory=directory, disk_capacity_bytes=1 << 22, tiers=list(tiers))
     plan = store.prepare_store([h(p) for p in range(PAGES)], list(range(PAGES)))
     result = worker.store(cache, plan).result()
     store.complete_store(result)
     assert all(result.copied)
-    store.close()
+    worker.close()
     return [values, scales]
 
 
 def load_at(params, tp, directory, src_pages, dst_pages, *, tiers=()):
     """A fresh cache and store at TP `tp` over the same directory ("a restart"); load, return the cache."""
     cache = allocate_buffer(params, tp_mesh(tp), PAGES)
-    store = TieredStore.for_cache(
+    store, worker = open_tiers(
         cache,
         8 * params.host_bytes_per_page(tp),
         disk_directory=directory,
         disk_capacity_bytes=1 << 22,
         tiers=list(tiers),
     )
-    worker = OffloadWorker(cache, store)
     hashes = [h(p) for p in src_pages]
     plan = store.prepare_load(hashes, dst_pages)
     assert plan.num_held == len(hashes), plan
@@ -166,7 +161,7 @@ def load_at(params, tp, directory, src_pages, dst_pages, *, tiers=()):
     store.complete_load(result)
     assert result.status == "loaded", result
     sources = plan.sources
-    store.close()
+    worker.close()
     return cache, sources
 
 
@@ -211,8 +206,7 @@ def test_a_corrupt_stored_block_is_a_miss_at_another_tp(tmp_path):
     raw[HEADER_BYTES + 5] ^= 0x40
     path.write_bytes(bytes(raw))
     cache = allocate_buffer(BF16, tp_mesh(4), PAGES)
-    store = TieredStore.for_cache(cache, 1 << 20, disk_directory=tmp_path / "kv", disk_capacity_bytes=1 << 22)
-    worker = OffloadWorker(cache, store)
+    store, worker = open_tiers(cache, 1 << 20, disk_directory=tmp_path / "kv", disk_capacity_bytes=1 << 22)
     plan = store.prepare_load([h(1)], [0])
     before = np.asarray(cache.values).tobytes()
     out, handle = worker.load(cache, plan)
@@ -220,7 +214,8 @@ def test_a_corrupt_stored_block_is_a_miss_at_another_tp(tmp_path):
     store.complete_load(result)
     assert result.status == "refused" and out is cache and np.asarray(cache.values).tobytes() == before
     assert store.metrics["disk"].corrupt == 1 and not path.exists()
-    store.close()
+    assert h(1) not in store.lower["disk"]  # the index learned the block is gone
+    worker.close()
 
 
 @pytest.mark.parametrize("a,b", [(4, 2), (1, 8), (8, 1)], ids=lambda x: f"tp{x}")
