@@ -22,7 +22,7 @@ from jaxkv.layout.params import KVCacheParams, KVCacheQuantConfig
 from jaxkv.prefix.hashing import hash_blocks, root_hash
 from jaxkv.prefix.manager import ManagerMetrics, PagedKVCacheManager, Request
 from jaxkv.prefix.pool import NULL_PAGE, BlockPool, InsufficientPagesError
-from jaxkv.tiers.base import KVLoadFailed, KVLoadRefused, Tier, TierMetrics
+from jaxkv.tiers.base import Tier, TierMetrics
 from jaxkv.tiers.disk import DiskTier
 from jaxkv.tiers.host import HostTier
 from jaxkv.tiers.store import (
@@ -63,8 +63,6 @@ __all__ = [
     "KVCacheMemory",
     "KVCacheParams",
     "KVCacheQuantConfig",
-    "KVLoadFailed",
-    "KVLoadRefused",
     "LoadHandle",
     "LoadPlan",
     "LoadResult",

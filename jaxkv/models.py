@@ -44,17 +44,17 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxkv._checks import check_non_negative_int, check_positive_int
 from jaxkv.attention.xla import IMPLS, paged_attention_shard
 from jaxkv.layout.buffer import KVCacheBuffer, allocate_buffer, check_tp_mesh
-from jaxkv.layout.pages import PageIds, check_page_ids, check_unique
-from jaxkv.layout.params import KVCacheParams, KVCacheQuantConfig, _positive_int
+from jaxkv.layout.pages import PageIds, bucket, check_page_ids, check_unique
+from jaxkv.layout.params import KVCacheParams, KVCacheQuantConfig
 from jaxkv.prefix.pool import NULL_PAGE
-from jaxkv.transfer.engine import bucket
 
 MIN_PREFILL_TOKENS = 16
 """Smallest token bucket of a multi-token step. Buckets 2, 4 and 8 would each compile a program of their
-own for a few tokens (the demo measured about 1 s each on XLA:CPU here, about 3 s each on an H100); padding them to 16 costs a tiny model
-nothing measurable."""
+own for a few tokens (seconds each: docs/benchmarks.md, "Measurements behind the rules", "Toy model");
+padding them to 16 costs a tiny model nothing measurable."""
 
 KINDS = ("mha", "mla")
 UNQUANTIZED_CACHE_DTYPES = ("bfloat16", "float16", "float32")
@@ -138,9 +138,8 @@ class TinyConfig:
             "page_size",
         )
         for field in sizes:
-            _positive_int(field, getattr(self, field))
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+            object.__setattr__(self, field, check_positive_int(field, getattr(self, field)))
+        object.__setattr__(self, "seed", check_non_negative_int("seed", self.seed))
         if self.kind == "mha":
             if self.n_heads % self.n_kv_heads:
                 raise ValueError(
@@ -386,12 +385,11 @@ class TinyModel:
         Returns once the step has run: the logits are cut to T on the host.
         """
         tokens = self._check_tokens(token_ids)
-        if isinstance(start_pos, bool) or not isinstance(start_pos, (int, np.integer)) or start_pos < 0:
-            raise ValueError(f"start_pos must be a non-negative int, got {start_pos!r}")
+        start_pos = check_non_negative_int("start_pos", start_pos)
         self._check_cache(cache)
         table = check_page_ids(page_table, cache.total_num_pages, name="page_table")
         n, page_size = tokens.size, self.config.page_size
-        end = int(start_pos) + n
+        end = start_pos + n
         used = -(-end // page_size)
         if table.size < used:
             raise ValueError(
@@ -411,7 +409,7 @@ class TinyModel:
         padded_table[:used] = in_use
         logits, cache = self._step(self.weights, cache, padded_tokens, np.int32(start_pos), np.int32(n), padded_table)
         # Cut the padding on the host: slicing on device compiles one program per distinct T
-        # (about 30 ms each on XLA:CPU). The copy waits for the step, so prefill returns when it is done.
+        # (docs/benchmarks.md, "Toy model"). The copy waits for the step, so prefill returns when it is done.
         return jax.device_put(np.asarray(logits)[:n], self.mesh.devices.flat[0]), cache
 
     def _check_tokens(self, token_ids) -> np.ndarray:

@@ -33,7 +33,8 @@ from jaxkv import (
     TierPolicy,
     allocate_buffer,
 )
-from jaxkv.tiers.disk import HEADER_BYTES, MAGIC, SUFFIX, DiskTier, DiskWriteError
+from jaxkv.tiers.blockformat import MAGIC
+from jaxkv.tiers.disk import HEADER_BYTES, SUFFIX, DiskTier, DiskWriteError
 
 # Every test here runs with each HostTier backend (numpy: CPU's default; arrays: GPU/TPU's, run on CPU).
 pytestmark = pytest.mark.usefixtures("host_backend")

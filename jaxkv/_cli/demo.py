@@ -207,6 +207,9 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def _serve(cfg, jax, jaxkv, model, events, layout, disk_dir, out, devices, shared) -> dict:
+    from jaxkv.layout.pages import bucket
+    from jaxkv.models import MIN_PREFILL_TOKENS
+
     page_size = layout.page_size
     # The stack under test: `device_pages` pages on the device, host memory and disk behind them (and with
     # --remote, the shared server behind those).
@@ -229,7 +232,7 @@ def _serve(cfg, jax, jaxkv, model, events, layout, disk_dir, out, devices, share
     shadow_pages = 2 * math.ceil(total_tokens / page_size) + 2 * math.ceil(cfg.max_prompt_tokens() / page_size) + 2
     state["shadow"] = model.allocate_cache(shadow_pages)
     shadow = jaxkv.PagedKVCacheManager(state["shadow"], seed=cfg.seed)
-    width = 1 << (math.ceil(cfg.max_prompt_tokens() / page_size) - 1).bit_length()
+    width = bucket(math.ceil(cfg.max_prompt_tokens() / page_size))
 
     def step(which, mgr, rid, tokens, start) -> np.ndarray:
         logits, state[which] = model.prefill(
@@ -239,7 +242,7 @@ def _serve(cfg, jax, jaxkv, model, events, layout, disk_dir, out, devices, share
 
     def warm_transfers(which, worker) -> None:
         """Compile `worker`'s transfer buckets. Its pages and host slots are all free: these bytes are never read."""
-        for k in sorted({1 << (n - 1).bit_length() for n in range(1, min(cfg.host_pages, cfg.device_pages - 1) + 1)}):
+        for k in sorted({bucket(n) for n in range(1, min(cfg.host_pages, cfg.device_pages - 1) + 1)}):
             k = min(k, cfg.host_pages, cfg.device_pages - 1)
             ids = np.arange(1, k + 1)
             worker.engine.d2h(state[which], ids, np.arange(k)).synchronize()
@@ -341,10 +344,8 @@ def _serve(cfg, jax, jaxkv, model, events, layout, disk_dir, out, devices, share
     # worker's transfer buckets.
     compiles = _CompileCounter(jax)
     t_compile = time.perf_counter()
-    from jaxkv.models import MIN_PREFILL_TOKENS
-
     sizes = range(1, cfg.max_prompt_tokens() + 1)
-    for b in sorted({1 if n == 1 else max(1 << (n - 1).bit_length(), MIN_PREFILL_TOKENS) for n in sizes}):
+    for b in sorted({1 if n == 1 else max(bucket(n), MIN_PREFILL_TOKENS) for n in sizes}):
         n = min(b, cfg.max_prompt_tokens())
         for which, mgr in (("baseline", baseline), ("shadow", shadow)):
             mgr.add_request("warmup", np.zeros(n, np.int32), cache_salt="warmup")

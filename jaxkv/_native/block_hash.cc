@@ -22,7 +22,8 @@ namespace {
 
 // The SHA-256 implementation, looked up once. OpenSSL 3 looks the algorithm
 // up again on every EVP_DigestInit_ex given EVP_sha256(); an explicitly
-// fetched one skips that (2.5M vs 6.5M 16-token blocks/s measured here).
+// fetched one skips that (more than twice the blocks per second:
+// docs/benchmarks.md, "Measurements behind the rules", "Block hashing").
 const EVP_MD* sha256() {
 #if OPENSSL_VERSION_MAJOR >= 3
   static const EVP_MD* md = EVP_MD_fetch(nullptr, "SHA256", nullptr);
@@ -54,8 +55,9 @@ EVP_MD_CTX* context() {
 //
 // The counts are C ints, not int64_t, so that hashing.py can call without
 // ctypes argtypes: ctypes passes Python ints as C int as they are, and
-// converting seven declared arguments cost ~0.7 us a call (as much as hashing
-// a 128-token block). hashing.py keeps every count below 2**31.
+// converting seven declared arguments costs as much as hashing a 128-token
+// block (docs/benchmarks.md, "Block hashing"). hashing.py keeps every count
+// below 2**31.
 extern "C" int jaxkv_hash_blocks(const uint8_t* tokens, int n_blocks, int block_bytes, const uint8_t* parent,
                                  const uint8_t* extra, int extra_len, uint8_t* out) {
   const EVP_MD* md = sha256();

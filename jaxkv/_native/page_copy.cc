@@ -27,15 +27,12 @@ namespace {
 
 // A batch at least this large is copied with non-temporal (streaming) stores:
 // it does not fit in the caches anyway, and ordinary stores first read every
-// destination line into the cache (read-for-ownership). Measured here (2-core
-// x86-64, random 256 KiB-2 MiB pages, 16-512 MiB batches): memcpy per page
-// 7.3-13.9 GB/s, streaming 10.3-18.2 GB/s, one contiguous np.copyto 11.2-16.6.
-// A batch that does fit in the last-level cache must not stream: the next
-// transfer would read it back from memory (measured on a 260 MiB L3: 16 MiB
-// batches 8.7-9.0 GB/s streamed, 12.8-13.0 GB/s with ordinary stores; 64 MiB
-// batches 8.9 streamed, 7.0-7.3 ordinary). So: an eighth of the L3 where the
-// C library reports it (as glibc's memcpy sizes its own threshold from the
-// cache), never below 4 MiB.
+// destination line into the cache (read-for-ownership). A batch that does fit
+// in the last-level cache must not stream: the next transfer would read it
+// back from memory instead of the cache. So: an eighth of the L3 where the C
+// library reports it (as glibc's memcpy sizes its own threshold from the
+// cache), never below 4 MiB. The measurements: docs/benchmarks.md,
+// "Measurements behind the rules", "Page copy".
 constexpr size_t kStreamFloorBytes = size_t{4} << 20;
 
 size_t StreamMinBatchBytes() {
@@ -51,10 +48,9 @@ size_t StreamMinBatchBytes() {
 }
 
 // A batch at least this large is split between two threads when the machine
-// has two cores or more: one core's copy stops well short of what the memory
-// system moves (measured here: 16 MiB batches 7.5 GB/s on one core against a
-// single-threaded np.copyto's 7.9, where MAX's own page copy reaches 8.1-8.5).
-// Starting a thread costs tens of microseconds, a 8 MiB copy about a millisecond.
+// has two cores or more: one core's copy stops short of what the memory
+// system moves, and from here on the copy outweighs starting a thread
+// (docs/benchmarks.md, "Measurements behind the rules", "Page copy").
 constexpr size_t kParallelMinBatchBytes = size_t{8} << 20;
 
 // Copy `n` bytes; `stream`: with non-temporal stores (ForPages fences them).

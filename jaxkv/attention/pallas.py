@@ -42,6 +42,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 from jaxkv.layout.buffer import KVCacheBuffer
+from jaxkv.layout.pages import bucket
 
 _F32 = jnp.float32
 
@@ -207,10 +208,6 @@ def _head_block(ref, page, kv, layer, head, a, w):
     return block.reshape(ref.shape[3], w)
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 BACKENDS = ("interpret", "gpu", "tpu", "tpu_interpret")
 """How `attend` runs the kernel: Pallas' generic interpreter (CPU), Triton (GPU), Mosaic (TPU), or the TPU
 kernel in Pallas' TPU interpret mode (on CPU: the DMAs and VMEM buffers of the TPU kernel, simulated)."""
@@ -247,9 +244,9 @@ def attend(
     _check_shapes(values, scales, groups, value_dim)
     # Powers of two everywhere a block is loaded (Triton), and at least 16 rows per matmul: padded tokens,
     # sequences (no tokens: nothing read) and table columns (the null page, never reached) are sliced off.
-    t, b = max(_pow2(t0), _pow2(-(-16 // groups))), _pow2(b0)
+    t, b = max(bucket(t0), bucket(-(-16 // groups))), bucket(b0)
     q = jnp.pad(q, ((0, b - b0), (0, t - t0), (0, 0), (0, 0))).reshape(b, t, heads, groups, d)
-    page_table = jnp.pad(page_table, ((0, b - b0), (0, _pow2(page_table.shape[1]) - page_table.shape[1])))
+    page_table = jnp.pad(page_table, ((0, b - b0), (0, bucket(page_table.shape[1]) - page_table.shape[1])))
     start_pos, q_lens = jnp.pad(start_pos, (0, b - b0)), jnp.pad(q_lens, (0, b - b0))
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     call = _tpu_call if backend in ("tpu", "tpu_interpret") else _triton_call

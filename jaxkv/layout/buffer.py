@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxkv._checks import check_positive_int
 from jaxkv.layout.memory import KVCacheMemory, ReplicatedKVCacheMemory
 from jaxkv.layout.pages import word_dtype
 from jaxkv.layout.params import CACHE_DTYPES, KVCacheParams, check_value_scale_dtypes
@@ -343,8 +344,7 @@ def allocate_buffer(params: KVCacheParams, mesh: Mesh, num_pages: int, tp_axis: 
     if not isinstance(params, KVCacheParams):
         raise ValueError(f"params must be a KVCacheParams, got {type(params).__name__}")
     tp = check_tp_mesh(mesh, tp_axis)
-    if isinstance(num_pages, bool) or not isinstance(num_pages, int) or num_pages < 1:
-        raise ValueError(f"num_pages must be a positive int, got {num_pages!r}")
+    num_pages = check_positive_int("num_pages", num_pages)
     params.heads_per_shard(tp)  # raises when the heads do not split evenly
     replicated = params.replicated(tp)
     spec = P() if replicated else P(None, None, None, None, tp_axis, None)

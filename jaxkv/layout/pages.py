@@ -128,10 +128,11 @@ def native_enabled(devices: Iterable[jax.Device]) -> bool:  # pyright: ignore[re
 def kernels(devices: Iterable[jax.Device]) -> tuple[Callable[..., jax.Array], Callable[..., jax.Array]]:  # pyright: ignore[reportInvalidTypeForm]
     """(gather, scatter) per-shard kernels for arrays on `devices`.
 
-    On XLA:CPU the native kernels: XLA:CPU's gather moves about 4 GB/s, and a
-    scatter into a bfloat16 or float8_e5m2 array converts it through float32
-    (quieting signalling NaNs), so jaxkv's word-typed scatter must bitcast the
-    whole cache twice. Elsewhere the pure-XLA kernels.
+    On XLA:CPU the native kernels: XLA:CPU's gather runs far below memcpy
+    speed (docs/benchmarks.md, "Measurements behind the rules", "XLA:CPU's
+    gather"), and a scatter into a bfloat16 or float8_e5m2 array converts it
+    through float32 (quieting signalling NaNs), so jaxkv's word-typed scatter
+    must bitcast the whole cache twice. Elsewhere the pure-XLA kernels.
     """
     if native_enabled(devices):
         return gather_page_bytes_native, scatter_page_bytes_native
@@ -195,3 +196,13 @@ def check_unique(ids: np.ndarray, *, name: str = "page_ids") -> None:
     repeats = s[1:][s[1:] == s[:-1]]
     if repeats.size:
         raise ValueError(f"{name} repeats {int(repeats[0])}: ids in one batch must be unique")
+
+
+def bucket(n: int) -> int:
+    """The power of two >= `n` (1 for `n` <= 1) that a batch of `n` is padded to.
+
+    Transfers pad their page batches, and attention its tokens, sequences and
+    page-table columns, to buckets: a jitted program compiles once per power
+    of two instead of once per size.
+    """
+    return 1 << max(0, n - 1).bit_length()

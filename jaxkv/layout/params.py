@@ -11,8 +11,9 @@ import dataclasses
 import math
 
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import DTypeLike
+
+from jaxkv._checks import check_int, check_positive_int
 
 # Value dtypes a cache may hold without quantization.
 CACHE_DTYPES = (
@@ -40,11 +41,6 @@ QUANT_SCALE_DTYPES = (
 
 def _names(dtypes) -> str:
     return ", ".join(d.name for d in dtypes)
-
-
-def _positive_int(field: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{field} must be a positive int, got {value!r}")
 
 
 def check_value_scale_dtypes(value_dtype: DTypeLike, scale_dtype: DTypeLike) -> None:
@@ -82,7 +78,7 @@ class KVCacheQuantConfig:
         if scale_dtype not in QUANT_SCALE_DTYPES:
             raise ValueError(f"scale_dtype must be one of {_names(QUANT_SCALE_DTYPES)}, got {scale_dtype.name}")
         object.__setattr__(self, "scale_dtype", scale_dtype)
-        _positive_int("granularity", self.granularity)
+        object.__setattr__(self, "granularity", check_positive_int("granularity", self.granularity))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +121,7 @@ class KVCacheParams:
             raise ValueError(f"dtype {self.dtype!r} is not a dtype") from e
         object.__setattr__(self, "dtype", dtype)
         for field in ("n_kv_heads", "head_dim", "num_layers", "page_size"):
-            _positive_int(field, getattr(self, field))
+            object.__setattr__(self, field, check_positive_int(field, getattr(self, field)))
         if self.quant is None:
             if dtype not in CACHE_DTYPES:
                 raise ValueError(f"dtype must be one of {_names(CACHE_DTYPES)}, got {dtype.name}")
@@ -161,7 +157,7 @@ class KVCacheParams:
 
     def heads_per_shard(self, tp: int) -> int:
         """KV heads one TP shard holds: all of them when replicated."""
-        _positive_int("tp", tp)
+        tp = check_positive_int("tp", tp)
         if self.is_mla:
             return self.n_kv_heads
         if self.n_kv_heads % tp:
@@ -205,8 +201,7 @@ class KVCacheParams:
 
     def num_pages_for(self, memory_bytes: int, tp: int) -> int:
         """How many pages fit in `memory_bytes` of device memory, summed over the TP group."""
-        if isinstance(memory_bytes, bool) or not isinstance(memory_bytes, (int, np.integer)):
-            raise ValueError(f"memory_bytes must be an int, got {memory_bytes!r}")
+        memory_bytes = check_int("memory_bytes", memory_bytes)
         per_page = self.bytes_per_page(tp)
         if memory_bytes < per_page:
             raise ValueError(
@@ -215,4 +210,4 @@ class KVCacheParams:
                 f"{per_page} or shrink page_size ({self.page_size}) / num_layers "
                 f"({self.num_layers})"
             )
-        return int(memory_bytes) // per_page
+        return memory_bytes // per_page

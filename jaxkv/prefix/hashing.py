@@ -15,10 +15,9 @@ little-endian int32 bytes; extra keys (LoRA id, image digests, ...) as bytes.
 
 A request's chain runs in one call to jaxkv's native library
 (`jaxkv/_native/block_hash.cc`, OpenSSL's SHA-256) when it was built with
-OpenSSL, else in Python over `hashlib`: the same digests either way. Native,
-it is 3.2x the hashlib path and 1.37x MAX 26.7's SHA-256 path on 16-token
-blocks, 1.8x and 1.15x on 128-token blocks (docs/benchmarks.md).
-`JAXKV_NATIVE=0` forces the hashlib path.
+OpenSSL, else in Python over `hashlib`: the same digests either way, the
+native chain the faster (docs/benchmarks.md, "Block hashing against MAX
+26.7"). `JAXKV_NATIVE=0` forces the hashlib path.
 """
 
 from __future__ import annotations
@@ -30,11 +29,11 @@ import hashlib
 import numpy as np
 
 BLOCK_HASH_BYTES = 32
+"""Bytes of a block hash: a SHA-256 digest. Tiers key their rows by it."""
 
 # Below this many blocks the hashlib loop wins: the native call's fixed cost
-# (~2 µs: ctypes, buffers) is about two hashlib calls. Measured through
-# hash_blocks on 16- and 128-token blocks (2-core Xeon, OpenSSL 3.0): 1-2
-# blocks faster over hashlib, 3 or more faster native.
+# (ctypes, buffers) is about two hashlib calls. Measured through hash_blocks:
+# docs/benchmarks.md, "Measurements behind the rules", "Block hashing".
 _NATIVE_MIN_BLOCKS = 3
 
 # The native chain takes its counts as C ints; a chain of more bytes (2 GiB of
@@ -119,8 +118,8 @@ def _chain_native(chain, raw: bytes, width: int, parent: bytes, extra: bytes) ->
     out = (ctypes.c_char * (BLOCK_HASH_BYTES << (n - 1).bit_length()))()
     if chain(raw, n, width, parent, extra, len(extra), out) != 0:
         raise RuntimeError(f"OpenSSL's SHA-256 failed while hashing {n} blocks in jaxkv's native library")
-    # One 32-byte bytes object per void item, NUL bytes kept: ~16 ns a block,
-    # where slicing a bytes object costs ~100.
+    # One 32-byte bytes object per void item, NUL bytes kept: several times
+    # cheaper than slicing a bytes object per block (docs/benchmarks.md, "Block hashing").
     return np.frombuffer(out, _DIGEST)[:n].tolist()
 
 
@@ -129,8 +128,8 @@ def hash_blocks(token_ids, page_size: int, parent: bytes, extra_keys=None, *, st
 
     `parent` is the 32-byte hash of block `start_block - 1` (the root for 0).
     A trailing partial block gets no hash. One SHA-256 over (parent, block
-    bytes, extra) per block: ~0.2 µs for a 16-token block in the native
-    library, ~0.7 µs over hashlib.
+    bytes, extra) per block, in the native library or over hashlib (blocks per
+    second of both: docs/benchmarks.md, "Block hashing against MAX 26.7").
     """
     tokens = np.ascontiguousarray(token_ids, dtype="<i4")
     if tokens.ndim != 1:

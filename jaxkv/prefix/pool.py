@@ -18,6 +18,8 @@ import itertools
 from collections import OrderedDict
 from collections.abc import Container
 
+from jaxkv._checks import check_int
+
 NULL_PAGE = 0
 
 
@@ -29,8 +31,7 @@ class BlockPool:
     """Fixed device pages with reference counts, an LRU free queue and a hash index."""
 
     def __init__(self, num_pages: int):
-        if isinstance(num_pages, bool) or not isinstance(num_pages, int) or num_pages < 2:
-            raise ValueError(f"num_pages must be an int >= 2 (page 0 is the null page), got {num_pages!r}")
+        num_pages = check_int("num_pages", num_pages, minimum=2, expected="an int >= 2 (page 0 is the null page)")
         self.num_pages = num_pages
         self.ref_counts = [0] * num_pages
         self.page_hash: list[bytes | None] = [None] * num_pages

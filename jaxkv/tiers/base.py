@@ -37,7 +37,7 @@ What each call guarantees (the composition relies on nothing else):
   `name`, which must be unique within a composition.
 - `close()`: release threads, files, connections; later calls may raise.
 
-`DictTier` in tests/test_tiers.py shows that a tier is a page of code.
+`DictTier` in tests/dict_tier.py shows that a tier is a page of code.
 """
 
 from __future__ import annotations
@@ -47,10 +47,9 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from jaxkv._checks import check_positive_int
 from jaxkv.layout.fingerprint import RowLayout, StoredLayout
-
-BLOCK_HASH_BYTES = 32
-"""Block hashes are SHA-256 digests (jaxkv.prefix.hashing)."""
+from jaxkv.prefix.hashing import BLOCK_HASH_BYTES
 
 
 @runtime_checkable
@@ -94,19 +93,6 @@ class Tier(Protocol):
     def close(self) -> None:
         """Release the tier's resources."""
         ...
-
-
-class KVLoadRefused(Exception):
-    """A load cannot be served in full (a block is no longer held); no device page was written."""
-
-
-class KVLoadFailed(Exception):
-    """A load's copy failed; the pages it targeted hold undefined bytes (see `page_ids`)."""
-
-    def __init__(self, message: str, page_ids: list[int]):
-        super().__init__(message)
-        self.page_ids = page_ids
-        """Device pages whose bytes are undefined until rewritten."""
 
 
 @dataclasses.dataclass
@@ -187,7 +173,7 @@ class OpensOnce:
     def _open_with(self, fingerprint: bytes, row_bytes: int, stored: StoredLayout | None = None) -> None:
         if self._open:
             raise ValueError(f"{type(self).__name__} {self.name!r} is already open")
-        check_row_layout(fingerprint, row_bytes)
+        row_bytes = check_row_layout(fingerprint, row_bytes)
         self.fingerprint = fingerprint
         self.row_bytes = row_bytes
         self.stored = None if stored is None or stored.identity else stored
@@ -218,9 +204,8 @@ class OpensOnce:
         raise NotImplementedError
 
 
-def check_row_layout(fingerprint, row_bytes) -> None:
-    """What a persistent tier is opened with: a 32-byte layout fingerprint and a positive row width."""
+def check_row_layout(fingerprint, row_bytes) -> int:
+    """What a persistent tier is opened with: a 32-byte layout fingerprint and a positive row width (returned)."""
     if not isinstance(fingerprint, bytes) or len(fingerprint) != 32:
         raise ValueError(f"fingerprint must be 32 bytes, got {fingerprint!r}")
-    if isinstance(row_bytes, bool) or not isinstance(row_bytes, int) or row_bytes < 1:
-        raise ValueError(f"row_bytes must be a positive int, got {row_bytes!r}")
+    return check_positive_int("row_bytes", row_bytes)

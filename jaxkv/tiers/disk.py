@@ -1,34 +1,23 @@
 """`DiskTier`: host page rows stored as one verified file per block hash.
 
-File layout (little-endian), written to a temporary name and renamed into
-place, so a crashed process never leaves a half-written block under a real
-name (files are not fsynced: after a power loss a renamed file may be short
-or zeroed, which the size check and the checksum then catch):
-
-```
-offset  size  field
-0       8     magic b"JAXKVBLK"
-8       4     format version (1)
-12      4     header length (96)
-16      32    layout fingerprint (which model/layout the bytes belong to)
-48      32    block hash (also the file name, in hex)
-80      8     payload length
-88      8     checksum: xxh3_64 of the payload
-96      n     payload: one row in its stored form (`RowLayout.stored`: a TP-1
-              page of the heads it holds, the same bytes at every TP degree), raw
-```
+Each file holds one block in the format of `jaxkv.tiers.blockformat` (the
+byte-layout table is there): a 96-byte header, then the row in its stored form.
+It is written to a temporary name and renamed into place, so a crashed
+process never leaves a half-written block under a real name (files are not
+fsynced: after a power loss a renamed file may be short or zeroed, which the
+size check and the checksum then catch).
 
 Opened by a composition, the fingerprint is the stored one
 (`StoredLayout.fingerprint`): a block written at TP 4 loads at TP 2 or 8.
 The conversion between host row and stored form runs on the writer and
 reader threads, through a per-thread staging row.
 
-No pickle: the file is bytes and fixed-width integers. The checksum is
-verified on every read; a mismatch, a short file or a foreign header makes
-the block absent and the file is removed. On start the tier rebuilds its
-index from the directory (warm restart), checking headers and sizes of the
-regular files named as it names them (`<64 lower-case hex digits>.kvblock`);
-it leaves every other entry alone and deletes only files it could have written.
+The checksum is verified on every read; a mismatch, a short file or a
+foreign header makes the block absent and the file is removed. On start the
+tier rebuilds its index from the directory (warm restart), checking headers
+and sizes of the regular files named as it names them (`<64 lower-case hex
+digits>.kvblock`); it leaves every other entry alone and deletes only files
+it could have written.
 """
 
 from __future__ import annotations
@@ -40,22 +29,18 @@ import itertools
 import os
 import re
 import stat
-import struct
 import threading
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
-import xxhash
 
+from jaxkv._checks import check_non_negative_int
+from jaxkv.prefix.hashing import BLOCK_HASH_BYTES
 from jaxkv.tiers.base import OpensOnce
+from jaxkv.tiers.blockformat import HEADER_BYTES, CorruptBlockError, checksum, pack_header, verify_header
 
-MAGIC = b"JAXKVBLK"
-VERSION = 1
-_HEADER = struct.Struct("<8sII32s32sQQ")
-HEADER_BYTES = _HEADER.size  # 96
 SUFFIX = ".kvblock"
-BLOCK_HASH_BYTES = 32
 _HEX = f"[0-9a-f]{{{2 * BLOCK_HASH_BYTES}}}"  # bytes.hex(): lower case, no separators
 _BLOCK_NAME = re.compile(f"(?P<hash>{_HEX}){re.escape(SUFFIX)}")
 """The only names `_path` produces; anything else in the directory is not the tier's."""
@@ -64,11 +49,8 @@ _TMP_NAME = re.compile(rf"\.{_HEX}{re.escape(SUFFIX)}\.(?P<pid>[0-9]+)-[0-9]+\.t
 
 
 PARALLEL_MIN_ROW_BYTES = 512 << 10
-"""Rows this large or larger are read and written on the writer threads (`DiskTier._parallel`)."""
-
-
-class CorruptBlockError(Exception):
-    """A stored block failed verification (and was removed)."""
+"""Rows this large or larger are read and written on the writer threads (`DiskTier._parallel`);
+measured on 2 cores: docs/benchmarks.md, "Measurements behind the rules", "Disk tier threads"."""
 
 
 class DiskWriteError(Exception):
@@ -81,10 +63,6 @@ class DiskReadError(Exception):
 
 class _NotARegularFile(Exception):
     """A directory entry named like a block file is not a regular file (a directory, FIFO, ...)."""
-
-
-def checksum(payload) -> int:
-    return xxhash.xxh3_64_intdigest(payload)
 
 
 class DiskTier(OpensOnce):
@@ -104,8 +82,7 @@ class DiskTier(OpensOnce):
         A composition (`TieredStore`) opens the tier with its row layout; pass
         `fingerprint` and `row_bytes` to open it at once on its own.
         """
-        if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) or capacity_bytes < 0:
-            raise ValueError(f"disk capacity_bytes must be a non-negative int, got {capacity_bytes!r}")
+        capacity_bytes = check_non_negative_int("disk capacity_bytes", capacity_bytes)
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty str, got {name!r}")
         self.name = name
@@ -221,20 +198,9 @@ class DiskTier(OpensOnce):
             raise CorruptBlockError(f"file is {st.st_size} bytes, expected {self.file_bytes}")
         return st.st_mtime_ns
 
-    def _parse_header(self, raw: bytes, block_hash: bytes):
-        """The parsed header, None for a foreign fingerprint; raises CorruptBlockError otherwise."""
-        if len(raw) != HEADER_BYTES:
-            raise CorruptBlockError("short header")
-        magic, version, header_len, fingerprint, stored_hash, length, check = _HEADER.unpack(raw)
-        if magic != MAGIC or version != VERSION or header_len != HEADER_BYTES:
-            raise CorruptBlockError(f"bad magic/version {magic!r}/{version}")
-        if stored_hash != block_hash:
-            raise CorruptBlockError("file name and stored block hash differ")
-        if fingerprint != self.fingerprint:
-            return None
-        if length != self.row_bytes:
-            raise CorruptBlockError(f"payload length {length} != row_bytes {self.row_bytes}")
-        return check
+    def _parse_header(self, raw, block_hash: bytes) -> int | None:
+        """The payload checksum the header records, None for a foreign fingerprint; raises CorruptBlockError."""
+        return verify_header(raw, fingerprint=self.fingerprint, block_hash=block_hash, payload_bytes=self.row_bytes)
 
     # -- queries -----------------------------------------------------------
     def __contains__(self, block_hash: bytes) -> bool:
@@ -365,9 +331,9 @@ class DiskTier(OpensOnce):
 
         Each block costs some Python under the GIL (open, fstat, header, the
         calls around the copies); with small rows two threads spend more on
-        handing the GIL back and forth than they gain (measured on 2 cores,
-        256 KiB rows: gets 46 -> 41 us per block on one thread, 87 -> 55 with
-        the stored-form conversion; 1 MiB rows: 101 vs 216 us, two threads win).
+        handing the GIL back and forth than they gain, more so with the
+        stored-form conversion (docs/benchmarks.md, "Measurements behind the
+        rules", "Disk tier threads").
         """
         return self.writers > 1 and self.row_bytes >= PARALLEL_MIN_ROW_BYTES
 
@@ -376,8 +342,7 @@ class DiskTier(OpensOnce):
 
         One task per thread, not per block: a task per block costs a future and
         a GIL hand-off each, which on a small machine cost more than the
-        parallel copies gained (measured: 64-256 KiB blocks twice as slow as
-        one thread).
+        parallel copies gained (docs/benchmarks.md, "Disk tier threads").
         """
         n = min(self.writers, len(items))
         share = -(-len(items) // n)
@@ -444,7 +409,7 @@ class DiskTier(OpensOnce):
     def _write_tmp(self, block_hash: bytes, row: np.ndarray):
         """Write one block to a fresh temporary file; its path, or the DiskWriteError (thread-safe)."""
         row = self.to_stored(np.ascontiguousarray(row), self._staging_row() if self.converts else None)
-        header = _HEADER.pack(MAGIC, VERSION, HEADER_BYTES, self.fingerprint, block_hash, self.row_bytes, checksum(row))
+        header = pack_header(self.fingerprint, block_hash, row)
         tmp = self.directory / f".{block_hash.hex()}{SUFFIX}.{os.getpid()}-{next(self._tmp_ids)}.tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

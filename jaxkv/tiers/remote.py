@@ -1,11 +1,11 @@
 """`RemoteTier`: host rows in a Redis or Valkey server that several server instances share.
 
-One key per block, holding the bytes a `DiskTier` block file holds: the same
-96-byte header (magic `JAXKVBLK`, format version, header length, layout
-fingerprint, block hash, payload length, xxh3-64 checksum of the payload),
-then the payload, one row in its stored form (`RowLayout.stored`: the same
-bytes at every TP degree, so an instance at TP 2 reads what one at TP 4
-wrote). The key names the deployment, the stored layout and the block:
+One key per block, holding the bytes a `DiskTier` block file holds
+(`jaxkv.tiers.blockformat`): the 96-byte header (magic `JAXKVBLK`, format
+version, header length, layout fingerprint, block hash, payload length,
+xxh3-64 checksum of the payload), then the payload, one row in its stored
+form (`RowLayout.stored`: the same bytes at every TP degree, so an instance
+at TP 2 reads what one at TP 4 wrote). The key names the deployment, the stored layout and the block:
 
 ```
 <prefix><first 16 bytes of the layout fingerprint, hex>:<block hash, 64 hex digits>
@@ -54,8 +54,9 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("jaxkv.tiers.remote needs redis-py: pip install 'jaxkv[remote]'") from e
 
+from jaxkv._checks import check_int, check_positive_int, check_positive_seconds
 from jaxkv.tiers.base import OpensOnce, check_block_hashes, check_row
-from jaxkv.tiers.disk import _HEADER, HEADER_BYTES, MAGIC, VERSION, CorruptBlockError, checksum
+from jaxkv.tiers.blockformat import HEADER_BYTES, CorruptBlockError, checksum, pack_header_into, verify_header
 
 log = logging.getLogger(__name__)
 
@@ -125,27 +126,20 @@ class RemoteTier(OpensOnce):
             raise ValueError(f"name must be a non-empty str, got {name!r}")
         if not isinstance(prefix, str):
             raise ValueError(f"prefix must be a str, got {type(prefix).__name__}")
-        if capacity_bytes is not None and (
-            isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) or capacity_bytes < 0
-        ):
-            raise ValueError(f"remote capacity_bytes must be a non-negative int or None, got {capacity_bytes!r}")
-        for field, value in (
-            ("socket_timeout", socket_timeout),
-            ("connect_timeout", connect_timeout),
-            ("retry_interval", retry_interval),
-        ):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{field} must be a positive number of seconds, got {value!r}")
-        for field, value in (("batch_blocks", batch_blocks), ("batch_bytes", batch_bytes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field} must be a positive int, got {value!r}")
-        if ttl_seconds is not None and (
-            isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) or ttl_seconds < 1
-        ):
-            raise ValueError(f"ttl_seconds must be a positive int or None, got {ttl_seconds!r}")
+        if capacity_bytes is not None:
+            capacity_bytes = check_int(
+                "remote capacity_bytes", capacity_bytes, minimum=0, expected="a non-negative int or None"
+            )
+        socket_timeout = check_positive_seconds("socket_timeout", socket_timeout)
+        connect_timeout = check_positive_seconds("connect_timeout", connect_timeout)
+        retry_interval = check_positive_seconds("retry_interval", retry_interval)
+        batch_blocks = check_positive_int("batch_blocks", batch_blocks)
+        batch_bytes = check_positive_int("batch_bytes", batch_bytes)
+        if ttl_seconds is not None:
+            ttl_seconds = check_int("ttl_seconds", ttl_seconds, minimum=1, expected="a positive int or None")
         self.name = name
         self.prefix = prefix
-        self.retry_interval = float(retry_interval)
+        self.retry_interval = retry_interval
         self.batch_blocks = batch_blocks
         self.batch_bytes = batch_bytes
         self.ttl_seconds = ttl_seconds
@@ -330,8 +324,7 @@ class RemoteTier(OpensOnce):
             bad = self._land(batch, replies, answers)
             # Free the batch before the next one arrives, so the next one reuses its memory; but keep one reply:
             # glibc returns a freed block at the top of the heap to the system, and the next batch would
-            # page-fault it all back in (1 MiB rows here: 33,700 minor faults per 128 MiB and 0.65 GB/s
-            # without the pin, 6,900 and 0.94 GB/s with it).
+            # page-fault it all back in (docs/benchmarks.md, "Measurements behind the rules", "Remote tier").
             self._heap_pin = replies[-1]
             del replies
             if bad:
@@ -386,7 +379,8 @@ class RemoteTier(OpensOnce):
         """Header + stored row in row `i` of the staging buffer, which the batch's SETs send; the row is copied once.
 
         One buffer for every batch, kept: values built in fresh memory would
-        page-fault it in for every batch (glibc returns freed large blocks).
+        page-fault it in for every batch (glibc returns freed large blocks;
+        docs/benchmarks.md, "Measurements behind the rules", "Remote tier").
         """
         if self._staging is None:
             per_batch = max(1, min(self.batch_blocks, self.batch_bytes // self.value_bytes))
@@ -397,9 +391,7 @@ class RemoteTier(OpensOnce):
             self.to_stored(row, payload)  # the one copy, converting on the way
         else:
             payload[...] = row
-        _HEADER.pack_into(
-            value, 0, MAGIC, VERSION, HEADER_BYTES, self.fingerprint, block_hash, self.row_bytes, checksum(payload)
-        )
+        pack_header_into(value, self.fingerprint, block_hash, payload)
         return memoryview(value)
 
     def _verify(self, block_hash: bytes, reply) -> str | None:
@@ -408,15 +400,14 @@ class RemoteTier(OpensOnce):
             return f"the server answered {type(reply).__name__}: {reply}"
         if len(reply) != self.value_bytes:  # before any copy: never a short row
             return f"value is {len(reply)} bytes, expected {self.value_bytes}"
-        magic, version, header_len, fingerprint, stored_hash, length, check = _HEADER.unpack_from(reply)
-        if magic != MAGIC or version != VERSION or header_len != HEADER_BYTES:
-            return f"bad magic/version {magic!r}/{version}"
-        if fingerprint != self.fingerprint:
+        try:
+            check = verify_header(
+                reply, fingerprint=self.fingerprint, block_hash=block_hash, payload_bytes=self.row_bytes
+            )
+        except CorruptBlockError as e:
+            return str(e)
+        if check is None:  # under this layout's key, so not another layout's to keep: corrupt
             return "written for another layout"
-        if stored_hash != block_hash:
-            return "holds another block"
-        if length != self.row_bytes:
-            return f"payload length {length} != row_bytes {self.row_bytes}"
         if checksum(memoryview(reply)[HEADER_BYTES:]) != check:
             return "checksum mismatch"
         return None

@@ -46,6 +46,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxkv import _jax_compat
+from jaxkv._checks import check_positive_seconds
 from jaxkv.layout.buffer import Cache, KVCacheBuffer, MultiKVCacheBuffer
 
 MECHANISMS = ("auto", "store", "collective")
@@ -109,8 +110,7 @@ class GroupAgreement:
         """The process indices that take part, sorted."""
         if jax.process_index() not in self.processes:
             raise ValueError(f"this process ({jax.process_index()}) is not in processes {list(self.processes)}")
-        if not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
-            raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+        timeout_s = check_positive_seconds("timeout_s", timeout_s)
         if mechanism not in MECHANISMS:
             raise ValueError(f"mechanism must be one of {MECHANISMS}, got {mechanism!r}")
         # The collective needs no client: only "auto" and "store" reach for it.
