@@ -7,8 +7,10 @@ Public API (see docs/architecture.md), by layer:
   `to_memory()`), `RowLayout` / `layout_fingerprint` (what a stored page holds).
 - Transfer: `OffloadEngine`, `Transfer` (batched, async page moves between device and host rows),
   `GroupAgreement`, `GroupAgreementError` (multi-process TP groups, docs/multihost.md).
-- Tiers, scheduler side: `TieredStore` (+ `TierPolicy`, `LoadPlan`, `StorePlan`), the `Tier`
-  protocol, `HostTier`, `DiskTier`. Worker side: `OffloadWorker` (+ `LoadResult`, `StoreResult`).
+- Tiers, scheduler side (indexes only, picklable): `TieredStore` (+ `TierPolicy`, `LoadPlan`,
+  `StorePlan`, `HostIndex`, `TierIndex`, built from a `StoreSpec`). Worker side (the bytes):
+  `OffloadWorker` (+ `LoadResult`, `StoreResult`, `TierReport`) over a `HostTier` and lower tiers
+  implementing the `Tier` protocol (`DiskTier`, ...). `open_tiers` builds both in one process.
 - Prefix caching, scheduler side: `PagedKVCacheManager`, `Request`, `BlockPool`, `hash_blocks`.
 - Attention: `paged_attention`, `paged_attention_shard`.
 - `jaxkv.models` (imported on first use): tiny random-weight MHA/MLA decoders on the paged cache.
@@ -23,8 +25,10 @@ from jaxkv.prefix.hashing import hash_blocks, root_hash
 from jaxkv.prefix.manager import ManagerMetrics, PagedKVCacheManager, Request
 from jaxkv.prefix.pool import NULL_PAGE, BlockPool, InsufficientPagesError
 from jaxkv.tiers.base import Tier, TierMetrics
+from jaxkv.tiers.compose import open_tiers
 from jaxkv.tiers.disk import DiskTier
 from jaxkv.tiers.host import HostTier
+from jaxkv.tiers.index import HostIndex, StoreSpec, TierIndex, TierSpec
 from jaxkv.tiers.store import (
     LoadPlan,
     LoadResult,
@@ -33,6 +37,7 @@ from jaxkv.tiers.store import (
     StoreResult,
     TieredStore,
     TierPolicy,
+    TierReport,
 )
 from jaxkv.tiers.worker import LoadHandle, OffloadWorker, StoreHandle
 from jaxkv.transfer.agreement import GroupAgreement, GroupAgreementError
@@ -57,6 +62,7 @@ __all__ = [
     "DiskTier",
     "GroupAgreement",
     "GroupAgreementError",
+    "HostIndex",
     "HostTier",
     "InsufficientPagesError",
     "KVCacheBuffer",
@@ -78,14 +84,19 @@ __all__ = [
     "StoreMetrics",
     "StorePlan",
     "StoreResult",
+    "StoreSpec",
     "Tier",
+    "TierIndex",
     "TierMetrics",
     "TierPolicy",
+    "TierReport",
+    "TierSpec",
     "TieredStore",
     "Transfer",
     "allocate_buffer",
     "hash_blocks",
     "layout_fingerprint",
+    "open_tiers",
     "paged_attention",
     "paged_attention_shard",
     "root_hash",

@@ -44,6 +44,6 @@ def check_non_negative_int(field: str, value) -> int:
 
 def check_positive_seconds(field: str, value) -> float:
     """`value` as a float > 0 (inf allowed, NaN not); else ValueError "`field` must be a positive number of seconds"."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not value > 0:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not float(value) > 0:
         raise ValueError(f"{field} must be a positive number of seconds, got {value!r}")
     return float(value)

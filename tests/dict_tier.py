@@ -19,6 +19,7 @@ class DictTier:
         self.corrupt = 0  # nothing here is ever unverifiable
         self.row_bytes = 0
         self.rows: OrderedDict[bytes, bytes] = OrderedDict()  # oldest first
+        self._evicted: list[bytes] = []
         self.received: list[bytes] = []
         """Every hash put_many newly stored, in order."""
         self.closed = False
@@ -48,12 +49,16 @@ class DictTier:
                 answers.append(MemoryError(f"a row ({self.row_bytes} B) exceeds {self.capacity_bytes} B"))
             else:
                 while self.used_bytes + self.row_bytes > self.capacity_bytes:
-                    self.rows.popitem(last=False)
+                    self._evicted.append(self.rows.popitem(last=False)[0])
                     self.evictions += 1
                 self.rows[block_hash] = row.tobytes()  # a copy: the host slot is reused
                 self.received.append(block_hash)
                 answers.append(True)
         return answers
+
+    def take_evicted(self) -> list[bytes]:
+        evicted, self._evicted = self._evicted, []
+        return evicted
 
     def get_many(self, items):
         answers = []

@@ -378,7 +378,7 @@ def test_bucketed_batches_compile_at_most_1_plus_log2_n_times(kernels, monkeypat
         engine.d2h(cache, np.arange(k), np.arange(k)).synchronize()
         cache, t = engine.h2d(cache, np.arange(k), np.arange(k)[::-1] + 3)
         t.synchronize()
-    assert len(engine._gather_fns) == devices == 2
+    assert len(engine.d2h_transfer.programs) == devices == 2
     assert [bucket(k) for k in (1, 2, 3, 5, 16, 17)] == [1, 2, 4, 8, 16, 32]
 
 

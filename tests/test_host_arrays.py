@@ -7,20 +7,18 @@ the D2H gather's outputs are the rows, the H2D scatter reads them.
 import resource
 
 import jax
-import numpy as np
 import pytest
 from cachegen import random_buffer
 from test_tiers import BF16_MHA, LAYOUT_IDS, LAYOUTS, all_pages, h, load, offload
 
 import jaxkv.tiers.host as host_mod
-from jaxkv import HostTier, OffloadWorker, TieredStore
+from jaxkv import HostTier, TierPolicy, open_tiers
 
 
 def compose_arrays(cache, host_bytes, directory=None, disk_bytes=None, **kwargs):
-    store = TieredStore.for_cache(
+    return open_tiers(
         cache, host_bytes, disk_directory=directory, disk_capacity_bytes=disk_bytes, host_backend="arrays", **kwargs
     )
-    return store, OffloadWorker(cache, store)
 
 
 @pytest.mark.parametrize("params", LAYOUTS, ids=LAYOUT_IDS)
@@ -33,7 +31,7 @@ def test_round_trip_bit_exact(params, tp, kernels):
     assert worker.engine.d2h_path == worker.engine.h2d_path == "arrays"
     offload(store, worker, cache, [1, 2, 3, 5, 7], [h(i) for i in range(5)])
     for slot in (store.host.slot_of(h(i)) for i in range(5)):
-        assert all(a.sharding.memory_kind == "pinned_host" for a in store.host.arrays(slot))
+        assert all(a.sharding.memory_kind == "pinned_host" for a in worker.host.arrays(slot))
     zero, _, _ = random_buffer(params, tp, num_pages=8, seed=99)
     other = all_pages(zero)
     zero, result = load(store, worker, zero, [h(i) for i in range(5)], [0, 6, 4, 2, 1])
@@ -52,7 +50,7 @@ def test_through_disk_bit_exact(params, tmp_path):
     row = params.host_bytes_per_page(2)
     store, worker = compose_arrays(cache, 2 * row, tmp_path, 16 * row)
     offload(store, worker, cache, list(range(6)), [h(i) for i in range(6)])
-    assert store.host.live_bytes <= 2 * row
+    assert worker.host.live_bytes <= 2 * row
     assert store.lookup([h(i) for i in range(6)])[:4] == ["disk"] * 4  # evicted from host, promoted on load
     zero, _, _ = random_buffer(params, 2, num_pages=8, seed=7)
     zero, result = load(store, worker, zero, [h(0), h(1)], [7, 6])
@@ -60,7 +58,7 @@ def test_through_disk_bit_exact(params, tmp_path):
     got = all_pages(zero)
     assert got[7] == want[0] and got[6] == want[1]
     assert store.where(h(0)) == "host"  # promoted into a pinned_host row
-    on_disk = store.tiers["disk"].get(h(0))
+    on_disk = worker.tiers["disk"].get(h(0))
     assert bytes(worker.engine.read_host([store.host.slot_of(h(0))])[0]) == bytes(on_disk)
 
 
@@ -72,11 +70,11 @@ def test_churn_budget_and_rss():
     rss0 = None
     for i in range(10_000):
         offload(store, worker, cache, [i % 8], [h(i)])
-        assert store.host.live_bytes <= budget
+        assert worker.host.live_bytes <= budget
         if i == 500:
             rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    assert store.host.live_bytes == budget and store.host.evictions == 10_000 - 4
+    assert worker.host.live_bytes == budget and store.host.evictions == 10_000 - 4
     assert rss1 - rss0 < 16 * 1024, f"peak RSS grew by {rss1 - rss0} KiB over 9,500 offload/evict cycles"
 
 
@@ -97,14 +95,23 @@ def test_auto_is_numpy_on_cpu():
         HostTier(1 << 20, backend="slab")
 
 
-def test_put_get_many_and_release():
+def test_freed_rows_are_released_with_the_next_plan(tmp_path):
+    """A slot the scheduler frees (cleared, or a promotion not kept) loses its arrays when the next plan runs."""
     cache, _, _ = random_buffer(BF16_MHA, 2, num_pages=8, seed=1)
+    want = all_pages(cache)
     row = BF16_MHA.host_bytes_per_page(2)
-    store, _worker = compose_arrays(cache, 2 * row)  # the worker binds the rows' devices
-    rows = [np.random.default_rng(i).integers(0, 256, row, dtype=np.uint8) for i in range(3)]
-    assert store.host.put_many([(h(i), r) for i, r in enumerate(rows)]) == [True, True, True]
-    assert h(0) not in store.host and store.host.live_bytes == 2 * row
-    out = np.empty(row, np.uint8)
-    assert store.host.get_many([(h(2), out)]) == [None] and bytes(out) == bytes(rows[2])
-    store.host.clear()
-    assert store.host.live_bytes == 0
+    policy = TierPolicy(promote_on_load=False)
+    store, worker = compose_arrays(cache, 2 * row, tmp_path, 16 * row, policy=policy)
+    offload(store, worker, cache, [1, 2, 3, 4], [h(i) for i in range(4)])  # disk: 4 blocks, host: the last 2
+    assert worker.host.live_bytes == store.bytes()["host"][0] == 2 * row
+    store.host.clear()  # the scheduler forgets both rows: the worker hears of it with the next plan
+    assert store.bytes()["host"][0] == 0 and worker.host.live_bytes == 2 * row
+    zero, _, _ = random_buffer(BF16_MHA, 2, num_pages=8, seed=5)
+    zero, result = load(store, worker, zero, [h(0)], [7])  # promoted through a slot, then not kept
+    assert result.status == "loaded" and all_pages(zero)[7] == want[1]
+    assert (
+        store.bytes()["host"][0] == 0 and worker.host.live_bytes == row
+    )  # the cleared rows went; the promoted row waits
+    offload(store, worker, cache, [5], [h(9)])  # the next plan releases it (or overwrites it)
+    assert worker.host.live_bytes == store.bytes()["host"][0] == row
+    assert bytes(worker.host.row(store.host.slot_of(h(9)))) == want[5]

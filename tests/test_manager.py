@@ -26,6 +26,7 @@ from jaxkv import (
     PagedKVCacheManager,
     TieredStore,
     hash_blocks,
+    open_tiers,
     root_hash,
 )
 
@@ -62,8 +63,16 @@ def setup(num_pages=16, host_pages=8, *, disk=None, disk_pages=64, seed=0):
     cache, _, _ = random_buffer(PARAMS, 1, num_pages, seed)
     row = jaxkv.RowLayout.of(cache).row_bytes
     kw = dict(disk_directory=disk, disk_capacity_bytes=disk_pages * row) if disk is not None else {}
-    store = TieredStore.for_cache(cache, host_pages * row, **kw)
-    return cache, store, OffloadWorker(cache, store), PagedKVCacheManager(cache, store)
+    store, worker = open_tiers(cache, host_pages * row, **kw)
+    return cache, store, worker, PagedKVCacheManager(cache, store)
+
+
+def put_host(store, worker, items) -> None:
+    """Place rows in host memory under their hashes, as a promotion would: the store picks, the worker fills."""
+    for block_hash, row in items:
+        slot = store.host.reserve()
+        worker.host.fill(slot, np.ascontiguousarray(row))
+        assert store.host.commit(block_hash, slot)
 
 
 def serve(manager, worker, cache, rid, tokens, *, seed=0, finish=True):
@@ -230,7 +239,7 @@ def test_a_store_of_another_layout_is_refused():
     cache, _, _ = random_buffer(PARAMS, 1, 8)
     other_params = KVCacheParams(jnp.float16, n_kv_heads=2, head_dim=8, num_layers=1, page_size=4)
     other_cache, _, _ = random_buffer(other_params, 1, 8)
-    store = TieredStore.for_cache(other_cache, 1 << 16)
+    store, _ = open_tiers(other_cache, 1 << 16)
     with pytest.raises(ValueError, match="another cache layout"):
         PagedKVCacheManager(cache, store)
     with pytest.raises(ValueError, match="another cache layout"):
@@ -287,7 +296,7 @@ def test_device_host_and_disk_hits_touch_only_device_blocks(tmp_path):
     assert [m.pool.lookup(h) is not None for h in hashes] == [True] + [False] * 5
     # Host memory keeps blocks 1-3 only; 4 and 5 are on disk.
     store.host.clear()
-    assert store.host.put_many([(hashes[i], want[i]) for i in (1, 2, 3)]) == [True] * 3
+    put_host(store, worker, [(hashes[i], want[i]) for i in (1, 2, 3)])
     assert [store.where(h) for h in hashes[1:]] == ["host"] * 3 + ["disk"] * 2
     calls = []
     real_touch = store.touch
@@ -418,7 +427,7 @@ def test_lower_tier_loss_between_lookup_and_load_recomputes_from_the_device_pref
     assert req.load.sources == ("disk", "disk") and req.load.promotions == [0, 1]
     with pytest.raises(ValueError, match="request 'b' has a load in flight"):
         m.commit("b", 13)
-    store.tiers["disk"].clear()  # the disk loses them before the worker runs the plan
+    worker.tiers["disk"].clear()  # the disk loses them before the worker runs the plan
     cache_before = cache
     cache, handle = worker.load(cache, req.load)
     assert handle.status == "refused" and cache is cache_before  # nothing written
@@ -444,7 +453,7 @@ def test_lower_tier_loss_between_lookup_and_load_recomputes_from_the_device_pref
     assert [m.pool.lookup(h) for h in a.block_hashes] == req.pages[:3]
     m.complete_store(worker.store(cache, plan).result())
     assert [store.where(h) for h in a.block_hashes[1:]] == ["host", "host"]
-    held = [store.host.row(store.host.slot_of(h)).tobytes() for h in a.block_hashes[1:]]
+    held = [worker.host.row(store.host.slot_of(h)).tobytes() for h in a.block_hashes[1:]]
     assert held == [rows[0].tobytes(), rows[1].tobytes()]
     store.close()
 
@@ -493,7 +502,7 @@ def test_finish_before_the_load_completes(tmp_path):
     store.host.clear()
     req = m.add_request("c", prompt)
     assert req.load.sources == ("disk",) * 3
-    store.tiers["disk"].clear()
+    worker.tiers["disk"].clear()
     cache, handle = worker.load(cache, req.load)
     m.finish("c")
     assert m.complete_load(handle.result()) is None
@@ -555,10 +564,10 @@ class ManagerMachine(RuleBasedStateMachine):
         self.row_bytes = layout.row_bytes
         self.lower = DictTier(LOWER_SLOTS * self.row_bytes, name="remote")
         host = HostTier(HOST_SLOTS * self.row_bytes, backend=self.host_backend)
-        self.store = TieredStore(layout, [host, self.lower])
-        self.worker = OffloadWorker(self.cache, self.store)
+        self.worker = OffloadWorker(self.cache, [host, self.lower])
+        self.store = TieredStore(self.worker.spec(), probe=self.worker.probe)
         # Every example's cache has the same layout: compile the engine's load once, not once per example.
-        self.worker.engine._h2d_fn = _COMPILED.get(self.host_backend)
+        self.worker.engine.h2d_transfer.program = _COMPILED.get(self.host_backend)
         self.m = PagedKVCacheManager(self.cache, self.store)
         self.live: dict[str, object] = {}  # rid -> salt
         self.key_of: dict[bytes, tuple] = {}  # block hash -> (salt, tokens through that block)
@@ -638,8 +647,8 @@ class ManagerMachine(RuleBasedStateMachine):
             if fail:
                 del self.worker.engine.h2d
         result = handle.result()
-        if self.worker.engine._h2d_fn is not None:
-            _COMPILED.setdefault(self.host_backend, self.worker.engine._h2d_fn)
+        if self.worker.engine.h2d_transfer.program is not None:
+            _COMPILED.setdefault(self.host_backend, self.worker.engine.h2d_transfer.program)
         event(f"load {result.status}")
         assert result.status in (("refused", "failed") if fail else ("refused", "loaded"))
         if result.status == "refused":
@@ -830,9 +839,8 @@ class ManagerMachine(RuleBasedStateMachine):
                 for b, p in enumerate(req.pages):
                     assert rows[p].tobytes() == self.expect(self.key(salt, req.token_ids, b))
         # And every block any tier holds (a future outside hit).
-        host = self.store.host
-        for h, slot in host._index.items():
-            assert host.row(slot).tobytes() == self.expect(self.key_of[h])
+        for h, slot in self.store.host.held():
+            assert self.worker.host.row(slot).tobytes() == self.expect(self.key_of[h])
         for h, row in self.lower.rows.items():
             assert row == self.expect(self.key_of[h])
 
@@ -918,8 +926,7 @@ def test_cancel_load_frees_the_plan_and_recomputes_without_counting_a_refusal():
     params = jaxkv.KVCacheParams(jnp.bfloat16, n_kv_heads=2, head_dim=8, num_layers=1, page_size=4)
     cache = jaxkv.allocate_buffer(params, tp_mesh(1), 8)
     row = jaxkv.RowLayout.of(cache).row_bytes
-    store = jaxkv.TieredStore.for_cache(cache, 4 * row)
-    worker = jaxkv.OffloadWorker(cache, store)
+    store, worker = jaxkv.open_tiers(cache, 4 * row)
     manager = jaxkv.PagedKVCacheManager(cache, store)
     prompt = np.arange(13)
     manager.add_request("a", prompt)

@@ -166,10 +166,10 @@ def test_lookup_asks_the_server_once(server):
     real = remote.contains_many
     remote.contains_many = lambda hashes: asked.append(len(hashes)) or real(hashes)
     assert store.lookup([h(i) for i in range(8)]) == ["remote"] * 4 + ["host"] * 2
-    # One round trip, for the blocks neither host memory nor the remote tier's index holds: the index
-    # learned h0..h3 from the store's answers, host memory holds h4 and h5; h6 and h7 are asked.
-    assert asked == [2]
-    assert store.lookup([h(i) for i in range(4)]) == ["remote"] * 4 and asked == [2]  # all known: no round trip
+    # One round trip for the six blocks host memory does not hold: a shared tier's index cannot know what
+    # other instances stored or the server evicted, so the probe, not the index, answers for it.
+    assert asked == [6]
+    assert store.lookup([h(i) for i in range(4)]) == ["remote"] * 4 and asked == [6, 4]
     worker.close()
 
 

@@ -32,9 +32,10 @@ from jaxkv import (
     TierMetrics,
     TierPolicy,
     allocate_buffer,
+    open_tiers,
 )
-from jaxkv.tiers.blockformat import MAGIC
-from jaxkv.tiers.disk import HEADER_BYTES, SUFFIX, DiskTier, DiskWriteError
+from jaxkv.tiers.blockformat import HEADER_BYTES, MAGIC
+from jaxkv.tiers.disk import SUFFIX, DiskTier, DiskWriteError
 
 # Every test here runs with each HostTier backend (numpy: CPU's default; arrays: GPU/TPU's, run on CPU).
 pytestmark = pytest.mark.usefixtures("host_backend")
@@ -83,8 +84,7 @@ def all_pages(cache) -> list[bytes]:
 
 def compose(cache, host_bytes, directory=None, disk_bytes=None, **kwargs) -> tuple[TieredStore, OffloadWorker]:
     """A store (host, then disk when `directory` is given, then `tiers=`) and a worker for `cache`."""
-    store = TieredStore.for_cache(cache, host_bytes, disk_directory=directory, disk_capacity_bytes=disk_bytes, **kwargs)
-    return store, OffloadWorker(cache, store)
+    return open_tiers(cache, host_bytes, disk_directory=directory, disk_capacity_bytes=disk_bytes, **kwargs)
 
 
 def offload(store, worker, cache, pages, hashes):
@@ -110,20 +110,24 @@ def host_row(store, worker, block_hash) -> bytes:
     return bytes(worker.engine.read_host([store.host.slot_of(block_hash)])[0])
 
 
-def snapshot(store, directory=None) -> dict:
+def snapshot(store, worker=None, directory=None) -> dict:
     """Everything a bad call must leave as it was: indexes, slot states, pool bytes, files, counters."""
-    host = store.host
+    index = store.host
     state = {
-        "host index": list(host._index.items()),  # LRU order included
-        "reserved": sorted(host._reserved),
-        "pins": dict(host._pins),
-        "free": sorted(host._free),
-        "pool": host.pool.tobytes() if host.backend == "numpy" else [r and tuple(map(id, r)) for r in host.rows],
+        "host index": index.held(),  # LRU order included
+        "reserved": sorted(index._reserved),
+        "pins": dict(index._pins),
+        "free": sorted(index._free),
         "bytes": store.bytes(),
         "metrics": dataclasses.asdict(store.metrics),
+        "outstanding": store.outstanding,
     }
-    if "disk" in store.tiers:
-        state["disk index"] = list(store.tiers["disk"]._index)
+    if worker is not None:
+        rows = worker.host
+        state["pool"] = rows.pool.tobytes() if rows.backend == "numpy" else [r and tuple(map(id, r)) for r in rows.rows]
+        state["worker bytes"] = worker.bytes()
+        if "disk" in worker.tiers:
+            state["disk index"] = list(worker.tiers["disk"]._index)
     if directory is not None:
         state["files"] = {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
     return state
@@ -521,7 +525,7 @@ def test_a_group_agreement_keeps_the_load_in_one_piece(tmp_path, monkeypatch):
     src, store, worker, hashes = disk_only(tmp_path, 8)
     want = all_pages(src)[:8]
     worker.load_chunk_bytes = 2 * ROW
-    monkeypatch.setattr(store, "agreement", Alone())
+    monkeypatch.setattr(worker, "agreement", Alone())
     calls = count_h2d(worker, monkeypatch)
     cache, result = load(store, worker, src, hashes, list(range(8, 16)))
     assert result.status == "loaded" and calls == [8] and Alone.asked == 2
@@ -586,12 +590,12 @@ def test_store_while_a_load_is_in_flight_and_repeated_store(tmp_path):
     m = store.metrics
     counters = (m["host"].blocks_stored, m["disk"].blocks_stored, m["disk"].bytes_written, m.stores)
     assert counters == (2, 2, 2 * ROW, 2)
-    files = snapshot(store, tmp_path)["files"]
+    files = snapshot(store, worker, tmp_path)["files"]
     # Repeating a store of held blocks only refreshes them: no plan, no write.
     assert store.prepare_store([h(60), h(1)], [6, 1]) is None
     assert store.prepare_store([h(60)], [6]) is None  # h60 is now the most recent
     assert (m["host"].blocks_stored, m["disk"].blocks_stored, m["disk"].bytes_written, m.stores) == counters
-    assert snapshot(store, tmp_path)["files"] == files and len(files) == 2
+    assert snapshot(store, worker, tmp_path)["files"] == files and len(files) == 2
     offload(store, worker, cache, [2], [h(2)])  # evicts h1 from host memory, not the refreshed h60
     assert store.where(h(60)) == "host" and store.where(h(1)) == "disk"
 
@@ -733,10 +737,10 @@ def busy_store(tmp_path):
 @pytest.mark.parametrize(("call", "message"), BAD_CALLS, ids=BAD_IDS)
 def test_bad_arguments_move_nothing(call, message, busy_store):
     store, worker, cache, load_plan, store_plan, directory = busy_store
-    before, pages = snapshot(store, directory), all_pages(cache)
+    before, pages = snapshot(store, worker, directory), all_pages(cache)
     with pytest.raises(ValueError, match=message):
         call(store, worker, cache, load_plan, store_plan)
-    assert snapshot(store, directory) == before
+    assert snapshot(store, worker, directory) == before
     assert not cache.values.is_deleted() and all_pages(cache) == pages
 
 
@@ -745,39 +749,50 @@ def test_a_donated_cache_is_refused(worker_call, busy_store):
     store, worker, cache, load_plan, store_plan, directory = busy_store
     current = donating_step(cache)
     assert cache.values.is_deleted()
-    before, pages = snapshot(store, directory), all_pages(current)
+    before, pages = snapshot(store, worker, directory), all_pages(current)
     with pytest.raises(ValueError, match="pass the cache the last call returned"):
         if worker_call == "load":
             worker.load(cache, load_plan)
         else:
             worker.store(cache, store_plan)
-    assert snapshot(store, directory) == before and all_pages(current) == pages
+    assert snapshot(store, worker, directory) == before and all_pages(current) == pages
 
 
 def test_construction_errors(tmp_path):
     src, _, _ = random_buffer(BF16_MHA, 2, 8)
-    layout = RowLayout.of(src)
     with pytest.raises(ValueError, match=r"host capacity_bytes \(100\) holds no page: one host row is 4096 bytes"):
-        TieredStore.for_cache(src, 100)
+        open_tiers(src, 100)
     with pytest.raises(ValueError, match="disk capacity_bytes must be a non-negative int, got -1"):
-        TieredStore.for_cache(src, 1 << 20, disk_directory=tmp_path, disk_capacity_bytes=-1)
+        open_tiers(src, 1 << 20, disk_directory=tmp_path, disk_capacity_bytes=-1)
     with pytest.raises(ValueError, match="disk_capacity_bytes needs a disk_directory"):
-        TieredStore.for_cache(src, 1 << 20, disk_capacity_bytes=1 << 20)
+        open_tiers(src, 1 << 20, disk_capacity_bytes=1 << 20)
     with pytest.raises(ValueError, match=r"tiers\[0\] must be a HostTier .*, got DictTier"):
-        TieredStore(layout, [DictTier(1 << 20)])
+        OffloadWorker(src, [DictTier(1 << 20)])
     with pytest.raises(ValueError, match=r"tiers\[1\] \(object\) does not implement the Tier protocol"):
-        TieredStore(layout, [HostTier(1 << 20), object()])
+        OffloadWorker(src, [HostTier(1 << 20), object()])
     with pytest.raises(ValueError, match=r"tier names must be unique and not 'device', got \['host', 'host'\]"):
-        TieredStore(layout, [HostTier(1 << 20), DictTier(1 << 20, name="host")])
+        OffloadWorker(src, [HostTier(1 << 20), DictTier(1 << 20, name="host")])
     disks = [DiskTier(tmp_path / "a", 1 << 20), DiskTier(tmp_path / "b", 1 << 20)]
     with pytest.raises(ValueError, match=r"got \['host', 'disk', 'disk'\]"):
-        TieredStore(layout, [HostTier(1 << 20), *disks])
+        OffloadWorker(src, [HostTier(1 << 20), *disks])
+    worker = OffloadWorker(src, [HostTier(1 << 20)])
+    with pytest.raises(ValueError, match="spec must be a StoreSpec .*, got RowLayout"):
+        TieredStore(RowLayout.of(src))
     with pytest.raises(ValueError, match="policy must be a TierPolicy, got dict"):
-        TieredStore(layout, [HostTier(1 << 20)], policy={"write_through": False})
-    store = TieredStore(layout, [HostTier(1 << 20)])
+        TieredStore(worker.spec(), policy={"write_through": False})
+    with pytest.raises(ValueError, match="probe must be callable"):
+        TieredStore(worker.spec(), probe="remote")
+    with pytest.raises(ValueError, match="load_chunk_bytes must be a positive int, got 0"):
+        OffloadWorker(src, [HostTier(1 << 20)], load_chunk_bytes=0)
+    store = TieredStore(worker.spec())
     other = allocate_buffer(BF16_MHA, tp_mesh(4), 8)
-    with pytest.raises(ValueError, match="cache's row layout differs from the store's"):
-        OffloadWorker(other, store)
+    plan = store.prepare_store([h(0)], [1])
+    with pytest.raises(ValueError, match="cache layout differs from the engine's at unit 0"):
+        worker.store(other, plan)
+    with pytest.raises(ValueError, match=r"plan.host_slots contains 300, outside the valid range \[0, 256\)"):
+        worker.store(src, dataclasses.replace(plan, host_slots=(300,)))
+    with pytest.raises(ValueError, match=r"plan.write_to names tiers this worker does not have: \['disk'\]"):
+        worker.store(src, dataclasses.replace(plan, write_to=("disk",)))
 
 
 def test_metrics_reset_and_close(tmp_path):
@@ -811,8 +826,8 @@ def test_a_tier_defined_in_a_test_plugs_in_after_host_memory():
     want = all_pages(src)
     assert isinstance(DictTier(1), jaxkv.Tier)
     mine = DictTier(8 * ROW)
-    store = TieredStore(RowLayout.of(src), [HostTier(2 * ROW), mine])
-    worker = OffloadWorker(src, store)
+    worker = OffloadWorker(src, [HostTier(2 * ROW), mine])
+    store = TieredStore(worker.spec())
     assert store.tier_names == ["host", "dict"] and list(store.metrics.tiers) == ["host", "dict"]
     result = offload(store, worker, src, [0, 1, 2, 3], [h(i) for i in range(4)])
     assert result.written == {"dict": (True,) * 4} and mine.received == [h(i) for i in range(4)]
@@ -830,6 +845,8 @@ def test_a_tier_defined_in_a_test_plugs_in_after_host_memory():
     cache, result = load(store, worker, cache, [h(2), h(3)], [0, 1])
     assert [page_bytes(cache, p) for p in (0, 1)] == want[2:4] and store.metrics["dict"].blocks_loaded == 4
     store.close()
+    assert not mine.closed  # the scheduler side holds no tier: the worker closes them
+    worker.close()
     assert mine.closed
 
 
@@ -873,8 +890,8 @@ def test_a_tier_that_raises_for_a_whole_batch_is_an_error_not_a_crash():
     src, _, _ = random_buffer(BF16_MHA, 2, 8)
     want = all_pages(src)
     remote = LostConnectionTier(8 * ROW, name="remote")
-    store = TieredStore(RowLayout.of(src), [HostTier(ROW), remote])
-    worker = OffloadWorker(src, store)
+    worker = OffloadWorker(src, [HostTier(ROW), remote])
+    store = TieredStore(worker.spec())
     offload(store, worker, src, [0, 1], [h(0), h(1)])  # h0 only in the remote tier
     remote.down = True
     result = offload(store, worker, src, [2], [h(2)])
@@ -997,13 +1014,14 @@ def test_the_cache_flows_through_paged_attention():
 def fingerprints(params, tp) -> dict[str, bytes]:
     """The layout fingerprint by every path that computes one."""
     cache = allocate_buffer(params, tp_mesh(tp), 4)
-    store = TieredStore.for_cache(cache, 1 << 20)
+    store, worker = open_tiers(cache, 1 << 20)
     return {
         "layout_fingerprint(params, tp)": jaxkv.layout_fingerprint(params, tp=tp),
         "RowLayout.of(params, tp)": RowLayout.of(params, tp=tp).fingerprint,
         "layout_fingerprint(buffer)": jaxkv.layout_fingerprint(cache),
         "store.fingerprint": store.fingerprint,
-        "worker.engine.layout_fingerprint": OffloadWorker(cache, store).engine.layout_fingerprint,
+        "worker.engine.layout_fingerprint": worker.engine.layout_fingerprint,
+        "worker.spec().layout": worker.spec().layout.fingerprint,
         "manager(buffer, store)": PagedKVCacheManager(cache, store).fingerprint,
         "manager(buffer)": PagedKVCacheManager(cache).fingerprint,
         "manager(params, tp)": PagedKVCacheManager(params, num_pages=4, tp=tp).fingerprint,
@@ -1040,3 +1058,16 @@ def test_fingerprint_differs_when_the_layout_differs():
     assert len({fp(allocate_buffer(base, tp_mesh(t), 2)) for t in (1, 2, 4)}) == 3
     assert len({fp(BF16_MLA, tp=t) for t in (1, 2, 4)} | {fp(allocate_buffer(BF16_MLA, tp_mesh(4), 2))}) == 1
     assert RowLayout.of(variants["dtype"], tp=2).row_bytes == RowLayout.of(base, tp=2).row_bytes
+
+
+def test_a_lower_tiers_evictions_reach_the_schedulers_index():
+    """The tier evicts on its own; the worker reports it (`take_evicted`), so lookups never plan a gone block."""
+    src, _, _ = random_buffer(BF16_MHA, 2, 8)
+    mine = DictTier(2 * ROW)
+    worker = OffloadWorker(src, [HostTier(ROW), mine])
+    store = TieredStore(worker.spec())
+    result = offload(store, worker, src, [0, 1, 2, 3], [h(i) for i in range(4)])
+    assert result.tiers.evicted == {"dict": (h(0), h(1))} and result.tiers.evictions == {"dict": 2}
+    assert [store.where(h(i)) for i in range(4)] == [None, None, "dict", "host"]
+    assert store.metrics["dict"].evictions == 2 and store.bytes()["dict"] == (2 * ROW, 2 * ROW)
+    assert store.bytes()["dict"] == worker.bytes()["dict"]

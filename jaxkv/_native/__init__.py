@@ -54,7 +54,7 @@ def library_path() -> Path | None:
 def _jaxlib_version() -> str:
     import jaxlib
 
-    return jaxlib.__version__
+    return getattr(jaxlib, "__version__", "unknown")
 
 
 def _major_minor(version: str) -> tuple[str, ...]:

@@ -97,7 +97,9 @@ def backend() -> str:
         return f"hashlib ({ssl.OPENSSL_VERSION if uses_openssl else 'CPython built-in SHA-256'})"
     from jaxkv import _native
 
-    version = _native.library().jaxkv_hash_openssl_version
+    lib = _native.library()
+    assert lib is not None  # `_chain` chose the native path only because the library loaded
+    version = lib.jaxkv_hash_openssl_version
     version.restype = ctypes.c_char_p
     return f"jaxkv native ({version().decode()})"
 
@@ -120,7 +122,7 @@ def _chain_native(chain, raw: bytes, width: int, parent: bytes, extra: bytes) ->
         raise RuntimeError(f"OpenSSL's SHA-256 failed while hashing {n} blocks in jaxkv's native library")
     # One 32-byte bytes object per void item, NUL bytes kept: several times
     # cheaper than slicing a bytes object per block (docs/benchmarks.md, "Block hashing").
-    return np.frombuffer(out, _DIGEST)[:n].tolist()
+    return np.frombuffer(memoryview(out), _DIGEST)[:n].tolist()
 
 
 def hash_blocks(token_ids, page_size: int, parent: bytes, extra_keys=None, *, start_block: int = 0) -> list[bytes]:

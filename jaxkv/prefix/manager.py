@@ -28,6 +28,7 @@ import dataclasses
 
 import numpy as np
 
+from jaxkv._checks import check_positive_int
 from jaxkv.layout.fingerprint import RowLayout
 from jaxkv.layout.params import KVCacheParams
 from jaxkv.prefix.hashing import hash_blocks, root_hash
@@ -132,7 +133,7 @@ class PagedKVCacheManager:
                 raise ValueError("store was built for another cache layout (its fingerprint differs from the cache's)")
         self.store = store
         self.seed = seed
-        self.pool = BlockPool(num_pages)
+        self.pool = BlockPool(check_positive_int("num_pages", num_pages))
         self.metrics = ManagerMetrics(tokens_from={DEVICE: 0, **{n: 0 for n in (store.tier_names if store else [])}})
         self.requests: dict[str, Request] = {}
         self._loads: dict[int, str] = {}  # plan id -> request id, until complete_load
@@ -182,12 +183,13 @@ class PagedKVCacheManager:
         # The last token is never served from cache: hash only blocks before it.
         hashes = hash_blocks(tokens[:-1], self.page_size, root, extra_keys)
 
-        n_dev = 0
+        hit_pages: list[int] = []
         for h in hashes:
-            if self.pool.lookup(h) is None:
+            page = self.pool.lookup(h)
+            if page is None:
                 break
-            n_dev += 1
-        hit_pages = [self.pool.lookup(h) for h in hashes[:n_dev]]
+            hit_pages.append(page)
+        n_dev = len(hit_pages)
 
         total = self._pages_for(tokens.size)
         # Device hits that sit in the free queue stop being free when acquired.
@@ -198,16 +200,17 @@ class PagedKVCacheManager:
                 f"device, {total - n_dev} new) but only {free_after_hits} of {self.num_pages - 1} pages are free"
             )
 
-        sources = self.store.lookup(hashes[n_dev:]) if self.store is not None and n_dev < len(hashes) else []
+        store = self.store
+        sources = store.lookup(hashes[n_dev:]) if store is not None and n_dev < len(hashes) else []
         # Loads pass through host memory: at most one host tier's worth at once; the rest is recomputed.
-        sources = sources[: self.store.host.num_slots] if sources else sources
+        sources = sources[: store.host.num_slots] if store is not None and sources else sources
         # The pages `allocate` will hand out once the hits leave the free queue: plan the load onto
         # them before the pool changes, so a planning error leaves the pool (and its LRU order) as it was.
         new_pages = self.pool.next_free(total - n_dev, skip=set(hit_pages))
         n_ext = len(sources)
         load = None
-        if n_ext:
-            load = self.store.prepare_load(hashes[n_dev : n_dev + n_ext], new_pages[:n_ext])
+        if n_ext and store is not None:
+            load = store.prepare_load(hashes[n_dev : n_dev + n_ext], new_pages[:n_ext])
             self._loads[load.plan_id] = request_id
         for p in hit_pages:
             self.pool.acquire(p)
@@ -253,7 +256,7 @@ class PagedKVCacheManager:
         request_id = self._loads.pop(plan.plan_id, None)
         if request_id is None:
             raise ValueError(f"{plan!r} is not a pending load of this manager (completed twice?)")
-        self.store.complete_load(result)
+        self._store().complete_load(result)
         # Counted even when the request has finished since: the store counts every refusal too.
         if result.status == "refused":
             self.metrics.loads_refused += 1
@@ -282,7 +285,7 @@ class PagedKVCacheManager:
             raise ValueError(f"request {request_id!r} has no pending load to cancel")
         plan, request.load = request.load, None
         del self._loads[plan.plan_id]
-        self.store.cancel_load(plan)
+        self._store().cancel_load(plan)
         self._fall_back(request)
         return request
 
@@ -350,11 +353,17 @@ class PagedKVCacheManager:
             self.metrics.blocks_offloaded += len(plan.block_hashes)
         return plan
 
+    def _store(self) -> TieredStore:
+        """The store, for calls that only a manager with one can have been handed a plan for."""
+        if self.store is None:
+            raise ValueError("this manager has no TieredStore: it makes no plans to complete")
+        return self.store
+
     def complete_store(self, result: StoreResult) -> None:
         """Apply a store's result: the stored blocks join the tiers' indexes."""
         if not isinstance(result, StoreResult):
             raise ValueError(f"result must be a StoreResult (handle.result()), got {type(result).__name__}")
-        self.store.complete_store(result)
+        self._store().complete_store(result)
 
     def touch(self, request_id: str) -> None:
         """Tell the store the request's device-served blocks are hot."""

@@ -2,14 +2,16 @@
 
 A tier stores *rows*: one page of every unit of the cache, laid out as a
 `RowLayout` says, keyed by a 32-byte block hash (the prefix-caching manager's
-SHA-256 digests). The first tier of a composition is host memory
-(`HostTier`), where the offload engine moves rows to and from the device;
-every later tier (disk, a remote store, one a user writes) only stores and
-returns rows, and the composition (`TieredStore`) moves rows between tiers.
+SHA-256 digests). Tiers below host memory (disk, a remote store, one a user
+writes) implement this protocol. They belong to the worker side
+(`OffloadWorker`), which opens them, moves rows between them and host memory
+as plans say, and closes them; the scheduler side (`TieredStore`) never
+touches a tier: it keeps an index of what each holds, from the worker's
+`spec()` and from what each plan's result reports.
 
-What each call guarantees (the composition relies on nothing else):
+What each call guarantees (the worker relies on nothing else):
 
-- `open(layout)`: called once, before anything else, by the composition:
+- `open(layout)`: called once, before anything else, by the worker:
   the tier learns the row width and the layout fingerprint. A tier that
   persists rows must never return a row written under another fingerprint.
   A tier that outlives the instance (jaxkv's disk and remote tiers) keeps
@@ -21,7 +23,7 @@ What each call guarantees (the composition relies on nothing else):
   `get_many` may still find it gone (evicted, corrupt) and say so.
 - `contains_many(block_hashes)` (optional): `[h in tier for h in
   block_hashes]` in one call, for a tier where each `in` is a round trip (a
-  remote store). `TieredStore` uses it when a tier has it, and `in`
+  remote store). `OffloadWorker.probe` uses it when a tier has it, and `in`
   otherwise.
 - `touch(block_hashes)`: a hint that these blocks are hot (LRU recency).
 - `put_many([(hash, row), ...])`: per block `True` (stored: `in` is true
@@ -33,8 +35,17 @@ What each call guarantees (the composition relies on nothing else):
   Never a short or foreign row.
 - `used_bytes <= capacity_bytes` always: the byte budget is exact; a tier
   evicts (least recently used first) to stay inside it.
+- `take_evicted()`: the blocks the tier dropped to make room (or, for a
+  remote store, saw gone) since the last call; the scheduler's index drops
+  them. A block the tier loses unannounced is found by a read (`KeyError`
+  or a failed verification: the index drops it then).
 - `evictions`, `corrupt`: counters the composition reports under the tier's
   `name`, which must be unique within a composition.
+- Optional, for the scheduler's index (`OffloadWorker.spec()`):
+  `held_blocks()` (blocks held at open, least recently used first: a disk
+  tier's warm restart), `block_bytes` (bytes one block occupies; default the
+  row width), `shared` (True when other instances write the tier too: the
+  scheduler then asks the worker's `probe` rather than its index).
 - `close()`: release threads, files, connections; later calls may raise.
 
 `DictTier` in tests/dict_tier.py shows that a tier is a page of code.
@@ -88,6 +99,10 @@ class Tier(Protocol):
 
     def get_many(self, items: list[tuple[bytes, np.ndarray]]) -> list[Exception | None]:
         """Read rows into the `out` arrays; per block None (exact, verified) or the error."""
+        ...
+
+    def take_evicted(self) -> list[bytes]:
+        """Blocks dropped to make room since the last call."""
         ...
 
     def close(self) -> None:
@@ -158,6 +173,7 @@ class OpensOnce:
     and implement `_opened()`, which runs once the fingerprint and row width are set.
     """
 
+    name: str
     _open = False
     stored: StoredLayout | None = None
     """How rows are stored: the layout's TP-independent form, or None (as given)."""
@@ -170,7 +186,8 @@ class OpensOnce:
         """Bind to `layout`'s rows (width, stored form and its fingerprint); called once by the composition."""
         self._open_with(layout.stored.fingerprint, layout.row_bytes, layout.stored)
 
-    def _open_with(self, fingerprint: bytes, row_bytes: int, stored: StoredLayout | None = None) -> None:
+    def _open_with(self, fingerprint, row_bytes, stored: StoredLayout | None = None) -> None:
+        """Open with a 32-byte `fingerprint` and a positive `row_bytes` (checked here: a user may pass anything)."""
         if self._open:
             raise ValueError(f"{type(self).__name__} {self.name!r} is already open")
         row_bytes = check_row_layout(fingerprint, row_bytes)
@@ -185,10 +202,12 @@ class OpensOnce:
         """Whether stored bytes differ from host rows (MHA at a TP degree below the head count)."""
         return self.stored is not None
 
-    def to_stored(self, row: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """The stored bytes of host `row`: `out` filled, or `row` itself when nothing converts."""
+    def to_stored(self, row: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+        """The stored bytes of host `row`: `out` filled, or `row` itself when nothing converts (`out` may be None)."""
         if self.stored is None:
             return row
+        if out is None:
+            raise ValueError("to_stored needs an out row when the stored form differs from host rows")
         self.stored.to_stored(row, out)
         return out
 

@@ -109,6 +109,7 @@ class DiskTier(OpensOnce):
         self._staging = threading.local()  # per thread: a row for the stored form when it differs from the host row
         self._tmp_ids = itertools.count()
         self._index: OrderedDict[bytes, None] = OrderedDict()  # LRU order, oldest first
+        self._evicted: list[bytes] = []  # since the last take_evicted()
         self._open_at_construction(fingerprint, row_bytes)
 
     def _opened(self) -> None:
@@ -152,6 +153,7 @@ class DiskTier(OpensOnce):
                 if not _writer_alive(int(tmp["pid"])):
                     _unlink(entry.path)  # a write whose process died before the rename
                 continue
+            assert block is not None  # a name that is neither a block nor a temporary file was skipped above
             block_hash = bytes.fromhex(block["hash"])
             try:
                 mtime_ns = self._check_file(entry.path, block_hash)
@@ -213,6 +215,20 @@ class DiskTier(OpensOnce):
     def used_bytes(self) -> int:
         """Bytes of the indexed block files (header included): what `capacity_bytes` bounds."""
         return len(self._index) * self.file_bytes
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes one block occupies on disk (its file: header and row)."""
+        return self.file_bytes
+
+    def held_blocks(self) -> list[bytes]:
+        """Every block held, least recently used first (after a warm restart: by file time)."""
+        return list(self._index)
+
+    def take_evicted(self) -> list[bytes]:
+        """Blocks evicted to stay within `capacity_bytes` since the last call (the scheduler's index drops them)."""
+        evicted, self._evicted = self._evicted, []
+        return evicted
 
     def touch(self, block_hashes) -> None:
         """Refresh the recency of the held ones among `block_hashes` (one hash or an iterable)."""
@@ -296,7 +312,7 @@ class DiskTier(OpensOnce):
                 size = st.st_size
                 if size != self.file_bytes:
                     raise CorruptBlockError(f"file is {size} bytes, expected {self.file_bytes}")
-                n = _readv_full(fd, [memoryview(header), memoryview(row)])
+                n = _readv_full(fd, [memoryview(header), row.data])
             finally:
                 os.close(fd)
             if n != self.file_bytes:
@@ -414,7 +430,7 @@ class DiskTier(OpensOnce):
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                _writev_full(fd, [memoryview(header), memoryview(row).cast("B")])
+                _writev_full(fd, [memoryview(header), row.data.cast("B")])
             finally:
                 os.close(fd)
         except OSError as e:
@@ -432,6 +448,7 @@ class DiskTier(OpensOnce):
         while self._index and self.used_bytes > budget:
             oldest = next(iter(self._index))
             self._drop(oldest)
+            self._evicted.append(oldest)
             self.evictions += 1
 
     def _drop(self, block_hash: bytes) -> None:

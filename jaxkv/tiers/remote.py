@@ -75,7 +75,7 @@ small enough to bound that memory."""
 _FINGERPRINT_KEY_BYTES = 16
 """Fingerprint bytes in a key: enough to keep layouts apart; the header carries all 32 and is checked."""
 
-_NETWORK_ERRORS = (redis.exceptions.RedisError, OSError)
+_NETWORK_ERRORS = (redis.RedisError, OSError)
 """What a failed round trip raises: connection refused or reset, a timeout, a server still loading."""
 
 
@@ -181,6 +181,7 @@ class RemoteTier(OpensOnce):
         self.value_bytes = HEADER_BYTES
         """Bytes of one value on the server: header + row."""
         self._namespace = b""
+        self._evicted: list[bytes] = []  # since the last take_evicted()
         self._held: OrderedDict[bytes, None] = OrderedDict()  # what this instance stored and believes there
         self._down_until = 0.0  # time.monotonic() before which the server is not tried
         self._down = False
@@ -201,6 +202,14 @@ class RemoteTier(OpensOnce):
     def key(self, block_hash: bytes) -> bytes:
         """The server key of `block_hash` for this tier's prefix and layout."""
         return self._namespace + block_hash.hex().encode()
+
+    shared = True
+    """Other instances write the server too: the scheduler's index of this tier is completed by probing it."""
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes one block's value occupies on the server (header and row)."""
+        return self.value_bytes
 
     @property
     def used_bytes(self) -> int:
@@ -249,7 +258,7 @@ class RemoteTier(OpensOnce):
         return answers
 
     def touch(self, block_hashes) -> None:
-        """Refresh local recency only: the server's LRU sees every GET, and a round trip per device hit is not worth it."""
+        """Refresh local recency only: the server's LRU sees every GET; a round trip per device hit is not worth it."""
         for h in [block_hashes] if isinstance(block_hashes, bytes) else block_hashes:
             if h in self._held:
                 self._held.move_to_end(h)
@@ -439,7 +448,7 @@ class RemoteTier(OpensOnce):
         """capacity_bytes = the server's maxmemory, when it says (managed services may refuse CONFIG)."""
         try:
             reply = self._client.config_get("maxmemory")
-            maxmemory = int(next(iter(reply.values()))) if reply else 0
+            maxmemory = int(str(next(iter(reply.values())))) if reply else 0
         except (*_NETWORK_ERRORS, ValueError, TypeError, StopIteration, AttributeError):
             return
         if maxmemory > 0:
@@ -474,20 +483,27 @@ class RemoteTier(OpensOnce):
             if pool is not None:
                 pool.disconnect()
             elif hasattr(self._client, "disconnect_connection_pools"):  # RedisCluster
-                self._client.disconnect_connection_pools()
+                getattr(self._client, "disconnect_connection_pools")()  # noqa: B009 (not on Redis' type)
         except Exception:  # dropping a broken connection may fail again; it is dropped either way
             pass
+
+    def take_evicted(self) -> list[bytes]:
+        """Blocks this instance stored and has since seen gone or trimmed from its count (`evictions`), since the
+        last call. Other instances' blocks come and go unseen: the scheduler probes a shared tier instead."""
+        evicted, self._evicted = self._evicted, []
+        return evicted
 
     def _gone(self, block_hash: bytes) -> None:
         """A block this instance stored is no longer on the server: the server evicted it (or lost it)."""
         if block_hash in self._held:
             del self._held[block_hash]
+            self._evicted.append(block_hash)
             self.evictions += 1
 
     def _trim(self) -> None:
         """Forget the oldest stored blocks beyond `capacity_bytes`: the server must have evicted some by then."""
         while self._held and self.used_bytes > self.capacity_bytes:
-            self._held.popitem(last=False)
+            self._evicted.append(self._held.popitem(last=False)[0])
             self.evictions += 1
 
     def _check_open(self) -> None:

@@ -1,23 +1,28 @@
-"""`TieredStore`: the scheduler side of storage outside the device. No arrays.
+"""`TieredStore`: the scheduler side of storage outside the device. Indexes only: no arrays, files or sockets.
 
-An ordered list of tiers (host memory first, then any number of `Tier`s:
-disk, a remote store, your own) and a policy. It answers lookups and turns
-decisions into plain-data plans; an `OffloadWorker` executes the plans on
-the cache and hands back results; `complete_load` / `complete_store` apply
-them, so an index changes only when the bytes are really there.
+It knows which block is where (host slots, and what each lower tier holds, as
+the worker reported) and a policy. It answers lookups and turns decisions
+into plain-data plans; an `OffloadWorker`, which owns the bytes (host rows,
+the lower tiers' files and connections, the transfer engine), executes the
+plans on the cache and hands back results; `complete_load` /
+`complete_store` apply them, so an index changes only when the bytes are
+really there. Spec, plans and results pickle: the two sides may run in
+different processes (a serving engine's scheduler and its workers).
 
 ```
+store = TieredStore(worker.spec())    # the worker opened the tiers and says what they hold
 lookup(hashes)                -> tier name per leading held block
 prepare_load(hashes, pages)   -> LoadPlan    (host slots pinned or reserved)
    worker.load(cache, plan)   -> cache, handle;   handle.result() -> LoadResult
-complete_load(result)         (promoted rows join the host index, pins drop)
+complete_load(result)         (promoted rows join the host index, pins drop, lost blocks leave the indexes)
 prepare_store(hashes, pages)  -> StorePlan | None  (host slots reserved)
    worker.store(cache, plan)  -> handle;          handle.result() -> StoreResult
-complete_store(result)        (stored rows join the host index)
+complete_store(result)        (stored rows join the host and tier indexes, evicted ones leave)
 ```
 
 Completions may arrive late and in any order: a reserved slot is neither
-free nor indexed until its completion, a pinned one is never evicted.
+free nor indexed until its completion, a pinned one is never evicted. Each
+plan completes once (or is cancelled): a second completion raises.
 
 Policy (`TierPolicy`): *write-through* sends every stored block to every
 lower tier at once (a block then survives its eviction from host memory and a
@@ -25,21 +30,31 @@ restart); without it, lower tiers receive a host block when it is evicted
 (write-back). *Promotion* keeps a block read from a lower tier in host
 memory after its load; without it the slot is freed.
 
-When the cache spans processes (`jax.distributed`), each process's store
-holds its own shards' rows and `lookup` answers the minimum over the TP
-group (`GroupAgreement`), so page tables stay identical in every process.
+A lower tier's index holds what the worker reported: what it found when it
+opened the tier (a warm restart), what it stored since, minus what it
+reported evicted, corrupt or gone. A *shared* tier (a remote store other
+instances write) holds more than that: give the store a `probe` (in one
+process, `worker.probe`; across processes, a call to the worker) and lookups
+ask it about blocks the index does not know.
+
+When the cache spans processes (`jax.distributed`), each process runs its own
+store and worker over its own shards' rows, and `lookup` answers the minimum
+over the TP group (`GroupAgreement`), so page tables stay identical in every
+process.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-from pathlib import Path
+from collections.abc import Callable, Sequence
 
-from jaxkv.layout.fingerprint import RowLayout
-from jaxkv.tiers.base import Tier, TierMetrics, check_block_hashes
-from jaxkv.tiers.host import HostTier
+from jaxkv.tiers.base import TierMetrics, check_block_hashes
+from jaxkv.tiers.index import HostIndex, StoreSpec, TierIndex
 from jaxkv.transfer.agreement import GroupAgreement
+
+Probe = Callable[[str, list[bytes]], Sequence[bool]]
+"""`probe(tier_name, block_hashes) -> [held, ...]`: asks the worker whether a shared tier holds blocks."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +86,11 @@ class LoadPlan:
     host: str = "host"
     """Name of the host tier."""
     demotions: tuple[tuple[bytes, int], ...] = ()
-    """(block hash, host slot) of evicted host blocks to hand down before promotions overwrite the slots (write-back)."""
+    """(block hash, host slot) of evicted host blocks to hand down before promotions overwrite them (write-back)."""
+    touches: tuple[tuple[str, tuple[bytes, ...]], ...] = ()
+    """(lower tier, block hashes) the scheduler found hot since the last plan: the worker refreshes them there."""
+    drops: tuple[int, ...] = ()
+    """Host slots freed before this plan was made: the worker may release their rows' memory."""
 
     @property
     def promotions(self) -> list[int]:
@@ -102,9 +121,28 @@ class StorePlan:
     """Lower tiers each block is written to (write-through)."""
     demotions: tuple[tuple[bytes, int], ...] = ()
     """(block hash, host slot) of evicted host blocks to hand down before the slots are overwritten (write-back)."""
+    touches: tuple[tuple[str, tuple[bytes, ...]], ...] = ()
+    """(lower tier, block hashes) the scheduler found hot since the last plan: the worker refreshes them there."""
+    drops: tuple[int, ...] = ()
+    """Host slots freed before this plan was made: the worker may release their rows' memory."""
 
     def __repr__(self) -> str:
-        return f"StorePlan(#{self.plan_id}, {len(self.block_hashes)} blocks in {len(self.chunks)} chunks, to {self.write_to})"
+        n, chunks = len(self.block_hashes), len(self.chunks)
+        return f"StorePlan(#{self.plan_id}, {n} blocks in {chunks} chunks, to {self.write_to})"
+
+
+@dataclasses.dataclass(frozen=True)
+class TierReport:
+    """What the worker saw of the lower tiers while it ran a plan; the scheduler's indexes follow it."""
+
+    evicted: dict[str, tuple[bytes, ...]] = dataclasses.field(default_factory=dict)
+    """Per tier: blocks it dropped to make room."""
+    lost: dict[str, tuple[bytes, ...]] = dataclasses.field(default_factory=dict)
+    """Per tier: blocks a read found absent or corrupt (no longer held there)."""
+    evictions: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Per tier: how much its `evictions` counter grew."""
+    corrupt: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Per tier: how much its `corrupt` counter grew (blocks that failed verification and were dropped)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +161,8 @@ class LoadResult:
     """Per lower tier: (bytes read into host memory, seconds)."""
     demoted: tuple[bool | Exception, ...] = ()
     """Per `plan.demotions` entry: the first lower tier's put_many answer."""
+    tiers: TierReport = dataclasses.field(default_factory=TierReport)
+    """Evictions, losses and corruption the worker saw in lower tiers."""
 
     @property
     def failed_pages(self) -> list[int]:
@@ -145,6 +185,8 @@ class StoreResult:
     """Per lower tier: (bytes written, seconds)."""
     demoted: tuple[bool | Exception, ...] = ()
     """Per `plan.demotions` entry: the first lower tier's put_many answer."""
+    tiers: TierReport = dataclasses.field(default_factory=TierReport)
+    """Evictions the worker saw in lower tiers while writing."""
 
 
 @dataclasses.dataclass
@@ -171,125 +213,94 @@ class StoreMetrics:
 
 
 class TieredStore:
-    """Tiers in order (host first), their indexes, and the plans that move blocks between them."""
+    """Which block is where (host slots first, then each lower tier), and the plans that move blocks."""
 
     def __init__(
         self,
-        layout: RowLayout,
-        tiers: list[Tier],
+        spec: StoreSpec,
         *,
         policy: TierPolicy | None = None,
         agreement: GroupAgreement | None = None,
+        probe: Probe | None = None,
     ):
-        """`layout`: the cache's `RowLayout` (`RowLayout.of(cache)`); `tiers`: a `HostTier`, then lower tiers.
+        """`spec`: what the worker opened (`OffloadWorker.spec()`), plain data.
 
         `agreement`: the TP group's `GroupAgreement` when the cache spans
-        processes (`GroupAgreement.for_cache(cache)`), else None.
+        processes (each process runs its own store and worker), else None.
+        `probe`: asks the worker whether a shared tier holds blocks its index
+        does not know (`OffloadWorker.probe` in one process); None: the index
+        alone answers.
         """
-        if not isinstance(layout, RowLayout):
-            raise ValueError(f"layout must be a RowLayout (RowLayout.of(cache)), got {type(layout).__name__}")
-        tiers = list(tiers)
-        if not tiers or not isinstance(tiers[0], HostTier):
-            first = type(tiers[0]).__name__ if tiers else "nothing"
-            raise ValueError(f"tiers[0] must be a HostTier (rows reach the device through host memory), got {first}")
-        for i, t in enumerate(tiers[1:], 1):
-            if isinstance(t, HostTier):
-                raise ValueError(f"tiers[{i}] is a second HostTier; host memory is tiers[0] only")
-            if not isinstance(t, Tier):
-                raise ValueError(f"tiers[{i}] ({type(t).__name__}) does not implement the Tier protocol")
-        names = [t.name for t in tiers]
-        if len(set(names)) != len(names) or "device" in names:
-            raise ValueError(f"tier names must be unique and not 'device', got {names}")
+        if not isinstance(spec, StoreSpec):
+            raise ValueError(f"spec must be a StoreSpec (OffloadWorker.spec()), got {type(spec).__name__}")
         self.policy = policy or TierPolicy()
         if not isinstance(self.policy, TierPolicy):
             raise ValueError(f"policy must be a TierPolicy, got {type(self.policy).__name__}")
-        self.layout = layout
-        self.fingerprint = layout.fingerprint
+        if agreement is not None and not isinstance(agreement, GroupAgreement):
+            raise ValueError(f"agreement must be None or a GroupAgreement, got {type(agreement).__name__}")
+        if probe is not None and not callable(probe):
+            raise ValueError(f"probe must be callable (tier name, block hashes) -> [bool], got {probe!r}")
+        self.spec = spec
+        self.layout = spec.layout
+        self.fingerprint = spec.layout.fingerprint
         """The layout fingerprint every stored block carries."""
         self.agreement = agreement
-        self.host: HostTier = tiers[0]
-        self.lower: list[Tier] = tiers[1:]
-        for t in tiers:
-            t.open(layout)
-        self.tiers = {t.name: t for t in tiers}
-        """Tiers by name, in order."""
+        self.probe = probe
+        self.host = HostIndex(spec.host_slots, spec.layout.row_bytes, name=spec.host_name)
+        """Host slots: which block each holds, pins, reservations."""
+        self.lower: dict[str, TierIndex] = {t.name: TierIndex(t) for t in spec.lower}
+        """Lower tiers' indexes by name, in lookup order."""
         self._ids = itertools.count()
-        self._marks = {name: (0, 0) for name in self.tiers}
-        self.metrics = StoreMetrics({name: TierMetrics() for name in self.tiers})
+        self._outstanding: set[int] = set()  # plans prepared and not yet completed or cancelled
+        self._touches: dict[str, dict[bytes, None]] = {name: {} for name in self.lower}
+        self._host_evictions = 0
+        self.metrics = self._fresh_metrics()
+        for t in spec.lower:
+            self.metrics.tiers[t.name].corrupt += t.corrupt
         self._closed = False
-
-    @classmethod
-    def for_cache(
-        cls,
-        cache,
-        host_capacity_bytes: int,
-        *,
-        disk_directory=None,
-        disk_capacity_bytes: int | None = None,
-        tiers: list[Tier] = (),
-        policy: TierPolicy | None = None,
-        agreement: GroupAgreement | str | None = "auto",
-        host_backend: str = "auto",
-    ) -> TieredStore:
-        """The usual composition for `cache` (read for its layout only, not kept).
-
-        Host memory of `host_capacity_bytes`, then a `DiskTier` in
-        `disk_directory` of `disk_capacity_bytes` if given, then `tiers`.
-        When the cache spans processes each process keeps its disk blocks in
-        `disk_directory/process-<index>` (processes sharing a file system never
-        touch each other's files), and `agreement="auto"` builds the TP
-        group's `GroupAgreement` (None, at no cost, in one process).
-        `host_backend`: the `HostTier`'s backend ("auto", "numpy", "arrays").
-        """
-        from jaxkv.tiers.disk import DiskTier
-        from jaxkv.transfer.agreement import spans_processes
-
-        chain: list[Tier] = [HostTier(host_capacity_bytes, backend=host_backend)]
-        if disk_directory is not None:
-            if disk_capacity_bytes is None:
-                raise ValueError("disk_capacity_bytes is required with disk_directory")
-            if spans_processes(cache):
-                import jax
-
-                disk_directory = Path(disk_directory) / f"process-{jax.process_index()}"
-            chain.append(DiskTier(disk_directory, disk_capacity_bytes))
-        elif disk_capacity_bytes is not None:
-            raise ValueError("disk_capacity_bytes needs a disk_directory")
-        chain += list(tiers)
-        if isinstance(agreement, str) and agreement == "auto":
-            agreement = GroupAgreement.for_cache(cache)
-        elif agreement is not None and not isinstance(agreement, GroupAgreement):
-            raise ValueError(f"agreement must be 'auto', None or a GroupAgreement, got {agreement!r}")
-        return cls(RowLayout.of(cache), chain, policy=policy, agreement=agreement)
 
     # -- queries -----------------------------------------------------------
     @property
     def tier_names(self) -> list[str]:
         """Tier names in order, host first."""
-        return list(self.tiers)
+        return self.spec.tier_names
 
     def where(self, block_hash: bytes) -> str | None:
         """The first tier holding `block_hash`, or None."""
         return self._where_many([block_hash])[0]
 
-    def _where_many(self, hashes: list[bytes], tiers=None) -> list[str | None]:
+    def _where_many(self, hashes: list[bytes], *, host: bool = True) -> list[str | None]:
         """`where` for several blocks, tier by tier in order, each asked only about blocks not found above it.
 
-        A tier with the optional `contains_many` (a remote one) answers for all
-        of them at once, in one round trip, instead of one `in` per block.
+        A shared tier with a probe is asked through it, in one call per tier:
+        other instances add and the server evicts blocks its index cannot see,
+        so the probe's answer is the truth and the index follows it.
         """
-        tiers = list(self.tiers.values()) if tiers is None else tiers
         found: list[str | None] = [None] * len(hashes)
         todo = list(range(len(hashes)))
-        for tier in tiers:
+        if host:
+            for i in todo:
+                if hashes[i] in self.host:
+                    found[i] = self.host.name
+            todo = [i for i in todo if found[i] is None]
+        for name, index in self.lower.items():
             if not todo:
                 break
-            asked = [hashes[i] for i in todo]
-            many = getattr(tier, "contains_many", None)
-            held = many(asked) if many is not None else [h in tier for h in asked]
+            if index.shared and self.probe is not None:
+                asked = [hashes[i] for i in todo]
+                try:
+                    held = [bool(a) for a in self.probe(name, asked)]
+                except Exception:  # an unreachable worker or store is a miss, never an error to the scheduler
+                    held = [False] * len(asked)
+                if len(held) != len(asked):
+                    raise ValueError(f"probe answered {len(held)} times for {len(asked)} blocks of tier {name!r}")
+                index.add(h for h, yes in zip(asked, held, strict=True) if yes)
+                index.discard(h for h, yes in zip(asked, held, strict=True) if not yes)
+            else:
+                held = [hashes[i] in index for i in todo]
             for i, yes in zip(todo, held, strict=True):
                 if yes:
-                    found[i] = tier.name
+                    found[i] = name
             todo = [i for i, yes in zip(todo, held, strict=True) if not yes]
         return found
 
@@ -313,15 +324,22 @@ class TieredStore:
             self.metrics.tiers[name].hits += 1
         if n < len(hashes):
             self.metrics.misses += 1
-        self._sync_counters()
         return found[:n]
 
     def touch(self, block_hashes) -> None:
-        """The scheduler served these from the device: refresh them in every tier that holds them."""
+        """The scheduler served these from the device: refresh them in every tier that holds them.
+
+        Host recency changes now; lower tiers hear of it with the next plan.
+        """
         self._check_open()
         hashes = check_block_hashes(block_hashes)
-        for tier in self.tiers.values():
-            tier.touch(hashes)
+        self.host.touch(hashes)
+        for name, index in self.lower.items():
+            pending = self._touches[name]
+            for h in hashes:
+                if h in index:
+                    pending.pop(h, None)
+                    pending[h] = None
 
     # -- loads -------------------------------------------------------------
     def prepare_load(self, block_hashes, device_pages) -> LoadPlan:
@@ -341,7 +359,7 @@ class TieredStore:
             )
         protect = {s for h in hashes if (s := self.host.slot_of(h)) is not None}
         elsewhere = [h for h in hashes if self.host.slot_of(h) is None]
-        below = dict(zip(elsewhere, self._where_many(elsewhere, self.lower), strict=True))
+        below = dict(zip(elsewhere, self._where_many(elsewhere, host=False), strict=True))
         slots, sources, demotions = [], [], []
         for h in hashes:
             slot = self.host.slot_of(h)
@@ -356,8 +374,9 @@ class TieredStore:
                 self.host.pin(slot)
             slots.append(slot)
             sources.append(source)
+        plan_id = self._next_id()
         return LoadPlan(
-            next(self._ids),
+            plan_id,
             tuple(hashes),
             tuple(pages),
             tuple(slots),
@@ -365,6 +384,8 @@ class TieredStore:
             len(slots),
             self.host.name,
             tuple(demotions),
+            self._take_touches(),
+            self.host.take_dropped(),
         )
 
     def cancel_load(self, plan: LoadPlan) -> None:
@@ -374,6 +395,7 @@ class TieredStore:
         """
         if not isinstance(plan, LoadPlan):
             raise ValueError(f"plan must be a LoadPlan, got {type(plan).__name__}")
+        self._settle(plan, "cancel_load")
         for slot, source in zip(plan.host_slots, plan.sources, strict=False):
             if source == self.host.name:
                 self.host.unpin(slot)
@@ -381,8 +403,14 @@ class TieredStore:
                 self.host.release(slot)
 
     def complete_load(self, result: LoadResult) -> None:
-        """Apply a load's outcome: promoted rows join the host index (policy), pins and reservations drop."""
+        """Apply a load's outcome: promoted rows join the host index (policy), pins and reservations drop.
+
+        Blocks the worker found gone or corrupt leave their tier's index.
+        """
+        if not isinstance(result, LoadResult):
+            raise ValueError(f"result must be a LoadResult from a worker's load, got {type(result).__name__}")
         plan = result.plan
+        self._settle(plan, "complete_load")
         for i, (h, slot, source) in enumerate(zip(plan.block_hashes, plan.host_slots, plan.sources, strict=False)):
             if source == self.host.name:
                 self.host.unpin(slot)
@@ -411,10 +439,9 @@ class TieredStore:
         for i in plan.promotions:
             if i >= len(result.promoted) or not result.promoted[i]:
                 m.tiers[plan.sources[i]].errors += 1
-        stored = self._count_demotions(result.demoted)
-        if stored:
-            m.tiers[self.lower[0].name].bytes_written += stored * self.layout.row_bytes
-        self._sync_counters()
+        self._apply_demotions(plan, result.demoted, count_bytes=True)
+        self._apply_report(result.tiers)
+        self._count_host_evictions()
 
     # -- stores ------------------------------------------------------------
     def prepare_store(self, block_hashes, device_pages) -> StorePlan | None:
@@ -437,7 +464,8 @@ class TieredStore:
             return None
         write_through = self.policy.write_through and bool(self.lower)
         want = len(todo) if not write_through else min(len(todo), self.host.num_slots)
-        slots, demotions = [], []
+        slots: list[int] = []
+        demotions: list[tuple[bytes, int]] = []
         while len(slots) < want:
             slot = self._reserve((), demotions)
             if slot is None:
@@ -455,13 +483,15 @@ class TieredStore:
         chunks = ((0, first), *((a, a + c) for a in range(first, n, c)))
         per_block = [slots[i - start] for start, stop in chunks for i in range(start, stop)]
         return StorePlan(
-            next(self._ids),
+            self._next_id(),
             tuple(h for h, _ in todo),
             tuple(p for _, p in todo),
             tuple(per_block),
             chunks,
-            tuple(t.name for t in self.lower) if write_through else (),
+            tuple(self.lower) if write_through else (),
             tuple(demotions),
+            self._take_touches(),
+            self.host.take_dropped(),
         )
 
     def _reserve(self, protect, demotions: list[tuple[bytes, int]]) -> int | None:
@@ -470,28 +500,23 @@ class TieredStore:
         Without write-through the evicted block's only copy is in that slot: the
         worker hands it to the first lower tier before the slot is overwritten.
         """
-        demote = not self.policy.write_through and bool(self.lower)
-        got = self.host.reserve_evicting(protect, keep_bytes=demote)
+        got = self.host.reserve_evicting(protect)
         if got is None:
             return None
         slot, evicted = got
-        if evicted is not None and demote:
+        if evicted is not None and not self.policy.write_through and self.lower:
             demotions.append((evicted, slot))
         return slot
 
-    def _count_demotions(self, answers) -> int:
-        """Count write-back answers under the first lower tier; returns the blocks newly stored."""
-        if not answers or not self.lower:
-            return 0
-        tm = self.metrics.tiers[self.lower[0].name]
-        stored = sum(1 for a in answers if a is True)
-        tm.blocks_stored += stored
-        tm.errors += sum(1 for a in answers if isinstance(a, Exception))
-        return stored
-
     def complete_store(self, result: StoreResult) -> None:
-        """Apply a store's outcome: the last chunk's copied rows join the host index; other slots are freed."""
+        """Apply a store's outcome: the last chunk's copied rows join the host index; other slots are freed.
+
+        Blocks a lower tier stored (or already held) join its index; blocks it evicted leave it.
+        """
+        if not isinstance(result, StoreResult):
+            raise ValueError(f"result must be a StoreResult from a worker's store, got {type(result).__name__}")
         plan = result.plan
+        self._settle(plan, "complete_store")
         n = len(plan.block_hashes)
         last = range(*plan.chunks[-1])
         kept = set()
@@ -520,29 +545,87 @@ class TieredStore:
             tm = m.tiers[name]
             tm.blocks_stored += sum(1 for a in answers if a is True)
             tm.errors += sum(1 for a in answers if isinstance(a, Exception))
+            self.lower[name].add(h for h, a in zip(plan.block_hashes, answers, strict=False) if a is True or a is False)
         for name, (nbytes, seconds) in result.wrote.items():
             m.tiers[name].bytes_written += nbytes
             m.tiers[name].write_seconds += seconds
-        self._count_demotions(result.demoted)
-        self._sync_counters()
+        self._apply_demotions(plan, result.demoted)
+        self._apply_report(result.tiers)
+        self._count_host_evictions()
+
+    # -- applying reports ---------------------------------------------------
+    def _apply_demotions(self, plan: LoadPlan | StorePlan, answers, *, count_bytes: bool = False) -> None:
+        """Write-back answers: blocks the first lower tier took join its index, counted there.
+
+        `count_bytes`: a load's (a store's result counts demoted bytes in `wrote`).
+        """
+        if not answers or not self.lower:
+            return
+        name = next(iter(self.lower))
+        tm = self.metrics.tiers[name]
+        stored = sum(1 for a in answers if a is True)
+        tm.blocks_stored += stored
+        tm.errors += sum(1 for a in answers if isinstance(a, Exception))
+        if count_bytes:
+            tm.bytes_written += stored * self.layout.row_bytes
+        held = [h for (h, _), a in zip(plan.demotions, answers, strict=False) if a is True or a is False]
+        self.lower[name].add(held)
+
+    def _apply_report(self, report: TierReport) -> None:
+        for name, hashes in report.evicted.items():
+            self.lower[name].discard(hashes)
+        for name, count in report.evictions.items():
+            self.metrics.tiers[name].evictions += count
+        for name, hashes in report.lost.items():
+            self.lower[name].discard(hashes)
+        for name, count in report.corrupt.items():
+            self.metrics.tiers[name].corrupt += count
+
+    def _count_host_evictions(self) -> None:
+        ev = self.host.evictions
+        self.metrics.tiers[self.host.name].evictions += ev - self._host_evictions
+        self._host_evictions = ev
 
     # -- housekeeping ------------------------------------------------------
-    def _sync_counters(self) -> None:
-        for name, tier in self.tiers.items():
-            ev, bad = tier.evictions, tier.corrupt
-            ev0, bad0 = self._marks[name]
-            self.metrics.tiers[name].evictions += ev - ev0
-            self.metrics.tiers[name].corrupt += bad - bad0
-            self._marks[name] = (ev, bad)
+    def _next_id(self) -> int:
+        plan_id = next(self._ids)
+        self._outstanding.add(plan_id)
+        return plan_id
+
+    def _settle(self, plan: LoadPlan | StorePlan, what: str) -> None:
+        """Mark a plan done; a plan completed, cancelled or never prepared here raises (nothing changes)."""
+        if plan.plan_id not in self._outstanding:
+            raise ValueError(
+                f"{what}: plan #{plan.plan_id} is not outstanding in this store (already completed or "
+                f"cancelled, or prepared by another store); apply each result once"
+            )
+        self._outstanding.remove(plan.plan_id)
+
+    def _take_touches(self) -> tuple[tuple[str, tuple[bytes, ...]], ...]:
+        touches = tuple((name, tuple(hashes)) for name, hashes in self._touches.items() if hashes)
+        for hashes in self._touches.values():
+            hashes.clear()
+        return touches
+
+    @property
+    def outstanding(self) -> int:
+        """Plans prepared and not yet completed or cancelled."""
+        return len(self._outstanding)
 
     def bytes(self) -> dict[str, tuple[int, int]]:
-        """Per tier: (used, capacity) bytes."""
-        return {name: (t.used_bytes, t.capacity_bytes) for name, t in self.tiers.items()}
+        """Per tier: (used, capacity) bytes, as the indexes know them."""
+        out = {self.host.name: (self.host.used_bytes, self.spec.host_capacity_bytes)}
+        for t in self.spec.lower:
+            out[t.name] = (self.lower[t.name].used_bytes, t.capacity_bytes)
+        return out
+
+    def _fresh_metrics(self) -> StoreMetrics:
+        return StoreMetrics({name: TierMetrics() for name in self.tier_names})
 
     def reset_metrics(self) -> None:
         """Zero every counter (the tiers keep their blocks)."""
-        self._sync_counters()
-        self.metrics = StoreMetrics({name: TierMetrics() for name in self.tiers})
+        self._count_host_evictions()
+        self.metrics = self._fresh_metrics()
 
     def _check_pairs(self, block_hashes, device_pages) -> tuple[list[bytes], list[int]]:
         hashes = check_block_hashes(block_hashes)
@@ -566,11 +649,8 @@ class TieredStore:
             raise ValueError("TieredStore is closed")
 
     def close(self) -> None:
-        """Close every tier; later calls raise."""
-        if not self._closed:
-            self._closed = True
-            for t in self.tiers.values():
-                t.close()
+        """Refuse later calls (the tiers themselves are the worker's to close)."""
+        self._closed = True
 
     def __repr__(self) -> str:
-        return f"TieredStore({' -> '.join(self.tiers)}, {self.policy})"
+        return f"TieredStore({' -> '.join(self.tier_names)}, {self.policy})"
