@@ -13,7 +13,7 @@ from test_memory import make_params
 
 from jaxkv import OffloadEngine, allocate_buffer
 from jaxkv import _native as native
-from jaxkv.transfer import engine as engine_module
+from jaxkv.transfer import paths as paths_module
 
 DISABLED = os.environ.get("JAXKV_NATIVE") == "0"
 
@@ -109,11 +109,11 @@ def test_engine_off_cpu_never_touches_the_library(monkeypatch):
 
     monkeypatch.setattr(native, "library", fail)
     monkeypatch.setattr(native, "available", fail)
-    for width in (16, engine_module._LOOP_MIN_PAGE_BYTES):  # both numpy branches
+    for width in (16, paths_module._LOOP_MIN_PAGE_BYTES):  # both numpy branches
         src = np.resize(np.arange(251, dtype=np.uint8), (6, width))
         dst = np.zeros((3, width), np.uint8)
         rows = np.array([4, 0, 5], np.int32)
-        engine_module._copy_rows(dst, np.arange(3, dtype=np.int32), src, rows, on_cpu=False)
+        paths_module.copy_rows(dst, np.arange(3, dtype=np.int32), src, rows, on_cpu=False)
         chex.assert_trees_all_equal(dst, src[rows])
 
 

@@ -187,7 +187,7 @@ class KVCacheBuffer:
         """Pages in the cache (page 0 included)."""
         return self.values.shape[0]
 
-    def _indexed_shards(self, array: jax.Array) -> list[tuple[int, jax.Array]]:
+    def indexed_shards(self, array: jax.Array) -> list[tuple[int, jax.Array]]:
         """This process's shards of `array` with their TP position, in TP-axis order.
 
         Replicated shards are ordered (and numbered) by mesh position.
@@ -201,7 +201,7 @@ class KVCacheBuffer:
         return sorted(((i, _single_device(data)) for i, data in pairs), key=lambda pair: pair[0])
 
     def _ordered_shards(self, array: jax.Array) -> list[jax.Array]:
-        return [data for _, data in self._indexed_shards(array)]
+        return [data for _, data in self.indexed_shards(array)]
 
     @property
     def all_buffers(self) -> list[jax.Array]:
@@ -226,7 +226,7 @@ class KVCacheBuffer:
         for kind, array in (("values", self.values), ("scales", self.scales)):
             if array is None:
                 continue
-            shards = self._indexed_shards(array)
+            shards = self.indexed_shards(array)
             if self.replicates_kv_across_tp:
                 (_, root), *peers = shards
                 peer_units = [KVCacheMemory(data, kind=kind, shard_index=i) for i, data in peers]
@@ -254,7 +254,7 @@ class KVCacheBuffer:
                 old.shard.shape,
             ):
                 raise ValueError(f"units[{i}] is {new!r}, expected a unit laid out like {old!r}")
-            by_kind[new.kind].extend(new._shards())
+            by_kind[new.kind].extend(new.shards())
         arrays = [
             jax.make_array_from_single_device_arrays(old.shape, old.sharding, by_kind[kind])
             for kind, old in (("values", self.values), ("scales", self.scales))

@@ -190,7 +190,7 @@ def _owned_shards(children: list[KVCacheBuffer]) -> tuple:
     for cache in children:
         for array in (cache.values, cache.scales):
             if array is not None and not cache.replicates_kv_across_tp and not array.is_fully_addressable:
-                owned.append((cache.tp_degree, tuple(i for i, _ in cache._indexed_shards(array))))
+                owned.append((cache.tp_degree, tuple(i for i, _ in cache.indexed_shards(array))))
     return tuple(owned)
 
 

@@ -92,9 +92,10 @@ class KVCacheMemory:
         `[len(page_ids), bytes_per_page]` uint8; ids must be unique.
         """
         ids, rows = self._check_write(page_ids, page_bytes)
-        return self._replace([_pages.write_pages_jit(s, ids, jax.device_put(rows, s.sharding)) for s in self._shards()])
+        return self._replace([_pages.write_pages_jit(s, ids, jax.device_put(rows, s.sharding)) for s in self.shards()])
 
-    def _shards(self) -> list[jax.Array]:
+    def shards(self) -> list[jax.Array]:
+        """The device arrays this unit's pages live in (one; a replicated unit: its root and every peer)."""
         return [self._shard]
 
     def _replace(self, shards: list[jax.Array]) -> KVCacheMemory:
@@ -155,7 +156,8 @@ class ReplicatedKVCacheMemory(KVCacheMemory):
         """The root's device, then every peer's: each holds the same bytes."""
         return [self.device] + [p.device for p in self.peers]
 
-    def _shards(self) -> list[jax.Array]:
+    def shards(self) -> list[jax.Array]:
+        """The root's shard, then every peer's: the same bytes on each device."""
         return [self._shard, *(p.shard for p in self.peers)]
 
     def _replace(self, shards: list[jax.Array]) -> ReplicatedKVCacheMemory:

@@ -64,7 +64,7 @@ class LoadHandle(Transfer):
 
     def __init__(self, result: LoadResult, transfer: Transfer | None = None):
         t = transfer
-        super().__init__("h2d", t.num_pages if t else 0, t.nbytes if t else 0, t._arrays if t else ())
+        super().__init__("h2d", t.num_pages if t else 0, t.nbytes if t else 0, t.arrays if t else ())
         self._result = result
 
     @property
@@ -82,7 +82,7 @@ class StoreHandle(Transfer):
     """A store in flight; `result()` waits, finishes the write-through and says what happened."""
 
     def __init__(self, plan: StorePlan, transfer: Transfer, finish):
-        super().__init__("d2h", transfer.num_pages, transfer.nbytes, transfer._arrays, on_complete=None)
+        super().__init__("d2h", transfer.num_pages, transfer.nbytes, transfer.arrays, on_complete=None)
         self._transfer = transfer
         self._finish = finish
         self._result: StoreResult | None = None

@@ -362,7 +362,7 @@ class OffloadEngine:
             return self._check_buffer(cache)
         if isinstance(cache, (list, tuple)) and cache and all(isinstance(u, KVCacheMemory) for u in cache):
             units = list(cache)
-            if any(s.is_deleted() for u in units for s in u._shards()):
+            if any(s.is_deleted() for u in units for s in u.shards()):
                 raise ValueError(
                     "cache has been donated (its arrays are deleted); pass the cache the last call returned"
                 )

@@ -32,6 +32,11 @@ class Transfer:
         self._arrays = list(arrays)
         self._on_complete = on_complete
 
+    @property
+    def arrays(self) -> list:
+        """The arrays whose readiness means the transfer is done (empty once it completed)."""
+        return self._arrays
+
     def is_complete(self) -> bool:
         """Whether every copy has finished. Never blocks."""
         # is_ready is on every concrete array, but jax.Array's type stub does not declare it.
@@ -62,7 +67,7 @@ def combine(direction: str, parts: list[Transfer]) -> Transfer:
     """One handle for several transfers: complete when all are."""
     if len(parts) == 1:
         return parts[0]
-    arrays = [a for t in parts for a in t._arrays]
+    arrays = [a for t in parts for a in t.arrays]
 
     def done():
         for t in parts:
