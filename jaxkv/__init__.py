@@ -2,6 +2,8 @@
 
 Public API (see docs/architecture.md), by layer:
 
+- Adopted caches: `adopt` (an engine's own page-major arrays, e.g. vLLM-TPU's per-layer caches, as an
+  `AdoptedCache` of `PagedArray`s that everything below takes as a cache; no copy).
 - Layout: `KVCacheParams`, `KVCacheQuantConfig`, `allocate_buffer`, `KVCacheBuffer`,
   `MultiKVCacheBuffer`, `KVCacheMemory`, `ReplicatedKVCacheMemory` (byte-page units from
   `to_memory()`), `RowLayout` / `layout_fingerprint` (what a stored page holds).
@@ -17,6 +19,7 @@ Public API (see docs/architecture.md), by layer:
 """
 
 from jaxkv.attention.xla import paged_attention, paged_attention_shard
+from jaxkv.layout.adopted import AdoptedCache, PagedArray, adopt
 from jaxkv.layout.buffer import KVCacheBuffer, MultiKVCacheBuffer, allocate_buffer
 from jaxkv.layout.fingerprint import RowLayout, layout_fingerprint
 from jaxkv.layout.memory import KVCacheMemory, ReplicatedKVCacheMemory
@@ -58,6 +61,7 @@ def __getattr__(name):
 
 __all__ = [
     "NULL_PAGE",
+    "AdoptedCache",
     "BlockPool",
     "DiskTier",
     "GroupAgreement",
@@ -76,6 +80,7 @@ __all__ = [
     "MultiKVCacheBuffer",
     "OffloadEngine",
     "OffloadWorker",
+    "PagedArray",
     "PagedKVCacheManager",
     "ReplicatedKVCacheMemory",
     "Request",
@@ -93,6 +98,7 @@ __all__ = [
     "TierSpec",
     "TieredStore",
     "Transfer",
+    "adopt",
     "allocate_buffer",
     "hash_blocks",
     "layout_fingerprint",

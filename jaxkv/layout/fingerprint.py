@@ -36,10 +36,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import math
 
 import numpy as np
 
 from jaxkv import _native as native
+from jaxkv.layout.adopted import AdoptedCache, PagedArray
 from jaxkv.layout.buffer import Cache, KVCacheBuffer, MultiKVCacheBuffer
 from jaxkv.layout.params import KVCacheParams
 
@@ -65,6 +67,8 @@ class RowUnit:
     """Shards the heads axis is split into (the TP degree); 1 for a replicated (MLA) or TP-1 unit."""
     shard: int = 0
     """This unit's position along the TP axis (which heads it holds); 0 when `shards` is 1."""
+    split_axis: int = 3
+    """The axis of `page_shape` the shards split: the heads (3 in jaxkv's own page; an adopted array's own)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +103,11 @@ class RowLayout:
     @property
     def fingerprint(self) -> bytes:
         """SHA-256 of what the row's bytes mean. Equal layouts, equal digests; nothing else matters."""
-        desc: list[tuple] = [(u.kind, u.dtype, u.page_shape, u.bytes_per_page) for u in self.units]
+        # The split axis is named only where it is not jaxkv's own (3), so jaxkv caches keep their fingerprints.
+        desc: list[tuple] = [
+            (u.kind, u.dtype, u.page_shape, u.bytes_per_page, *(("split", u.split_axis),) * (u.split_axis != 3))
+            for u in self.units
+        ]
         if self.owned_shards:
             desc.append(("owned TP shards", self.owned_shards))
         return hashlib.sha256(_TAG + repr(desc).encode()).digest()
@@ -139,6 +147,13 @@ class RowLayout:
             return cls(_units_from_params(cache, tp), (), cache.page_size)
         if tp is not None:
             raise ValueError(f"tp is only for KVCacheParams; a cache knows its TP degree, got tp={tp!r}")
+        if isinstance(cache, AdoptedCache):
+            units = tuple(
+                RowUnit(u.kind, u.dtype.name, tuple(u.page_shape), u.bytes_per_page, *_position(c, u), c.split_axis)
+                for c in cache.children.values()
+                for u in c.to_memory()
+            )
+            return cls(units, _owned_shards(list(cache.children.values())), cache.page_size)
         if isinstance(cache, MultiKVCacheBuffer):
             children = list(cache.children.values())
         elif isinstance(cache, KVCacheBuffer):
@@ -178,14 +193,14 @@ def _units_from_params(params: KVCacheParams, tp: int) -> tuple[RowUnit, ...]:
     return tuple(units)
 
 
-def _position(cache: KVCacheBuffer, unit) -> tuple[int, int]:
+def _position(cache: KVCacheBuffer | PagedArray, unit) -> tuple[int, int]:
     """(shards, shard) of a unit: its place along the heads split."""
     if cache.replicates_kv_across_tp or cache.tp_degree == 1:
         return 1, 0
     return cache.tp_degree, unit.shard_index
 
 
-def _owned_shards(children: list[KVCacheBuffer]) -> tuple:
+def _owned_shards(children: list[KVCacheBuffer] | list[PagedArray]) -> tuple:
     owned = []
     for cache in children:
         for array in (cache.values, cache.scales):
@@ -279,14 +294,12 @@ class StoredLayout:
                 and units[j].shard == units[j - 1].shard + 1
             ):
                 j += 1
-            kv, layers, tokens, heads, dim = u.page_shape
-            head_bytes = u.bytes_per_page // (kv * layers * tokens * heads)
-            full = (kv, layers, tokens, heads * u.shards, dim)
-            runs.append(
-                StoredRun(
-                    u.kind, u.dtype, offset, j - i, kv * layers * tokens, heads, head_bytes, full, u.shard * heads
-                )
-            )
+            # Per shard's page: `rows` rows (the axes before the split) of `heads` chunks of `head_bytes`.
+            a = u.split_axis
+            rows, heads = math.prod(u.page_shape[:a]), u.page_shape[a]
+            head_bytes = u.bytes_per_page // (rows * heads)
+            full = (*u.page_shape[:a], heads * u.shards, *u.page_shape[a + 1 :])
+            runs.append(StoredRun(u.kind, u.dtype, offset, j - i, rows, heads, head_bytes, full, u.shard * heads))
             offset += (j - i) * u.bytes_per_page
             i = j
         return cls(tuple(runs), offset)
