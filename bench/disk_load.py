@@ -22,7 +22,7 @@ every round, ratios are medians of per-round ratios):
   stricter one on CPU.
 
 All reads are warm (the files were just written: served from the page
-cache), as in bench/connectors.py's warm reads. The cache is MHA bf16 at TP 1
+cache), as in bench/tiers.py's warm reads. The cache is MHA bf16 at TP 1
 on one device; every load is checked bit-exact against the stored pages.
 Goal (issue 13): jaxkv >= 0.8x of the baseline. Results:
 bench/results/disk_load.json (disk_load_quick.json with --quick).

@@ -1,6 +1,6 @@
 """Tiers: DiskTier file throughput, host-tier hit latency, TieredStore + OffloadWorker end to end.
 
-    python bench/connectors.py [--quick] [--dir PATH]
+    python bench/tiers.py [--quick] [--dir PATH]
 
 Measures in one run, each against a baseline timed in the same run on the same bytes:
 
@@ -35,8 +35,8 @@ machine hits both sides of a ratio. The cost of creating an empty file, probed
 at the start and the end, is printed beside: on a shared VM it drifts (tens to
 hundreds of microseconds) and sets the floor of every write. Temporary directories go under --dir
 (default: the system temp directory) and are removed at the end. Results:
-bench/results/connectors.json and docs/connectors.png (with --quick:
-bench/results/connectors_quick.json and .png, leaving the committed ones alone).
+bench/results/tiers.json and docs/tiers.png (with --quick:
+bench/results/tiers_quick.json and .png, leaving the committed ones alone).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ TP = 4
 ROOT = Path(__file__).resolve().parent.parent
 ROW_KIBS = [256, 512, 1024, 2048]
 TARGET = 0.7  # DiskTier throughput >= this fraction of the plain file baseline
-FINGERPRINT = hashlib.sha256(b"jaxkv bench/connectors.py").digest()
+FINGERPRINT = hashlib.sha256(b"jaxkv bench/tiers.py").digest()
 
 
 # -- plumbing --------------------------------------------------------------------
@@ -625,7 +625,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     mesh = jax.make_mesh((TP,), ("tp",), devices=jax.devices()[:TP])
     total = (32 if args.quick else 256) * MIB
-    root = Path(tempfile.mkdtemp(prefix="jaxkv-bench-connectors-", dir=args.dir))
+    root = Path(tempfile.mkdtemp(prefix="jaxkv-bench-tiers-", dir=args.dir))
     try:
         fs = filesystem(root)
         cond = (
@@ -771,7 +771,7 @@ def main() -> None:
     )
 
     seconds = time.perf_counter() - t0
-    name = "connectors_quick" if args.quick else "connectors"
+    name = "tiers_quick" if args.quick else "tiers"
     path = _common.write_json(
         name,
         {
