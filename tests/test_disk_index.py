@@ -151,3 +151,80 @@ def test_verified_bad_blocks_are_still_removed(tmp_path):
     assert h(0) in t and len(t) == 1
     assert t.corrupt == 2 and t.unreadable_entries == 0 and t.skipped_entries == 0
     assert sorted(os.listdir(tmp_path)) == [block_name(0)]
+
+
+# -- opening: bad directories and budgets are refused, and leave everything as it was (issue 24) -----------------------
+
+
+def test_a_directory_that_is_a_file_is_refused_naming_disk_directory(tmp_path):
+    path = tmp_path / "not-a-dir"
+    path.write_bytes(b"user data")
+    with pytest.raises(ValueError, match=r"disk_directory '.*not-a-dir' is not a directory"):
+        tier(path)
+    with pytest.raises(
+        ValueError, match=r"disk_directory '.*not-a-dir/sub' cannot be a directory: a part of it is a file"
+    ):
+        tier(path / "sub")
+    assert path.read_bytes() == b"user data" and sorted(p.name for p in tmp_path.iterdir()) == ["not-a-dir"]
+
+
+def test_an_unwritable_directory_is_refused_naming_disk_directory(tmp_path, monkeypatch):
+    from jaxkv.tiers import disk
+
+    write_blocks(tmp_path, [0])
+    before = sorted(p.name for p in tmp_path.iterdir())
+    real_open = os.open
+
+    def read_only(path, flags, *args):  # as a read-only mount or a directory of another user (tests run as root)
+        if flags & os.O_CREAT:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(disk.os, "open", read_only)
+    with pytest.raises(ValueError, match=r"disk_directory '.*' is not writable: Permission denied"):
+        tier(tmp_path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert h(0) in tier(tmp_path)  # the block was left alone
+
+
+def test_a_capacity_below_one_block_is_refused_when_opened(tmp_path):
+    directory = tmp_path / "blocks"
+    with pytest.raises(
+        ValueError,
+        match=rf"disk_capacity_bytes \({HEADER_BYTES + ROW - 1}\) is smaller than one block \({HEADER_BYTES + ROW} bytes",
+    ):
+        DiskTier(directory, HEADER_BYTES + ROW - 1, fingerprint=FP, row_bytes=ROW)
+    with pytest.raises(ValueError, match=r"disk_capacity_bytes \(0\) is smaller than one block"):
+        DiskTier(directory, 0, fingerprint=FP, row_bytes=ROW)
+    assert not directory.exists()  # nothing created
+    assert len(DiskTier(directory, HEADER_BYTES + ROW, fingerprint=FP, row_bytes=ROW)) == 0  # exactly one block: fine
+
+
+def test_a_capacity_below_one_block_is_refused_by_open_tiers(tmp_path):
+    from cachegen import random_buffer
+    from test_tiers import BF16_MHA
+
+    from jaxkv import open_tiers
+
+    src, _, _ = random_buffer(BF16_MHA, 2, 4)
+    with pytest.raises(ValueError, match=r"disk_capacity_bytes \(100\) is smaller than one block \(4192 bytes"):
+        open_tiers(src, 1 << 20, disk_directory=tmp_path / "d", disk_capacity_bytes=100)
+    assert not (tmp_path / "d").exists()
+
+
+def test_warm_restart_rebuilds_lru_order_from_file_times_not_listing_order(tmp_path):
+    """Issue 24-6(c): reopened over capacity, the blocks oldest by mtime go first, whatever order the listing has."""
+    write_blocks(tmp_path, range(6))
+    ages = {3: 1, 0: 2, 5: 3, 1: 4, 4: 5, 2: 6}  # block -> mtime (s): neither write nor name order
+    for i, t in ages.items():
+        os.utime(tmp_path / block_name(i), ns=(t * 10**9, t * 10**9))
+    listed = [e.name for e in os.scandir(tmp_path)]
+    by_age = [block_name(i) for i in sorted(ages, key=ages.get)]
+    assert listed != by_age  # the listing alone would give another order
+    t = DiskTier(tmp_path, 4 * (HEADER_BYTES + ROW), fingerprint=FP, row_bytes=ROW)
+    assert t.take_evicted() == [h(3), h(0)] and t.evictions == 2
+    assert t.held_blocks() == [h(5), h(1), h(4), h(2)]
+    assert not (tmp_path / block_name(3)).exists() and not (tmp_path / block_name(0)).exists()
+    t.put(h(9), np.zeros(ROW, np.uint8))  # the next eviction is the next oldest
+    assert t.take_evicted() == [h(5)]

@@ -577,3 +577,68 @@ def test_construction_errors():
     with pytest.raises(ValueError, match="not open"):
         RemoteTier("redis://127.0.0.1:1/0").get_many([])
     assert "secret" not in RemoteTier("redis://user:secret@127.0.0.1:1/0").url
+
+
+# -- namespaces ---------------------------------------------------------------------------------------------------
+
+# Each prefix holds glob characters that, unescaped in `SCAN MATCH <prefix>*`, match `team-a:`'s keys too.
+GLOB_PREFIXES = ["team-?:", "team-*", "team-[a]:", "team-\\a:", "team-[^b]:", "team-[a-c]:"]
+
+
+def test_glob_escape_covers_every_glob_character():
+    from jaxkv.tiers.remote import glob_escape
+
+    assert glob_escape(b"a*b?c[d]e\\f^g-h:") == b"a\\*b\\?c\\[d\\]e\\\\f\\^g\\-h:"
+    assert glob_escape(b"jaxkv:0123abcd:") == b"jaxkv:0123abcd:"
+
+
+@pytest.mark.parametrize("prefix", GLOB_PREFIXES)
+def test_clear_under_a_prefix_with_glob_characters_deletes_only_its_own_keys(prefix, server):
+    """Issue 23: `clear()` under `team-?:` deleted `team-a:`'s 5 blocks (Valkey 8.1; Redis matches the same)."""
+    fingerprint, row = bytes(range(32)), np.arange(ROW, dtype=np.uint8)
+    team_a = RemoteTier(server.url, prefix="team-a:", fingerprint=fingerprint, row_bytes=ROW)
+    other = RemoteTier(server.url, prefix=prefix, fingerprint=fingerprint, row_bytes=ROW)
+    assert team_a.put_many([(h(i), row) for i in range(5)]) == [True] * 5
+    assert other.put_many([(h(i), row) for i in range(3, 6)]) == [True] * 3
+    before = keys(server)
+    with server.admin() as r:  # what the unescaped pattern would have matched: team-a:'s keys too
+        assert len(list(r.scan_iter(match=other._namespace + b"*"))) > 3
+    assert other.clear() == 3
+    assert keys(server) == sorted(k for k in before if k.startswith(b"team-a:"))  # team-a's 5, untouched
+    assert team_a.clear() == 5 and keys(server) == []
+    team_a.close()
+    other.close()
+
+
+# -- many instances -----------------------------------------------------------------------------------------------
+
+
+def test_two_instances_storing_the_same_blocks_at_once_both_succeed_and_read_one_value(server):
+    """Write-once under contention: per block one SET NX lands (True), the other finds it (False); both read it."""
+    fingerprint, n = bytes(range(32)), 16
+    tiers = [RemoteTier(server.url, fingerprint=fingerprint, row_bytes=ROW, batch_blocks=4) for _ in range(2)]
+    rows = [np.full((n, ROW), 0xA0 + i, np.uint8) for i in range(2)]  # which instance's value survived is visible
+    barrier = threading.Barrier(2)
+    answers: list = [None, None]
+
+    def store(i):
+        barrier.wait()
+        answers[i] = tiers[i].put_many([(h(b), rows[i][b]) for b in range(n)])
+
+    threads = [threading.Thread(target=store, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    for b in range(n):  # both succeed: exactly one stored it, the other found it held
+        assert sorted([answers[0][b], answers[1][b]]) == [False, True], (b, answers[0][b], answers[1][b])
+    read = [np.zeros((n, ROW), np.uint8) for _ in range(2)]
+    for i in range(2):
+        assert tiers[i].get_many([(h(b), read[i][b]) for b in range(n)]) == [None] * n
+    for b in range(n):
+        winner = 0 if answers[0][b] else 1
+        assert read[0][b].tobytes() == read[1][b].tobytes() == rows[winner][b].tobytes()  # the one value, whole
+    assert len(keys(server)) == n
+    for t in tiers:
+        assert (t.corrupt, t.unavailable) == (0, 0)
+        t.close()

@@ -18,6 +18,15 @@ tier rebuilds its index from the directory (warm restart), checking headers
 and sizes of the regular files named as it names them (`<64 lower-case hex
 digits>.kvblock`); it leaves every other entry alone and deletes only files
 it could have written.
+
+With a key (`key=`, or `$JAXKV_BLOCK_KEY`) the tier writes keyed blocks (a
+BLAKE3 MAC over header and payload after the row: `blockformat`, version 2) and
+reads nothing else: a file without a valid MAC (an unkeyed one, one written
+under another key, one altered) is a miss, counted in `corrupt` and in
+`forged`, and removed; at start-up, unkeyed files are removed the same way.
+Without a key the tier trusts everyone who can write to the directory (a
+shared file system: anyone can write a valid header and checksum); it leaves
+keyed files alone (not indexed, not removed: counted in `skipped_entries`).
 """
 
 from __future__ import annotations
@@ -38,7 +47,17 @@ import numpy as np
 from jaxkv._checks import check_non_negative_int
 from jaxkv.prefix.hashing import BLOCK_HASH_BYTES
 from jaxkv.tiers.base import OpensOnce
-from jaxkv.tiers.blockformat import HEADER_BYTES, CorruptBlockError, checksum, pack_header, verify_header
+from jaxkv.tiers.blockformat import (
+    HEADER_BYTES,
+    BlockKey,
+    CorruptBlockError,
+    ForgedBlockError,
+    KeyedBlockError,
+    pack_header,
+    trailer_bytes,
+    verify_header,
+    verify_payload,
+)
 
 SUFFIX = ".kvblock"
 _HEX = f"[0-9a-f]{{{2 * BLOCK_HASH_BYTES}}}"  # bytes.hex(): lower case, no separators
@@ -76,15 +95,25 @@ class DiskTier(OpensOnce):
         name: str = "disk",
         fingerprint: bytes | None = None,
         row_bytes: int | None = None,
+        key: bytes | str | BlockKey | None = None,
     ):
         """Blocks in `directory`, at most `capacity_bytes` of files.
 
         A composition (`TieredStore`) opens the tier with its row layout; pass
-        `fingerprint` and `row_bytes` to open it at once on its own.
+        `fingerprint` and `row_bytes` to open it at once on its own. Opening
+        creates `directory` (mode 0700) and refuses, with a `ValueError`, one
+        that is a file or cannot be written, and a `capacity_bytes` below one
+        block; nothing is created or removed then.
+        `key`: the deployment's secret (at least 16 bytes; a str is UTF-8),
+        default `$JAXKV_BLOCK_KEY` when set: blocks are then sealed and
+        checked with a MAC (the module docstring). None and no variable:
+        unkeyed, trusting everyone who can write to the directory.
         """
         capacity_bytes = check_non_negative_int("disk capacity_bytes", capacity_bytes)
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty str, got {name!r}")
+        self.block_key = BlockKey.resolve(key)
+        """The MAC key of this tier's blocks, or None (unkeyed: trusts every writer of the directory)."""
         self.name = name
         self.directory = Path(directory)
         self.capacity_bytes = capacity_bytes
@@ -95,11 +124,13 @@ class DiskTier(OpensOnce):
         self.evictions = 0
         """Blocks evicted to stay within `capacity_bytes`."""
         self.corrupt = 0
-        """Block files that failed verification (bad header, size or checksum) and were removed."""
+        """Block files that failed verification (bad header, size, checksum or MAC) and were removed."""
+        self.forged = 0
+        """Of `corrupt`, the files a keyed tier refused for their MAC: unkeyed, another key's, or altered."""
         self.skipped_entries = 0
         """Directory entries left alone at start-up: names this tier never writes (upper-case hex,
-        other suffixes, foreign temporary files) and anything not a regular file (directories,
-        FIFOs, symlinks) even when named like a block."""
+        other suffixes, foreign temporary files), anything not a regular file (directories,
+        FIFOs, symlinks) even when named like a block, and keyed blocks when this tier has no key."""
         self.unreadable_entries = 0
         """Block files that could not be read at start-up (EACCES, EMFILE, EIO): kept on disk, not
         indexed (a miss; a later `put` of the same block replaces the file)."""
@@ -113,10 +144,42 @@ class DiskTier(OpensOnce):
         self._open_at_construction(fingerprint, row_bytes)
 
     def _opened(self) -> None:
-        """Index the blocks already in the directory (warm restart)."""
-        self.file_bytes = HEADER_BYTES + self.row_bytes
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        """Check the budget and the directory, then index the blocks already in it (warm restart)."""
+        file_bytes = HEADER_BYTES + self.row_bytes + trailer_bytes(self.block_key)
+        if self.capacity_bytes < file_bytes:
+            raise ValueError(
+                f"disk_capacity_bytes ({self.capacity_bytes}) is smaller than one block ({file_bytes} bytes: "
+                f"{HEADER_BYTES}-byte header + row_bytes {self.row_bytes}"
+                + (f" + {trailer_bytes(self.block_key)}-byte MAC" if self.block_key is not None else "")
+                + f"): every write would fail; give at least {file_bytes}"
+            )
+        self._check_directory()
+        self.file_bytes = file_bytes
         self._rebuild()
+
+    def _check_directory(self) -> None:
+        """Create the directory if needed and prove it writable (one probe file, removed); ValueError otherwise.
+
+        The probe is named as a temporary file of this process, so a crash
+        between its creation and removal leaves a file the next start removes.
+        """
+        where = f"disk_directory {str(self.directory)!r}"
+        if self.directory.exists() and not self.directory.is_dir():
+            raise ValueError(f"{where} is not a directory: pass a directory (it is created if missing)")
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as e:
+            raise ValueError(f"{where} cannot be a directory: a part of it is a file ({e.strerror})") from None
+        except OSError as e:
+            raise ValueError(f"{where} cannot be created: {e.strerror}") from None
+        probe = self.directory / f".{'0' * 2 * BLOCK_HASH_BYTES}{SUFFIX}.{os.getpid()}-{next(self._tmp_ids)}.tmp"
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except OSError as e:
+            raise ValueError(
+                f"{where} is not writable: {e.strerror}; choose a directory this process can write"
+            ) from None
+        _unlink(probe)
 
     # -- index -------------------------------------------------------------
     def _path(self, block_hash: bytes) -> Path:
@@ -160,8 +223,12 @@ class DiskTier(OpensOnce):
             except _NotARegularFile:
                 self.skipped_entries += 1  # replaced by something else since the lstat
                 continue
-            except CorruptBlockError:
+            except KeyedBlockError:
+                self.skipped_entries += 1  # a keyed deployment's block: not this unkeyed tier's to judge
+                continue
+            except CorruptBlockError as e:
                 self.corrupt += 1
+                self.forged += isinstance(e, ForgedBlockError)
                 _unlink(entry.path)
                 continue
             except FileNotFoundError:
@@ -202,7 +269,9 @@ class DiskTier(OpensOnce):
 
     def _parse_header(self, raw, block_hash: bytes) -> int | None:
         """The payload checksum the header records, None for a foreign fingerprint; raises CorruptBlockError."""
-        return verify_header(raw, fingerprint=self.fingerprint, block_hash=block_hash, payload_bytes=self.row_bytes)
+        return verify_header(
+            raw, fingerprint=self.fingerprint, block_hash=block_hash, payload_bytes=self.row_bytes, key=self.block_key
+        )
 
     # -- queries -----------------------------------------------------------
     def __contains__(self, block_hash: bytes) -> bool:
@@ -301,6 +370,7 @@ class DiskTier(OpensOnce):
         """Read and verify one block's stored bytes into `row`; the failure, if any."""
         path = self._path(block_hash)
         header = bytearray(HEADER_BYTES)
+        trailer = bytearray(trailer_bytes(self.block_key))
         try:
             # One open, fstat, readv and close per block: syscalls dominate small blocks.
             # No following of symlinks, no blocking on a FIFO put in a block's place.
@@ -311,8 +381,10 @@ class DiskTier(OpensOnce):
                     raise CorruptBlockError("not a regular file")
                 size = st.st_size
                 if size != self.file_bytes:
+                    # The header may say why (a keyed block met without a key, an unkeyed one with a key).
+                    self._parse_header(os.pread(fd, HEADER_BYTES, 0), block_hash)
                     raise CorruptBlockError(f"file is {size} bytes, expected {self.file_bytes}")
-                n = _readv_full(fd, [memoryview(header), row.data])
+                n = _readv_full(fd, [memoryview(header), row.data, memoryview(trailer)])
             finally:
                 os.close(fd)
             if n != self.file_bytes:
@@ -320,8 +392,9 @@ class DiskTier(OpensOnce):
             check = self._parse_header(bytes(header), block_hash)
             if check is None:
                 raise CorruptBlockError("fingerprint changed")
-            if checksum(row) != check:
-                raise CorruptBlockError("checksum mismatch")
+            why = verify_payload(self.block_key, header, row, trailer, check)
+            if why is not None:
+                raise (ForgedBlockError if self.block_key is not None else CorruptBlockError)(why)
         except (CorruptBlockError, OSError) as e:
             return e
         return None
@@ -335,10 +408,14 @@ class DiskTier(OpensOnce):
         if isinstance(error, FileNotFoundError):  # removed behind our back: simply gone
             self._index.pop(block_hash, None)
             return CorruptBlockError(f"block {name}: file missing")
+        if isinstance(error, KeyedBlockError):  # replaced by a keyed deployment's file: not ours to remove
+            self._index.pop(block_hash, None)
+            return KeyedBlockError(f"block {name}: {error}; file left in place")
         if isinstance(error, CorruptBlockError):
             self.corrupt += 1
+            self.forged += isinstance(error, ForgedBlockError)
             self._drop(block_hash)
-            return CorruptBlockError(f"block {name}: {error}")
+            return type(error)(f"block {name}: {error}")
         return DiskReadError(f"reading block {name}: {error}")
 
     @property
@@ -425,12 +502,15 @@ class DiskTier(OpensOnce):
     def _write_tmp(self, block_hash: bytes, row: np.ndarray):
         """Write one block to a fresh temporary file; its path, or the DiskWriteError (thread-safe)."""
         row = self.to_stored(np.ascontiguousarray(row), self._staging_row() if self.converts else None)
-        header = pack_header(self.fingerprint, block_hash, row)
+        header = pack_header(self.fingerprint, block_hash, row, self.block_key)
+        parts = [memoryview(header), row.data.cast("B")]
+        if self.block_key is not None:
+            parts.append(memoryview(self.block_key.mac(header, row)))
         tmp = self.directory / f".{block_hash.hex()}{SUFFIX}.{os.getpid()}-{next(self._tmp_ids)}.tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                _writev_full(fd, [memoryview(header), row.data.cast("B")])
+                _writev_full(fd, parts)
             finally:
                 os.close(fd)
         except OSError as e:
@@ -459,6 +539,13 @@ class DiskTier(OpensOnce):
         """Remove every block of this tier."""
         for block_hash in list(self._index):
             self._drop(block_hash)
+
+    def __repr__(self) -> str:
+        keyed = "" if self.block_key is None else f", key id {self.block_key.key_id}"
+        return (
+            f"DiskTier({self.name!r}, {str(self.directory)!r}, {len(self._index)} blocks, "
+            f"{self.used_bytes}/{self.capacity_bytes} bytes{keyed})"
+        )
 
 
 def _writev_full(fd: int, parts: list[memoryview]) -> None:

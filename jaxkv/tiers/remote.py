@@ -24,6 +24,21 @@ a Redis Cluster spreads the blocks over its hash slots (no hash tags).
   payload length), then checksum; only then are the payload bytes copied into
   the `out` row jaxkv owns. A value that fails is a miss, counted in
   `corrupt`, and its key is deleted.
+- **Authenticated with a key.** Without one (`key=None` and no
+  `$JAXKV_BLOCK_KEY`) the tier trusts everyone who can write to the server:
+  another tenant or a compromised instance can compute a block's hash and plant
+  a value with a valid header and checksum, and every instance then serves it.
+  With a deployment secret (`key=`, or `$JAXKV_BLOCK_KEY`) every value carries
+  a keyed BLAKE3 MAC over header (fingerprint, block hash, length) and
+  payload (`jaxkv.tiers.blockformat`, version 2), checked instead of the
+  checksum before any byte is copied: an unkeyed value, one written under
+  another key or altered is a miss, counted in `corrupt` and in `forged`,
+  and its key is deleted. A tier without a key meets a keyed value as a miss
+  and leaves it (it cannot judge it). Give every instance of a deployment the
+  same key; keyed and unkeyed deployments want different prefixes.
+- **Namespaces hold.** A prefix may hold any character: where it reaches a
+  `SCAN MATCH` pattern (`clear`) every glob character is escaped, so
+  `clear()` under `team-?:` deletes `team-?:`'s keys and never `team-a:`'s.
 - **Never blocks serving.** Every call runs under the client's socket and
   connect timeouts, with no retries. A server that cannot be reached, or does
   not answer in time, makes the tier *unavailable* for `retry_interval`
@@ -56,7 +71,17 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from jaxkv._checks import check_int, check_positive_int, check_positive_seconds
 from jaxkv.tiers.base import OpensOnce, check_block_hashes, check_row
-from jaxkv.tiers.blockformat import HEADER_BYTES, CorruptBlockError, checksum, pack_header_into, verify_header
+from jaxkv.tiers.blockformat import (
+    HEADER_BYTES,
+    BlockKey,
+    CorruptBlockError,
+    ForgedBlockError,
+    KeyedBlockError,
+    pack_header_into,
+    trailer_bytes,
+    verify_header,
+    verify_payload,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +131,7 @@ class RemoteTier(OpensOnce):
         client=None,
         fingerprint: bytes | None = None,
         row_bytes: int | None = None,
+        key: bytes | str | BlockKey | None = None,
     ):
         """A tier on the server at `url` (`redis://[user:password@]host:port/db`, `rediss://` for TLS;
         default `DEFAULT_URL`).
@@ -121,9 +147,15 @@ class RemoteTier(OpensOnce):
         its own timeouts and retries apply, and `close()` leaves it open.
         A composition (`TieredStore`) opens the tier with its row layout; pass
         `fingerprint` and `row_bytes` to open it at once on its own.
+        `key`: the deployment's secret (at least 16 bytes; a str is UTF-8),
+        default `$JAXKV_BLOCK_KEY` when set: values are then sealed and
+        checked with a MAC (the module docstring). None and no variable:
+        unkeyed, trusting everyone who can write to the server.
         """
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty str, got {name!r}")
+        self.block_key = BlockKey.resolve(key)
+        """The MAC key of this tier's values, or None (unkeyed: trusts every writer of the server)."""
         if not isinstance(prefix, str):
             raise ValueError(f"prefix must be a str, got {type(prefix).__name__}")
         if capacity_bytes is not None:
@@ -173,13 +205,17 @@ class RemoteTier(OpensOnce):
         """Blocks this instance stored and no longer counts in `used_bytes`: found gone from the server (evicted,
         expired, lost in a restart), or past `capacity_bytes` (the server must have evicted as much by then)."""
         self.corrupt = 0
-        """Values that failed verification (size, header, checksum); their keys were deleted."""
+        """Values that failed verification (size, header, checksum, MAC); their keys were deleted."""
+        self.forged = 0
+        """Of `corrupt`, the values a keyed tier refused for their MAC: unkeyed, another key's, or altered."""
+        self.keyed_values = 0
+        """Keyed values an unkeyed tier met: misses, left on the server (another deployment's to judge)."""
         self.unavailable = 0
         """Round trips that failed (no server, a timeout, a lost connection): each started an outage."""
         self.fingerprint = b""
         self.row_bytes = 0
         self.value_bytes = HEADER_BYTES
-        """Bytes of one value on the server: header + row."""
+        """Bytes of one value on the server: header + row (+ MAC when keyed)."""
         self._namespace = b""
         self._evicted: list[bytes] = []  # since the last take_evicted()
         self._held: OrderedDict[bytes, None] = OrderedDict()  # what this instance stored and believes there
@@ -194,7 +230,7 @@ class RemoteTier(OpensOnce):
     # -- Tier protocol -----------------------------------------------------
     def _opened(self) -> None:
         """Key namespace for this layout; try the server once (an unreachable one is logged and served on as misses)."""
-        self.value_bytes = HEADER_BYTES + self.row_bytes
+        self.value_bytes = HEADER_BYTES + self.row_bytes + trailer_bytes(self.block_key)
         self._namespace = f"{self.prefix}{self.fingerprint[:_FINGERPRINT_KEY_BYTES].hex()}:".encode()
         self._open = True  # _round_trip needs an open tier
         self._round_trip(lambda: self._client.ping())  # learn now whether the server is there, and its maxmemory
@@ -349,11 +385,17 @@ class RemoteTier(OpensOnce):
                 answers.append(KeyError(f"block {h.hex()[:16]} is not on the server of remote tier {self.name!r}"))
                 continue
             why = self._verify(h, reply)
+            if isinstance(why, KeyedBlockError):  # another deployment's, which this tier cannot judge: keep it
+                self.keyed_values += 1
+                self._held.pop(h, None)
+                answers.append(KeyedBlockError(f"block {h.hex()[:16]}: {why}; left on the server"))
+                continue
             if why is not None:
                 self.corrupt += 1
+                self.forged += isinstance(why, ForgedBlockError)
                 self._held.pop(h, None)
                 bad.append(self.key(h))
-                answers.append(CorruptBlockError(f"block {h.hex()[:16]}: {why}; its key was deleted"))
+                answers.append(type(why)(f"block {h.hex()[:16]}: {why}; its key was deleted"))
                 continue
             self.from_stored(np.frombuffer(reply, np.uint8, count=self.row_bytes, offset=HEADER_BYTES), out)
             if h in self._held:
@@ -371,7 +413,7 @@ class RemoteTier(OpensOnce):
     def clear(self) -> int:
         """Delete every block of this prefix and layout from the server (every instance's); returns the count."""
         self._check_open()
-        keys = list(self._client.scan_iter(match=self._namespace + b"*", count=1000))
+        keys = list(self._client.scan_iter(match=glob_escape(self._namespace) + b"*", count=1000))
         if keys:
             self._delete(keys)
         self._held.clear()
@@ -395,30 +437,51 @@ class RemoteTier(OpensOnce):
             per_batch = max(1, min(self.batch_blocks, self.batch_bytes // self.value_bytes))
             self._staging = np.empty((per_batch, self.value_bytes), np.uint8)
         value = self._staging[i]
-        payload = value[HEADER_BYTES:]
+        end = HEADER_BYTES + self.row_bytes
+        payload = value[HEADER_BYTES:end]
         if self.converts:
             self.to_stored(row, payload)  # the one copy, converting on the way
         else:
             payload[...] = row
-        pack_header_into(value, self.fingerprint, block_hash, payload)
+        pack_header_into(value, self.fingerprint, block_hash, payload, self.block_key)
+        if self.block_key is not None:
+            value[end:] = np.frombuffer(self.block_key.mac(value[:HEADER_BYTES], payload), np.uint8)
         return memoryview(value)
 
-    def _verify(self, block_hash: bytes, reply) -> str | None:
-        """Why `reply` is not this block's value for this layout, or None when it is."""
+    def _verify(self, block_hash: bytes, reply) -> CorruptBlockError | None:
+        """Why `reply` is not this block's value for this layout, or None when it is.
+
+        `ForgedBlockError`: a keyed tier's value without a valid MAC (wrong
+        version, wrong key, altered); `KeyedBlockError`: a keyed value met by an
+        unkeyed tier, and the size check waits for the header so that it is
+        recognised. Never a copy before the length is right.
+        """
         if not isinstance(reply, bytes):  # e.g. a WRONGTYPE error: something else under our key
-            return f"the server answered {type(reply).__name__}: {reply}"
-        if len(reply) != self.value_bytes:  # before any copy: never a short row
-            return f"value is {len(reply)} bytes, expected {self.value_bytes}"
+            return CorruptBlockError(f"the server answered {type(reply).__name__}: {reply}")
         try:
             check = verify_header(
-                reply, fingerprint=self.fingerprint, block_hash=block_hash, payload_bytes=self.row_bytes
+                reply,
+                fingerprint=self.fingerprint,
+                block_hash=block_hash,
+                payload_bytes=self.row_bytes,
+                key=self.block_key,
             )
+        except KeyedBlockError as e:
+            return e
         except CorruptBlockError as e:
-            return str(e)
+            if len(reply) != self.value_bytes:  # the size says more than a header cut short
+                return type(e)(f"value is {len(reply)} bytes, expected {self.value_bytes} ({e})")
+            return e
+        if len(reply) != self.value_bytes:  # before any copy: never a short row
+            error = ForgedBlockError if self.block_key is not None else CorruptBlockError
+            return error(f"value is {len(reply)} bytes, expected {self.value_bytes}")
         if check is None:  # under this layout's key, so not another layout's to keep: corrupt
-            return "written for another layout"
-        if checksum(memoryview(reply)[HEADER_BYTES:]) != check:
-            return "checksum mismatch"
+            return CorruptBlockError("written for another layout")
+        view = memoryview(reply)
+        end = HEADER_BYTES + self.row_bytes
+        why = verify_payload(self.block_key, view[:HEADER_BYTES], view[HEADER_BYTES:end], view[end:], check)
+        if why is not None:
+            return (ForgedBlockError if self.block_key is not None else CorruptBlockError)(why)
         return None
 
     def _batches(self, items):
@@ -513,7 +576,22 @@ class RemoteTier(OpensOnce):
             )
 
     def __repr__(self) -> str:
-        return f"RemoteTier({self.name!r}, {self.url}, prefix={self.prefix!r})"
+        keyed = "" if self.block_key is None else f", key id {self.block_key.key_id}"
+        return f"RemoteTier({self.name!r}, {self.url}, prefix={self.prefix!r}{keyed})"
+
+
+GLOB_CHARACTERS = b"\\*?[]^-"
+"""What a Redis `SCAN MATCH` / `KEYS` pattern treats as special (`^` and `-` inside brackets)."""
+
+
+def glob_escape(literal: bytes) -> bytes:
+    """`literal` as a Redis glob pattern matching exactly itself: every glob character backslash-escaped.
+
+    Redis' matcher (`stringmatchlen`) takes a backslash outside brackets to
+    mean "the next byte, literally", for any byte: escaping `^` and `-` too is
+    harmless and keeps the rule one line.
+    """
+    return bytes(b for c in literal for b in ((0x5C, c) if c in GLOB_CHARACTERS else (c,)))
 
 
 def _redacted(url: str) -> str:
