@@ -407,3 +407,54 @@ def test_native_token_write_is_the_word_scatter_bit_for_bit(kind, dtype, tp, mon
         scales = None if cache.scales is None else as_bytes(host_copies(cache.scales))
         runs.append((as_bytes(host_copies(cache.values)), scales, as_bytes(out)))
     chex.assert_trees_all_equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize(("dtype", "backend"), [("bfloat16", "interpret"), ("float8_e4m3fn", "tpu_interpret")])
+def test_pallas_loads_a_value_dim_that_is_not_a_power_of_two(dtype, backend, monkeypatch):
+    """The demo's MLA latent is 96 + 32 wide with value_dim 96: the kernel loads the values as 64 + 32 and matches
+    the XLA path (issue 24 item 1; it used to refuse value_dim 96)."""
+    from jaxkv.attention import pallas
+
+    monkeypatch.setattr(pallas, "backend_for", lambda platform: backend)
+    quant = None if dtype == "bfloat16" else KVCacheQuantConfig(granularity=4)
+    params = KVCacheParams(dtype, 1, 24, LAYERS, PAGE_SIZE, is_mla=True, quant=quant)  # latent 12 + rope 12
+    q, k, _ = inputs(params)
+    outs = []
+    for impl in ("xla", "pallas"):
+        step = functools.partial(paged_attention, mesh=tp_mesh(1), softmax_scale=SCALE, value_dim=12, impl=impl)
+        out, _ = run_both_calls(jax.jit(step), allocate_buffer(params, tp_mesh(1), NUM_PAGES), q, k, None)
+        outs.append(np.asarray(out))
+    chex.assert_shape(outs[1], (3, T, N_HEADS["mla"], 12))
+    valid = np.arange(T)[None, :] < NEW[:, None]
+    np.testing.assert_allclose(outs[1][valid], outs[0][valid], rtol=2e-6, atol=2e-6)
+
+
+def test_pallas_kernel_with_value_dim_96_lowers_for_gpu():
+    """value_dim 96 (the demo's MLA) lowers for Triton: every loaded and stored block a power of two."""
+    from jaxkv.attention import pallas
+
+    values = jax.ShapeDtypeStruct((33, 1, 2, 16, 1, 128), jnp.bfloat16)
+    q = jax.ShapeDtypeStruct((2, 3, 16, 128), jnp.bfloat16)
+    table, ints = jax.ShapeDtypeStruct((2, 4), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.int32)
+
+    def attend(values, q, table, start, lens):
+        cache = KVCacheBuffer.tree_unflatten(True, (values, None))
+        return pallas.attend(cache, 0, q, table, start, lens, softmax_scale=0.1, value_dim=96, backend="gpu")
+
+    lowered = jax.jit(attend).trace(values, q, table, ints, ints).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 1
+    assert lowered.out_info.shape == (2, 3, 16, 96)
+
+
+def test_pallas_names_a_scale_group_that_straddles_pieces():
+    from jaxkv.attention import pallas
+
+    assert pallas.unsupported(page_size=16, head_dim=128, groups=4, value_dim=96, granularity=32) is None
+    problem = pallas.unsupported(page_size=16, head_dim=128, groups=4, value_dim=96, granularity=64)
+    assert problem == (
+        "impl='pallas' loads value_dim 96 in power-of-two pieces (the smallest 32); the scale granularity (64) "
+        "must divide it, but 32 % 64 = 32"
+    )
+    assert pallas.unsupported(page_size=16, head_dim=128, groups=3, value_dim=96, granularity=None) == (
+        "impl='pallas' needs query heads per KV head to be a power of two, got 3"
+    )

@@ -139,3 +139,28 @@ def test_progress_off_a_terminal_writes_a_line_every_tenth(monkeypatch):
     lines = text.splitlines()
     assert len(lines) == 10 and text.endswith("\n")
     assert lines[0].startswith("[") and "2/20 turns" in lines[0] and lines[0] == lines[0].rstrip()
+
+
+def test_demo_refuses_an_attention_the_kernel_cannot_run_before_any_work(capsys, tmp_path, monkeypatch):
+    """A layout the Pallas kernel cannot load is one line naming --attention, before anything runs."""
+    from jaxkv._cli import demo
+    from jaxkv.attention import pallas
+
+    monkeypatch.setattr(pallas, "unsupported", lambda **kw: f"impl='pallas' cannot load value_dim {kw['value_dim']}")
+    monkeypatch.setattr(demo, "run_demo", lambda cfg: pytest.fail("the demo ran"))
+    line = one_line_error(
+        capsys, "demo", "--model", "mla", "--attention", "pallas", "--tp", "2", "--out", str(tmp_path)
+    )
+    assert line == (
+        "jaxkv demo: error: --attention pallas cannot run --model mla --dtype bf16: impl='pallas' cannot load "
+        "value_dim 96; use --attention xla"
+    )
+
+
+def test_demo_modules_do_not_import_each_other():
+    """`DemoError` lives below both demo modules (issue 24 item 3): importing demo_remote leaves demo unloaded."""
+    import subprocess
+    import sys
+
+    code = "import sys, jaxkv._cli.demo_remote; print('jaxkv._cli.demo' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

@@ -35,6 +35,15 @@ MAX_PAGES = 2**31 - 1
 LAYOUT_HEADS = 8
 """`jaxkv layout --heads` default."""
 
+DEMO_MODELS = ("mha", "mla")
+"""`jaxkv demo --model` choices: Llama-style GQA, DeepSeek-style latent (`jaxkv.models.TinyConfig.kind`)."""
+
+DEMO_DTYPES = ("bf16", "fp8")
+"""`jaxkv demo --dtype` choices: the cache dtype, bfloat16 or float8_e4m3fn with scales."""
+
+DEMO_ATTENTION = ("auto", "xla", "pallas")
+"""`jaxkv demo --attention` choices (`jaxkv.attention.xla.IMPLS`)."""
+
 DEMO_TP_DEGREES = (4, 2, 1)
 """`jaxkv demo` without --tp: the first of these the machine has devices for (as `run_demo` picks)."""
 
@@ -183,7 +192,7 @@ def _demo_check(cfg) -> str | None:
 
     devices = jax.devices()
     tp = cfg.tp if cfg.tp is not None else next(t for t in DEMO_TP_DEGREES if t <= len(devices))
-    if not 1 <= tp <= len(devices) or cfg.model not in ("mha", "mla") or cfg.dtype not in ("bf16", "fp8"):
+    if not 1 <= tp <= len(devices) or cfg.model not in DEMO_MODELS or cfg.dtype not in DEMO_DTYPES:
         return None
     config = TinyConfig(kind=cfg.model, cache_dtype="bfloat16" if cfg.dtype == "bf16" else "float8_e4m3fn")
 
@@ -203,6 +212,22 @@ def _demo_check(cfg) -> str | None:
         )
 
     params = _cache_params(config)
+    if cfg.attention == "pallas":
+        from jaxkv.attention import pallas
+
+        # Query heads per KV head on one shard: GQA's group; MLA's one latent head serves the shard's heads.
+        groups = config.n_heads // tp if params.is_mla else config.n_heads // config.n_kv_heads
+        problem = pallas.unsupported(
+            page_size=params.page_size,
+            head_dim=params.head_dim,
+            groups=groups,
+            value_dim=config.kv_lora_rank if params.is_mla else params.head_dim,
+            granularity=None if params.quant is None else params.quant.granularity,
+        )
+        if problem is not None:
+            return (
+                f"--attention pallas cannot run --model {cfg.model} --dtype {cfg.dtype}: {problem}; use --attention xla"
+            )
     page_bytes, row_bytes = params.bytes_per_page(tp), params.host_bytes_per_page(tp)
     # Besides --device-pages (each page also costs the manager's pool ~100 B of host objects, far less than
     # its bytes), run_demo allocates up to two caches sized from the workload's tokens (the shadow stack's,
@@ -252,7 +277,8 @@ def _demo_check(cfg) -> str | None:
 
 
 def _demo(args) -> int:
-    from jaxkv._cli.demo import PLOT_EXTRA, DemoConfig, DemoError, format_report, run_demo
+    from jaxkv._cli.demo import PLOT_EXTRA, DemoConfig, format_report, run_demo
+    from jaxkv._cli.errors import DemoError
 
     names = {f.name for f in dataclasses.fields(DemoConfig)}
     cfg = DemoConfig(**{k: v for k, v in vars(args).items() if k in names}, progress=not args.no_progress)
@@ -291,9 +317,9 @@ def main(argv: list[str] | None = None) -> int:
         "if a bit-identity check fails.",
     )
     demo.add_argument(
-        "--model", choices=["mha", "mla"], default="mha", help="mha: Llama-style GQA; mla: DeepSeek-style latent"
+        "--model", choices=DEMO_MODELS, default="mha", help="mha: Llama-style GQA; mla: DeepSeek-style latent"
     )
-    demo.add_argument("--dtype", choices=["bf16", "fp8"], default="bf16", help="cache dtype (fp8: e4m3 with scales)")
+    demo.add_argument("--dtype", choices=DEMO_DTYPES, default="bf16", help="cache dtype (fp8: e4m3 with scales)")
     demo.add_argument("--tp", type=_positive_int, default=None, help="TP degree (default 4, or fewer if fewer devices)")
     demo.add_argument("--system-prompts", type=int, default=3, help="shared system prompts (default 3)")
     demo.add_argument("--conversations", type=int, default=12, help="conversations (default 12)")
@@ -316,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     demo.add_argument(
         "--attention",
-        choices=["auto", "xla", "pallas"],
+        choices=DEMO_ATTENTION,
         default="auto",
         help="paged attention implementation (default auto: xla; pallas runs in interpret mode on CPU, slowly)",
     )

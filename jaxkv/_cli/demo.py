@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxkv._cli.errors import DemoError
 from jaxkv._cli.workload import chat_workload
 
 
@@ -72,10 +73,6 @@ class DemoConfig:
 
     def max_prompt_tokens(self) -> int:
         return self.system_tokens + self.turns * (self.user_tokens + self.reply_tokens)
-
-
-class DemoError(Exception):
-    """Bad demo input: printed as one line by the CLI."""
 
 
 class Progress:

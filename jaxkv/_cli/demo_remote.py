@@ -19,7 +19,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from jaxkv._cli.demo import DemoError
+from jaxkv._cli.errors import DemoError
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ first `value_dim` elements.
 
 Backends (`attend(..., backend=)`): on GPUs a Triton kernel that loads each
 block from the cache in global memory (every loaded block a power of two: a
-head dim like MLA's 576 goes as 512 + 64); on TPUs a Mosaic kernel that takes
+head dim like MLA's 576 goes as 512 + 64, a value dim of 96 as 64 + 32); on TPUs a Mosaic kernel that takes
 the page table as scalar prefetch and DMAs each page's blocks from HBM into
 VMEM, double-buffered; on CPU Pallas' interpret mode (correctness, not speed), where the TPU
 kernel also runs in Pallas' TPU interpret mode for tests. The online softmax
@@ -182,7 +182,6 @@ def _attend_pages(table_ref, start_ref, lens_ref, q_ref, out_ref, cache_shape, s
         for (a, w), q in zip(pieces, qs, strict=True):
             keys = jnp.where(live[:, None], dequantized(load, 0, a, w), 0.0)  # 0 * NaN would poison the sums
             scores += jnp.dot(q, keys.T, precision=lax.Precision.HIGHEST, preferred_element_type=_F32)
-        vals = jnp.where(live[:, None], dequantized(load, kv_dim - 1, 0, value_dim), 0.0)  # MLA: the latent's start
         visible = live[None, :] & (slot[None, :] <= pos[:, None])
         scores = jnp.where(visible, scores, -jnp.inf)
         new_top = jnp.maximum(top, jnp.max(scores, axis=1))
@@ -190,14 +189,27 @@ def _attend_pages(table_ref, start_ref, lens_ref, q_ref, out_ref, cache_shape, s
         p = jnp.exp(scores - safe[:, None])
         rescale = jnp.exp(top - safe)
         total = rescale * total + jnp.sum(p, axis=1)
-        acc = rescale[:, None] * acc + jnp.dot(p, vals, precision=lax.Precision.HIGHEST, preferred_element_type=_F32)
+        # The values (MLA: the latent's first value_dim columns) in power-of-two pieces, one accumulator each.
+        acc = tuple(
+            rescale[:, None] * a_acc
+            + jnp.dot(
+                p,
+                jnp.where(live[:, None], dequantized(load, kv_dim - 1, a, w), 0.0),  # 0 * NaN would poison p @ v
+                precision=lax.Precision.HIGHEST,
+                preferred_element_type=_F32,
+            )
+            for (a, w), a_acc in zip(value_pieces, acc, strict=True)
+        )
         return new_top, total, acc
 
-    init = (jnp.full((rows,), -jnp.inf, _F32), jnp.zeros((rows,), _F32), jnp.zeros((rows, value_dim), _F32))
+    value_pieces = _pieces(value_dim)
+    accs = tuple(jnp.zeros((rows, w), _F32) for _, w in value_pieces)
+    init = (jnp.full((rows,), -jnp.inf, _F32), jnp.zeros((rows,), _F32), accs)
     pages = (seq_end + page_size - 1) // page_size
     _, total, acc = lax.fori_loop(0, pages, step, init)
-    out = acc / jnp.where(total > 0, total, 1.0)[:, None]  # a padded query of an empty sequence: 0
-    out_ref[0] = out.reshape(t, groups, value_dim).astype(out_ref.dtype)
+    norm = jnp.where(total > 0, total, 1.0)[:, None]  # a padded query of an empty sequence: 0
+    for (a, w), a_acc in zip(value_pieces, acc, strict=True):
+        out_ref[0, :, :, pl.ds(a, w)] = (a_acc / norm).reshape(t, groups, w).astype(out_ref.dtype)
 
 
 def _head_block(ref, page, kv, layer, head, a, w):
@@ -251,7 +263,7 @@ def attend(
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     call = _tpu_call if backend in ("tpu", "tpu_interpret") else _triton_call
     out = call(q, values, scales, layer, page_table, start_pos, q_lens, softmax_scale, value_dim, backend)
-    return out.reshape(b, t, n_heads, value_dim)[:b0, :t0]
+    return out.reshape(b, t, n_heads, -1)[:b0, :t0, :, :value_dim]
 
 
 def _triton_call(q, values, scales, layer, page_table, start_pos, q_lens, softmax_scale, value_dim, backend):
@@ -273,8 +285,8 @@ def _triton_call(q, values, scales, layer, page_table, start_pos, q_lens, softma
         kernel,
         grid=(b, heads),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((1, t, None, groups, value_dim), lambda i, j: (i, 0, j, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct((b, t, heads, groups, value_dim), _F32),
+        out_specs=pl.BlockSpec((1, t, None, groups, bucket(value_dim)), lambda i, j: (i, 0, j, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, t, heads, groups, bucket(value_dim)), _F32),
         interpret=interpret,
         # On GPUs the Triton backend: the cache stays in global memory and each page's block is loaded where it
         # lies (Mosaic GPU, the default, would stage every input in shared memory).
@@ -301,13 +313,13 @@ def _tpu_call(q, values, scales, layer, page_table, start_pos, q_lens, softmax_s
         num_scalar_prefetch=4,
         grid=(b, heads),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((1, t, None, groups, value_dim), lambda i, j, *_: (i, 0, j, 0, 0)),
+        out_specs=pl.BlockSpec((1, t, None, groups, bucket(value_dim)), lambda i, j, *_: (i, 0, j, 0, 0)),
         scratch_shapes=scratch,
     )
     return pl.pallas_call(
         kernel,
         grid_spec=grid_spec,
-        out_shape=jax.ShapeDtypeStruct((b, t, heads, groups, value_dim), _F32),
+        out_shape=jax.ShapeDtypeStruct((b, t, heads, groups, bucket(value_dim)), _F32),
         # Interpreted, DMAs land as soon as they start (a buffer overwritten while in use shows in the
         # results) and the race detector watches the buffers.
         interpret=pltpu.InterpretParams(dma_execution_mode="eager", detect_races=True)
@@ -317,20 +329,36 @@ def _tpu_call(q, values, scales, layer, page_table, start_pos, q_lens, softmax_s
 
 
 def _check_shapes(values, scales, groups: int, value_dim: int) -> None:
-    """What the kernel needs of the layout: page_size, query heads per KV head and value_dim powers of two,
-    and a scale group that divides every power-of-two piece of the head dim (ValueError naming the field)."""
+    """`unsupported` for the arrays the kernel is given, as a ValueError."""
     page_size, d = values.shape[3], values.shape[5]
-    for name, v in (("page_size", page_size), ("query heads per KV head", groups), ("value_dim", value_dim)):
+    granularity = None if scales is None else d // scales.shape[5]
+    problem = unsupported(page_size=page_size, head_dim=d, groups=groups, value_dim=value_dim, granularity=granularity)
+    if problem is not None:
+        raise ValueError(problem)
+
+
+def unsupported(*, page_size: int, head_dim: int, groups: int, value_dim: int, granularity: int | None) -> str | None:
+    """Why the kernel cannot attend over this layout (None: it can), naming the field and its value.
+
+    `page_size` and the query heads per KV head (`groups`) must be powers of two
+    (they are loaded whole); `head_dim` and `value_dim` may be any width, loaded
+    in power-of-two pieces (`_pieces`: 96 = 64 + 32), but a scale group
+    (`granularity`, quantized caches) must not straddle two pieces. Callers that
+    run the kernel later (the CLI) ask this first.
+    """
+    for name, v in (("page_size", page_size), ("query heads per KV head", groups)):
         if v & (v - 1):
-            raise ValueError(f"impl='pallas' needs {name} to be a power of two, got {v}")
-    if scales is not None:
-        granularity = d // scales.shape[5]
-        smallest = min(w for _, w in _pieces(d))
-        if smallest % granularity:
-            raise ValueError(
-                f"impl='pallas' loads head_dim {d} in power-of-two pieces (the smallest {smallest}); "
-                f"the scale granularity ({granularity}) must divide it"
-            )
+            return f"impl='pallas' needs {name} to be a power of two, got {v}"
+    if granularity is not None:
+        for name, width in (("head_dim", head_dim), ("value_dim", value_dim)):
+            smallest = min(w for _, w in _pieces(width))
+            if smallest % granularity:
+                return (
+                    f"impl='pallas' loads {name} {width} in power-of-two pieces (the smallest {smallest}); "
+                    f"the scale granularity ({granularity}) must divide it, but {smallest} % {granularity} = "
+                    f"{smallest % granularity}"
+                )
+    return None
 
 
 def _without_scales(kernel):
