@@ -177,8 +177,19 @@ def test_copy_rows_refuses_a_read_only_dst():
 STREAMED = dict(n_kv_heads=2, head_dim=21, num_layers=61, page_size=17)
 
 
+@pytest.fixture
+def copy_policy():
+    """Set the native copy policy with `copy_policy(spec)` in a test; the machine's (and the environment's) after it."""
+    yield native.set_copy_policy
+    native.set_copy_policy(None)
+
+
+@needs_library
 @pytest.mark.parametrize("d2h_path", ["host", "xla"])
-def test_batches_above_the_streaming_threshold_are_bit_exact(d2h_path):
+def test_batches_above_the_streaming_threshold_are_bit_exact(d2h_path, copy_policy):
+    # The machine's threshold is an eighth of its L3 (6 MiB on a 48 MiB L3, 32.5 MiB on 260 MiB): fix it at
+    # 4 MiB, under this batch, so the streaming and two-thread paths run whatever the L3.
+    assert copy_policy("stream=4M,split=4M").stream_min_bytes == 4 << 20
     import jax.numpy as jnp
 
     import jaxkv
@@ -215,3 +226,101 @@ def test_batches_above_the_streaming_threshold_are_bit_exact(d2h_path):
     rows = rng.integers(0, 256, size=(64, unit.bytes_per_page), dtype=np.uint8)
     new_unit = unit.write_pages(ids, rows)
     assert np.asarray(new_unit.read_pages(ids)).tobytes() == rows.tobytes()
+
+
+MIB = 2**20
+
+
+@needs_library
+@pytest.mark.parametrize(
+    ("l3", "cores", "stream", "split"),
+    [
+        (260 * MIB, 2, 260 * MIB // 8, 8 * MIB),  # the machine the rule was measured on
+        (48 * MIB, 2, 6 * MIB, 8 * MIB),
+        (32 * MIB, 2, 4 * MIB, 8 * MIB),  # an eighth is the floor: AMD EPYC's per-CCX L3
+        (8 * MIB, 16, 4 * MIB, 8 * MIB),  # never below 4 MiB
+        (0, 2, 4 * MIB, 8 * MIB),  # L3 unknown: the floor
+        (32 * MIB, 1, 4 * MIB, None),  # one core: no second thread
+    ],
+)
+def test_copy_policy_follows_the_l3_and_the_cores(l3, cores, stream, split):
+    policy = native.choose_copy_policy(l3, cores)
+    assert (policy.l3_bytes, policy.cores, policy.stream_min_bytes, policy.split_min_bytes) == (
+        l3,
+        cores,
+        stream,
+        split,
+    )
+
+
+@needs_library
+@pytest.mark.parametrize(
+    ("spec", "want"),
+    [
+        ("", (48 * MIB, 2, 6 * MIB, 8 * MIB)),
+        ("l3=32M", (32 * MIB, 2, 4 * MIB, 8 * MIB)),
+        ("l3=262144K,cores=1", (256 * MIB, 1, 32 * MIB, None)),
+        ("l3=1G", (2**30, 2, 128 * MIB, 8 * MIB)),
+        ("stream=never,split=16MiB", (48 * MIB, 2, None, 16 * MIB)),
+        ("stream=0,split=0", (48 * MIB, 2, 0, 0)),
+        ("stream=1048576,split=never,l3=32M", (32 * MIB, 2, MIB, None)),
+    ],
+)
+def test_copy_policy_overrides(spec, want):
+    p = native.choose_copy_policy(48 * MIB, 2, spec)
+    assert (p.l3_bytes, p.cores, p.stream_min_bytes, p.split_min_bytes) == want
+
+
+@needs_library
+@pytest.mark.parametrize(
+    ("spec", "at"),
+    [("l3", "'l3'"), ("l3=x", "'l3=x'"), ("l3=32M,threads=2", "'threads=2'"), ("cores=-1", "'cores=-1'"),
+     ("l3=32Q", "'l3=32Q'"), ("l3=never", "'l3=never'")],
+)  # fmt: skip
+def test_copy_policy_refuses_what_it_cannot_read(spec, at):
+    with pytest.raises(ValueError, match=f"cannot read the entry at offset \\d+ \\({at}\\)"):
+        native.choose_copy_policy(48 * MIB, 2, spec)
+
+
+@needs_library
+def test_copy_policy_describes_itself():
+    assert (
+        native.choose_copy_policy(32 * MIB, 2).describe() == "L3 32 MiB, 2 cores: stream >= 4 MiB, 2 threads >= 8 MiB"
+    )
+    assert (
+        native.choose_copy_policy(0, 1, "stream=never").describe()
+        == "L3 unknown, 1 cores: stream never, 2 threads never"
+    )
+
+
+@needs_library
+def test_the_process_policy_is_the_machines_with_the_environment_applied():
+    code = "import jaxkv._native as n; p = n.copy_policy(); print(p.l3_bytes, p.cores, p.stream_min_bytes)"
+    env = {**os.environ, "JAXKV_COPY_POLICY": "l3=32M,cores=1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [str(32 * MIB), "1", str(4 * MIB)]
+    env["JAXKV_COPY_POLICY"] = "l3=lots"
+    proc = subprocess.run(
+        [sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "ignored JAXKV_COPY_POLICY: copy policy 'l3=lots'" in proc.stderr
+
+
+@needs_library
+@pytest.mark.parametrize(
+    "spec", ["stream=never,split=never", "stream=0,split=never", "stream=0,split=0", "stream=never,split=0"]
+)
+def test_every_copy_policy_copies_the_same_bytes(spec, copy_policy):
+    """copy_rows under each store and thread choice, rows of an odd width (unaligned streaming head and tail)."""
+    copy_policy(spec)
+    rng = np.random.default_rng(1)
+    src = rng.integers(0, 256, size=(40, 4099), dtype=np.uint8)
+    dst = np.zeros((48, 4099 + 5), np.uint8)[:, 3:-2]  # rows at odd addresses
+    src_rows = rng.permutation(40)[:33].astype(np.int32)
+    dst_rows = rng.permutation(48)[:33].astype(np.int32)
+    native.copy_rows(dst, dst_rows, src, src_rows)
+    assert dst[dst_rows].tobytes() == src[src_rows].tobytes()
+    untouched = np.setdiff1d(np.arange(48), dst_rows)
+    assert not dst[untouched].any()

@@ -16,11 +16,24 @@ not built (no C++ compiler, `JAXKV_NATIVE=0` at install), does not load, or was
 built for another jaxlib, `available()` is False, one warning says why, and
 jaxkv runs its pure-XLA kernels (bit-exact, slower). `JAXKV_NATIVE=0` at run
 time turns the kernels off without a warning.
+
+The page copies follow a copy policy (`CopyPolicy`) chosen at start-up from
+the L3 size and the cores this process may use: a batch that touches a quarter
+of the L3 or more (source and destination: batch >= L3 / 8, 4 MiB at least) is
+copied with streaming stores, a batch of 8 MiB or more on two threads when
+there are two cores or more.
+`JAXKV_COPY_POLICY` overrides it: comma-separated `key=value` entries,
+`l3=SIZE` and `cores=N` (choose as if the machine had these), `stream=SIZE`
+and `split=SIZE` (the thresholds themselves; `never`, or 0 for always); SIZE
+is bytes with an optional K/M/G suffix. Example: `JAXKV_COPY_POLICY=l3=32M`,
+`JAXKV_COPY_POLICY=stream=never,split=16M`. A value it cannot read is
+ignored with one warning.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import os
 import sys
@@ -103,6 +116,16 @@ def library() -> ctypes.CDLL | None:
     lib.jaxkv_copy_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]  # dst, stride, rows
     lib.jaxkv_copy_rows.argtypes += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]  # src, stride, rows
     lib.jaxkv_copy_rows.argtypes += [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    if hasattr(lib, "jaxkv_copy_policy_choose"):  # absent from a library built before the copy policy
+        lib.jaxkv_copy_policy_choose.restype = ctypes.c_int
+        lib.jaxkv_copy_policy_choose.argtypes = [ctypes.c_char_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        lib.jaxkv_copy_policy_set.restype = ctypes.c_int
+        lib.jaxkv_copy_policy_set.argtypes = [ctypes.c_char_p]
+        lib.jaxkv_copy_policy_current.restype = None
+        lib.jaxkv_copy_policy_current.argtypes = [ctypes.c_void_p]
+        spec = os.environ.get("JAXKV_COPY_POLICY", "")
+        if _choose(lib, spec, 0, 1) is None:
+            warnings.warn(f"jaxkv: ignored JAXKV_COPY_POLICY: {_bad_spec(lib, spec)}", stacklevel=2)
     if hasattr(lib, "jaxkv_transpose_chunks"):
         lib.jaxkv_transpose_chunks.restype = None
         lib.jaxkv_transpose_chunks.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3
@@ -112,6 +135,96 @@ def library() -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether the native CPU kernels are built, match this jaxlib, and are registered with XLA."""
     return library() is not None
+
+
+_NEVER = 2**63 - 1  # the native library's "never" threshold
+
+
+@dataclasses.dataclass(frozen=True)
+class CopyPolicy:
+    """How the native page copies move a batch (see the module docstring for the rule and its override)."""
+
+    l3_bytes: int
+    """The L3 size the policy was chosen for (0: the machine did not say)."""
+    cores: int
+    """The cores the policy was chosen for (the process's affinity mask: `taskset` counts)."""
+    stream_min_bytes: int | None
+    """Batches of at least this many bytes are copied with streaming (non-temporal) stores; None: never."""
+    split_min_bytes: int | None
+    """Batches of at least this many bytes are split between two threads; None: never."""
+
+    def describe(self) -> str:
+        """One line for a benchmark's conditions: 'L3 48 MiB, 2 cores: stream >= 12 MiB, 2 threads >= 8 MiB'."""
+
+        def mib(n: int | None) -> str:
+            return "never" if n is None else f">= {n / 2**20:g} MiB"
+
+        l3 = f"L3 {self.l3_bytes / 2**20:g} MiB" if self.l3_bytes else "L3 unknown"
+        return f"{l3}, {self.cores} cores: stream {mib(self.stream_min_bytes)}, 2 threads {mib(self.split_min_bytes)}"
+
+
+def _policy(out) -> CopyPolicy:
+    return CopyPolicy(int(out[0]), int(out[1]), *(None if int(v) == _NEVER else int(v) for v in out[2:]))
+
+
+def _choose(lib: ctypes.CDLL, spec: str, l3_bytes: int, cores: int) -> CopyPolicy | None:
+    out = (ctypes.c_int64 * 4)()
+    if lib.jaxkv_copy_policy_choose(spec.encode(), l3_bytes, cores, out) != 0:
+        return None
+    return _policy(out)
+
+
+def _bad_spec(lib: ctypes.CDLL, spec: str) -> str:
+    out = (ctypes.c_int64 * 4)()
+    at = lib.jaxkv_copy_policy_choose(spec.encode(), 0, 1, out) - 1
+    return (
+        f"copy policy {spec!r}: cannot read the entry at offset {at} ({spec[at:]!r}); expected comma-separated "
+        "l3=SIZE, cores=N, stream=SIZE|never, split=SIZE|never (SIZE: bytes, optional K/M/G suffix)"
+    )
+
+
+def _library_or_raise() -> ctypes.CDLL:
+    lib = library()
+    if lib is None:
+        raise RuntimeError("jaxkv's native library is not available; check jaxkv._native.available() first")
+    if not hasattr(lib, "jaxkv_copy_policy_choose"):
+        raise RuntimeError(f"{library_path()} predates the copy policy; reinstall jaxkv to rebuild it")
+    return lib
+
+
+def choose_copy_policy(l3_bytes: int, cores: int, spec: str = "") -> CopyPolicy:
+    """The policy the native copies would use with an L3 of `l3_bytes` (0: unknown) and `cores`, `spec` applied.
+
+    A pure function of its arguments (the machine is not read, nothing
+    changes): tests and benchmarks inject cache sizes through it. `spec` has
+    `JAXKV_COPY_POLICY`'s syntax; `ValueError` names the entry it cannot read.
+    """
+    lib = _library_or_raise()
+    policy = _choose(lib, spec, l3_bytes, cores)
+    if policy is None:
+        raise ValueError(_bad_spec(lib, spec))
+    return policy
+
+
+def copy_policy() -> CopyPolicy:
+    """The policy the native copies use now (chosen at start-up from this machine and `JAXKV_COPY_POLICY`)."""
+    lib = _library_or_raise()
+    out = (ctypes.c_int64 * 4)()
+    lib.jaxkv_copy_policy_current(out)
+    return _policy(out)
+
+
+def set_copy_policy(spec: str | None = None) -> CopyPolicy:
+    """Rechoose the policy from this machine with `spec` (`JAXKV_COPY_POLICY`'s syntax; None: that variable's value).
+
+    For tests and benchmarks that compare policies in one process; returns the
+    new policy. `ValueError` (policy unchanged) for an entry it cannot read.
+    """
+    lib = _library_or_raise()
+    spec = os.environ.get("JAXKV_COPY_POLICY", "") if spec is None else spec
+    if lib.jaxkv_copy_policy_set(spec.encode()) != 0:
+        raise ValueError(_bad_spec(lib, spec))
+    return copy_policy()
 
 
 def _check_rows_array(name: str, a) -> None:

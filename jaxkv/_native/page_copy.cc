@@ -7,11 +7,17 @@
 // bfloat16 / float8_e5m2 through float32 (which quiets signalling NaNs), so
 // these kernels replace it on CPU.
 
+#include <atomic>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <string>
 #include <thread>
 
-#include <unistd.h>  // sysconf: the L3 size
+#include <sched.h>   // sched_getaffinity: the cores this process may use
+#include <unistd.h>  // sysconf: the L3 size where sysfs does not say
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <emmintrin.h>  // SSE2: part of every x86-64 CPU
@@ -25,33 +31,158 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// A batch at least this large is copied with non-temporal (streaming) stores:
-// it does not fit in the caches anyway, and ordinary stores first read every
-// destination line into the cache (read-for-ownership). A batch that does fit
-// in the last-level cache must not stream: the next transfer would read it
-// back from memory instead of the cache. So: an eighth of the L3 where the C
-// library reports it (as glibc's memcpy sizes its own threshold from the
-// cache), never below 4 MiB. The measurements: docs/benchmarks.md,
-// "Measurements behind the rules", "Page copy".
-constexpr size_t kStreamFloorBytes = size_t{4} << 20;
+// The copy policy: which batches are copied with non-temporal (streaming)
+// stores, and which are split between two threads. Both depend on the machine,
+// so they are chosen from what the copy touches against the L3 actually
+// present and the cores this process may run on, read once at start-up
+// (`JAXKV_COPY_POLICY` overrides either, see ChoosePolicy). The measurements:
+// docs/benchmarks.md, "Measurements behind the rules", "Page copy".
+//
+// Streaming: ordinary stores first read every destination line into the cache
+// (read-for-ownership); a copy whose bytes cannot stay in the L3 gains by
+// skipping that. A copy whose bytes do stay must not stream: the next transfer
+// (or the user's step) would read them back from memory instead of the cache.
+// A copy touches its source and its destination, 2 x batch bytes, and shares
+// the L3 with everything else the process keeps warm (the cache itself, the
+// model), so it streams once it touches a quarter of the L3: batch >= L3 / 8
+// (on a 260 MiB L3, 16 MiB batches ran 40% faster with ordinary stores and
+// 64 MiB batches 20% faster streamed).
+// Threads: one core's copy stops short of what the memory system moves, and a
+// thread start (tens of us) is small against a copy of a few MiB (~1 ms).
+struct CopyPolicy {
+  int64_t l3_bytes;          // the L3 the policy was chosen for (0: not known)
+  int64_t cores;             // cores this process may run on
+  int64_t stream_min_bytes;  // batches at least this large stream (INT64_MAX: never)
+  int64_t split_min_bytes;   // batches at least this large run on two threads (INT64_MAX: never)
+};
 
-size_t StreamMinBatchBytes() {
-  static const size_t bytes = [] {
-    long l3 = -1;
-#ifdef _SC_LEVEL3_CACHE_SIZE
-    l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
-#endif
-    const size_t eighth = l3 > 0 ? static_cast<size_t>(l3) / 8 : 0;
-    return eighth > kStreamFloorBytes ? eighth : kStreamFloorBytes;
-  }();
-  return bytes;
+constexpr int64_t kNever = INT64_MAX;
+// Never stream below 4 MiB (nor, without a known L3, from more): an eighth of
+// a 32 MiB L3, the smallest a server CPU core sees (AMD EPYC's per-CCX L3).
+constexpr int64_t kStreamFloorBytes = int64_t{4} << 20;
+constexpr int64_t kSplitMinBytes = int64_t{8} << 20;
+
+// Bytes of a size such as "49152K", "32M", "1G" or "4096"; -1 if malformed.
+int64_t ParseBytes(const char* s, const char** end) {
+  char* e = nullptr;
+  const long long v = std::strtoll(s, &e, 10);
+  if (e == s || v < 0) return -1;
+  int64_t scale = 1;
+  switch (*e) {
+    case 'K': case 'k': scale = int64_t{1} << 10; ++e; break;
+    case 'M': case 'm': scale = int64_t{1} << 20; ++e; break;
+    case 'G': case 'g': scale = int64_t{1} << 30; ++e; break;
+    default: break;
+  }
+  if (*e == 'i' || *e == 'B') ++e;  // "KiB", "MB"
+  if (*e == 'B') ++e;
+  *end = e;
+  return static_cast<int64_t>(v) * scale;
 }
 
-// A batch at least this large is split between two threads when the machine
-// has two cores or more: one core's copy stops short of what the memory
-// system moves, and from here on the copy outweighs starting a thread
-// (docs/benchmarks.md, "Measurements behind the rules", "Page copy").
-constexpr size_t kParallelMinBatchBytes = size_t{8} << 20;
+// The policy for an L3 of `l3_bytes` (0: unknown) and `cores`, with the
+// overrides of `spec` applied: comma-separated `key=value`, keys
+//   l3=SIZE         choose as if the L3 were SIZE (32M, 49152K, ...)
+//   cores=N         choose as if N cores were available
+//   stream=SIZE     stream batches of at least SIZE; `never`, or 0 for always
+//   split=SIZE      two threads from SIZE; `never`, or 0 for always
+// (SIZE: bytes with an optional K/M/G suffix). Returns 0, or 1 + the offset
+// in `spec` of the first entry it cannot read (the policy is then unchanged).
+int ChoosePolicy(const char* spec, int64_t l3_bytes, int64_t cores, CopyPolicy* out) {
+  int64_t stream = -1, split = -1;
+  const char* p = spec ? spec : "";
+  while (*p) {
+    const char* entry = p;
+    const char* eq = std::strchr(p, '=');
+    if (!eq) return 1 + static_cast<int>(entry - spec);
+    const std::string key(p, eq - p);
+    const char* v = eq + 1;
+    const char* e = v;
+    int64_t value;
+    if (std::strncmp(v, "never", 5) == 0 && (key == "stream" || key == "split")) {
+      value = kNever;
+      e = v + 5;
+    } else {
+      value = ParseBytes(v, &e);
+    }
+    if (value < 0 || (*e != ',' && *e != '\0')) return 1 + static_cast<int>(entry - spec);
+    if (key == "l3") l3_bytes = value;
+    else if (key == "cores") cores = value;
+    else if (key == "stream") stream = value;
+    else if (key == "split") split = value;
+    else return 1 + static_cast<int>(entry - spec);
+    p = *e == ',' ? e + 1 : e;
+  }
+  out->l3_bytes = l3_bytes;
+  out->cores = cores < 1 ? 1 : cores;
+  const int64_t eighth = l3_bytes / 8;
+  out->stream_min_bytes = stream >= 0 ? stream : (eighth > kStreamFloorBytes ? eighth : kStreamFloorBytes);
+  out->split_min_bytes = split >= 0 ? split : (out->cores >= 2 ? kSplitMinBytes : kNever);
+  return 0;
+}
+
+// The L3 one core sees: sysfs's cache level 3 of cpu 0 (per CCX on AMD, whole
+// on Intel), else what the C library reports, else 0.
+int64_t MachineL3Bytes() {
+  for (int i = 0; i < 8; ++i) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
+    char level[16] = {0}, size[32] = {0};
+    FILE* f = std::fopen((dir + "level").c_str(), "r");
+    if (!f) continue;
+    const bool got_level = std::fgets(level, sizeof level, f) != nullptr;
+    std::fclose(f);
+    if (!got_level || std::atoi(level) != 3) continue;
+    f = std::fopen((dir + "size").c_str(), "r");
+    if (!f) continue;
+    const bool got_size = std::fgets(size, sizeof size, f) != nullptr;
+    std::fclose(f);
+    const char* e = nullptr;
+    const int64_t bytes = got_size ? ParseBytes(size, &e) : -1;
+    if (bytes > 0) return bytes;
+  }
+  long l3 = -1;
+#ifdef _SC_LEVEL3_CACHE_SIZE
+  l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+  return l3 > 0 ? l3 : 0;
+}
+
+// Cores this process may run on (its affinity mask: `taskset` counts).
+int64_t MachineCores() {
+#ifdef __linux__
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) == 0) return CPU_COUNT(&set);
+#endif
+  const unsigned n = std::thread::hardware_concurrency();
+  return n > 0 ? n : 1;
+}
+
+std::atomic<int64_t> g_stream_min_bytes{-1};  // -1: not chosen yet
+std::atomic<int64_t> g_split_min_bytes{kNever};
+CopyPolicy g_policy{};  // written under g_policy_mutex, for reporting
+std::mutex g_policy_mutex;
+
+// (Re)choose the process's policy from the machine and `spec`; 0 or 1 + the bad offset.
+int SetPolicy(const char* spec) {
+  CopyPolicy policy;
+  const int bad = ChoosePolicy(spec, MachineL3Bytes(), MachineCores(), &policy);
+  if (bad) return bad;
+  std::lock_guard<std::mutex> lock(g_policy_mutex);
+  g_policy = policy;
+  g_split_min_bytes.store(policy.split_min_bytes);
+  g_stream_min_bytes.store(policy.stream_min_bytes);
+  return 0;
+}
+
+// The policy in force; chosen on first use from the machine and
+// $JAXKV_COPY_POLICY (malformed: the machine's defaults; Python warns).
+void EnsurePolicy() {
+  if (g_stream_min_bytes.load(std::memory_order_relaxed) >= 0) return;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    if (SetPolicy(std::getenv("JAXKV_COPY_POLICY")) != 0) SetPolicy("");
+  });
+}
 
 // Copy `n` bytes; `stream`: with non-temporal stores (ForPages fences them).
 inline void CopyPage(uint8_t* dst, const uint8_t* src, size_t n, bool stream) {
@@ -93,13 +224,14 @@ inline void FenceStreams(bool stream) {
 // are fenced on the thread that made them.
 template <typename Body>
 void ForPages(int64_t k, size_t batch_bytes, Body body) {
-  const bool stream = batch_bytes >= StreamMinBatchBytes();
+  EnsurePolicy();
+  const int64_t batch = static_cast<int64_t>(batch_bytes);
+  const bool stream = batch >= g_stream_min_bytes.load(std::memory_order_relaxed);
   auto run = [&body, stream](int64_t begin, int64_t end) {
     body(begin, end, stream);
     FenceStreams(stream);
   };
-  static const unsigned cores = std::thread::hardware_concurrency();
-  if (k < 2 || cores < 2 || batch_bytes < kParallelMinBatchBytes) {
+  if (k < 2 || batch < g_split_min_bytes.load(std::memory_order_relaxed)) {
     run(int64_t{0}, k);
     return;
   }
@@ -358,4 +490,33 @@ extern "C" void jaxkv_transpose_chunks(uint8_t* dst, const uint8_t* src, int64_t
   }
 #endif
   TransposeMemcpy(dst, src, rows, cols, n);
+}
+
+// Plain C entry points (ctypes) for the copy policy. out: {l3_bytes, cores,
+// stream_min_bytes, split_min_bytes}; INT64_MAX means never.
+
+// The policy for an L3 of `l3_bytes` and `cores`, with `spec`'s overrides (a
+// pure function: nothing changes). Returns 0, or 1 + the offset of the bad entry.
+extern "C" int jaxkv_copy_policy_choose(const char* spec, int64_t l3_bytes, int64_t cores, int64_t* out) {
+  CopyPolicy p;
+  const int bad = ChoosePolicy(spec, l3_bytes, cores, &p);
+  if (bad == 0) {
+    out[0] = p.l3_bytes, out[1] = p.cores, out[2] = p.stream_min_bytes, out[3] = p.split_min_bytes;
+  }
+  return bad;
+}
+
+// The policy the kernels use now.
+extern "C" void jaxkv_copy_policy_current(int64_t* out) {
+  EnsurePolicy();
+  std::lock_guard<std::mutex> lock(g_policy_mutex);
+  out[0] = g_policy.l3_bytes, out[1] = g_policy.cores;
+  out[2] = g_policy.stream_min_bytes, out[3] = g_policy.split_min_bytes;
+}
+
+// Rechoose the policy from the machine with `spec`'s overrides (tests and
+// benchmarks compare policies in one process). Returns as choose does.
+extern "C" int jaxkv_copy_policy_set(const char* spec) {
+  EnsurePolicy();
+  return SetPolicy(spec);
 }
