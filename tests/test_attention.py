@@ -458,3 +458,83 @@ def test_pallas_names_a_scale_group_that_straddles_pieces():
     assert pallas.unsupported(page_size=16, head_dim=128, groups=3, value_dim=96, granularity=None) == (
         "impl='pallas' needs query heads per KV head to be a power of two, got 3"
     )
+
+
+def test_rejects_out_of_range_values_known_at_the_call():
+    """Concrete (not traced) arguments are range-checked before anything runs: a bad layer, page id, start
+    position, token count or a donated cache is a ValueError naming it (issue 24 item 5: they were silent or
+    lost the cache)."""
+    params = cache_params("mha", "bfloat16")
+    mesh = tp_mesh(1)
+    cache = allocate_buffer(params, mesh, NUM_PAGES)
+    before = as_bytes(np.array(cache.values))  # a copy: a numpy view of the cache would disable donation
+    q, k, v = (x[:, :T] for x in inputs(params))
+    start, lens = np.zeros(3, np.int32), NEW
+    call = functools.partial(paged_attention, cache, mesh=mesh, softmax_scale=SCALE)
+    for layer in (LAYERS, -1):
+        with pytest.raises(ValueError, match=rf"layer \({layer}\) must be in \[0, {LAYERS}\)"):
+            call(layer, q, k, v, PAGE_TABLE, start, lens)
+    with pytest.raises(ValueError, match=r"layer must be an int, got 0.5"):
+        call(0.5, q, k, v, PAGE_TABLE, start, lens)
+    table = PAGE_TABLE.copy()
+    table[1, 1] = 99
+    with pytest.raises(ValueError, match=rf"page_table\[1, 1\] is 99, outside the cache's pages \[0, {NUM_PAGES}\)"):
+        call(0, q, k, v, table, start, lens)
+    with pytest.raises(ValueError, match=r"start_pos\[2\] is -4; positions start at 0"):
+        call(0, q, k, v, PAGE_TABLE, np.array([0, 0, -4], np.int32), lens)
+    with pytest.raises(ValueError, match=rf"q_lens\[0\] is 9, outside \[0, {T}\]"):
+        call(0, q, k, v, PAGE_TABLE, start, np.array([9, 1, 1], np.int32))
+    with pytest.raises(ValueError, match=r"sequence 1 writes positions up to start_pos \+ q_lens = 12 \+ 5 = 17, but"):
+        call(0, q, k, v, PAGE_TABLE, np.array([0, 12, 0], np.int32), np.array([1, 5, 1], np.int32))
+    chex.assert_trees_all_equal(as_bytes(np.array(cache.values)), before)  # nothing ran
+
+    donate = jax.jit(functools.partial(paged_attention, mesh=mesh, softmax_scale=SCALE), donate_argnums=0)
+    _, new_cache = donate(cache, 0, q, k, v, PAGE_TABLE, start, lens)
+    assert cache.values.is_deleted()
+    with pytest.raises(ValueError, match="cache has been donated"):
+        paged_attention(cache, 0, q, k, v, PAGE_TABLE, start, lens, mesh=mesh)
+    assert not new_cache.values.is_deleted()
+
+
+@pytest.mark.parametrize("native_kernel", [True, False])
+def test_a_traced_layer_out_of_range_writes_nothing_on_every_path(native_kernel, monkeypatch):
+    """A traced layer cannot be checked at the call: on both kernel paths it writes nothing and the cache stays
+    usable (the native kernel used to fail the program and lose the cache; the word scatter wrote layer 1 for
+    -1)."""
+    from jaxkv import _native as native
+
+    if native_kernel and not native.available():
+        pytest.skip("native CPU kernels unavailable")
+    monkeypatch.setattr(native, "available", lambda: native_kernel)
+    params = cache_params("mha", "bfloat16")
+    garbage, values0, _ = random_buffer(params, 1, NUM_PAGES, seed=1)
+    q, k, v = (x[:, :T] for x in inputs(params))
+    step = jax.jit(functools.partial(paged_attention, mesh=tp_mesh(1), softmax_scale=SCALE), donate_argnums=0)
+    cache = garbage
+    for layer in (LAYERS, -1):
+        _, cache = step(cache, jnp.int32(layer), q, k, v, PAGE_TABLE, np.zeros(3, np.int32), NEW)
+        chex.assert_trees_all_equal(as_bytes(np.asarray(cache.values)), as_bytes(values0))
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("kind", ["mha", "mla"])
+def test_default_softmax_scale_is_one_over_sqrt_head_dim(kind, impl):
+    """Without softmax_scale the scores are scaled by 1/sqrt(head_dim) (MLA: of the latent row it attends
+    with), as the dense reference computes it (issue 24 item 6(d): every other test passes the scale)."""
+    params = cache_params(kind, "bfloat16")
+    value_dim = MLA_VALUE_DIM if params.is_mla else None
+    step = jax.jit(functools.partial(paged_attention, mesh=tp_mesh(1), value_dim=value_dim, impl=impl))
+    q, k, v = inputs(params)
+    start, lens = np.zeros(3, np.int32), NEW
+    out, _ = step(allocate_buffer(params, tp_mesh(1), NUM_PAGES), 0, q[:, :T], k[:, :T],
+                  None if v is None else v[:, :T], PAGE_TABLE, start, lens)  # fmt: skip
+    out = np.asarray(out)
+    kq, vq = fake_quant(k, params), None if v is None else fake_quant(v, params)
+    global SCALE
+    saved, SCALE = SCALE, 1 / np.sqrt(params.head_dim)
+    try:
+        for b, n in enumerate(NEW):
+            want = dense_attention(q[b, :n], kq[b, :n], None if v is None else vq[b, :n], MLA_VALUE_DIM)
+            np.testing.assert_allclose(out[b, :n], want, atol=1e-5, rtol=1e-5, err_msg=f"sequence {b}")
+    finally:
+        SCALE = saved

@@ -34,6 +34,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -136,7 +137,13 @@ def _set_tokens(array: jax.Array, pages, layer, slots, tokens: jax.Array) -> jax
             array, pages.astype(jnp.int32), slots.astype(jnp.int32), jnp.reshape(layer, (1,)).astype(jnp.int32), raw
         )
 
-    args = (array, pages, jnp.asarray(layer, jnp.int32), slots, tokens)
+    # A (traced) layer outside [0, layers) writes nothing on every path: the word scatter would wrap a negative
+    # layer and the native kernel would fail the whole program (and lose the donated cache). Dropping every page
+    # makes both paths the same; the clipped layer keeps the native kernel's range check satisfied.
+    layers = array.shape[2]
+    layer = jnp.asarray(layer, jnp.int32)
+    pages = jnp.where((layer >= 0) & (layer < layers), pages, array.shape[0])
+    args = (array, pages, jnp.clip(layer, 0, layers - 1), slots, tokens)
     if not _native.available():
         return words(*args)
     return lax.platform_dependent(*args, cpu=native, default=words)
@@ -298,6 +305,58 @@ def _check(cache: KVCacheBuffer, q, k, v, page_table, start_pos, q_lens, value_d
             raise ValueError(f"{name} must have shape ({b},) (one per sequence), got {jnp.shape(x)}")
 
 
+def _concrete(x) -> np.ndarray | None:
+    """`x` as a host array when its value is known now (not a tracer), else None."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    return np.asarray(x)
+
+
+def _check_values(cache: KVCacheBuffer, layer, page_table, start_pos, q_lens, *, tokens: int) -> None:
+    """Range checks of the arguments whose values are known at the call (not traced); ValueError naming the
+    argument, the value and the range. Inside `jit` the traced ones cannot be checked: a traced layer outside
+    the cache writes nothing (every path), other traced values out of range are clamped or dropped."""
+    arrays = [cache.values] + ([] if cache.scales is None else [cache.scales])
+    if any(not isinstance(a, jax.core.Tracer) and a.is_deleted() for a in arrays):
+        # Passing a deleted (donated) array on to a compiled donating program crashes some jaxlib versions
+        # (jax 0.10.2 segfaults): refuse it here.
+        raise ValueError(
+            "cache has been donated (its arrays are deleted); pass the cache the last call that donated it returned"
+        )
+    num_pages, num_layers, page_size = cache.values.shape[0], cache.values.shape[2], cache.values.shape[3]
+    layer_value = _concrete(layer)
+    if layer_value is not None:
+        if layer_value.shape != () or not np.issubdtype(layer_value.dtype, np.integer):
+            raise ValueError(f"layer must be an int, got {layer!r}")
+        if not 0 <= int(layer_value) < num_layers:
+            raise ValueError(
+                f"layer ({int(layer_value)}) must be in [0, {num_layers}): the cache has {num_layers} layers"
+            )
+    table = _concrete(page_table)
+    if table is not None and table.size:
+        bad = (table < 0) | (table >= num_pages)
+        if bad.any():
+            b, p = (int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(f"page_table[{b}, {p}] is {int(table[b, p])}, outside the cache's pages [0, {num_pages})")
+    starts, lens = _concrete(start_pos), _concrete(q_lens)
+    if starts is not None and (starts < 0).any():
+        b = int(np.argmax(starts < 0))
+        raise ValueError(f"start_pos[{b}] is {int(starts[b])}; positions start at 0")
+    if lens is not None and ((lens < 0) | (lens > tokens)).any():
+        b = int(np.argmax((lens < 0) | (lens > tokens)))
+        raise ValueError(f"q_lens[{b}] is {int(lens[b])}, outside [0, {tokens}] (T, the tokens q brings)")
+    if starts is not None and lens is not None:
+        width = jnp.shape(page_table)[1]
+        ends = starts.astype(np.int64) + lens
+        if (ends > width * page_size).any():
+            b = int(np.argmax(ends > width * page_size))
+            raise ValueError(
+                f"sequence {b} writes positions up to start_pos + q_lens = {int(starts[b])} + {int(lens[b])} = "
+                f"{int(ends[b])}, but its page_table row of {width} pages covers {width} * {page_size} = "
+                f"{width * page_size}"
+            )
+
+
 def _cache_mesh(cache: KVCacheBuffer) -> Mesh | AbstractMesh:
     """The mesh `cache` lives on: its `Mesh`, or, inside `jit`, the abstract mesh of its traced arrays' type."""
     try:
@@ -328,7 +387,7 @@ def paged_attention(
       cache: the cache, laid out by `allocate_buffer(params, mesh, ...)` on
         `mesh` / `tp_axis`. Call this inside a `jax.jit` that donates it: the
         returned cache then reuses its memory.
-      layer: int (or traced int32 scalar) layer index.
+      layer: int (or traced int32 scalar) layer index in [0, num_layers).
       q: [B, T, n_heads, head_dim] queries, RoPE applied. MLA: absorbed
         queries `[q_nope @ W_UK | q_rope]`, head_dim = the latent width.
       k, v: [B, T, n_kv_heads, head_dim] new keys/values. MLA: k is the latent
@@ -351,6 +410,15 @@ def paged_attention(
     Returns:
       (out [B, T, n_heads, head_dim or value_dim] in q's dtype, new cache).
       Rows of padded tokens (i >= q_lens[b]) are unspecified.
+
+    Raises:
+      ValueError, at the call, for shapes that disagree and for every argument
+      whose value is known there (not traced): a layer outside [0, num_layers),
+      a page id outside the cache, a negative start_pos, q_lens outside [0, T],
+      tokens past the end of their page_table row, a cache already donated.
+      Traced values cannot be checked: a traced layer out of range writes
+      nothing (on every kernel path) and its output is unspecified; traced page
+      ids out of range are dropped on write and clamped on read.
     """
     if mesh is None:
         mesh = _cache_mesh(cache)
@@ -364,6 +432,7 @@ def paged_attention(
     tp = mesh.shape[tp_axis]
     impl = resolve_impl(impl)
     _check(cache, q, k, v, page_table, start_pos, q_lens, value_dim, tp)
+    _check_values(cache, layer, page_table, start_pos, q_lens, tokens=q.shape[1])
     cache_spec = P() if cache.replicates_kv_across_tp else P(None, None, None, None, tp_axis, None)
     cache_specs = jax.tree.map(lambda _: cache_spec, cache)
     heads = P(None, None, tp_axis, None)
