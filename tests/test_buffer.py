@@ -204,3 +204,27 @@ def test_allocate_errors():
     mesh2 = jax.make_mesh((2, 2), ("dp", "tp"), devices=jax.devices()[:4])
     with pytest.raises(ValueError, match="every mesh axis other than TP must have size 1"):
         allocate_buffer(MHA, mesh2, 4)
+
+
+def test_allocate_accepts_numpy_page_counts():
+    buffer = allocate_buffer(MHA, tp_mesh(2), np.int64(4))
+    assert buffer.total_num_pages == 4 and type(buffer.total_num_pages) is int
+
+
+def test_allocate_refuses_a_cache_larger_than_the_devices_before_allocating(monkeypatch):
+    """A page count that cannot fit fails at the call, not at the first use with RESOURCE_EXHAUSTED (issue 24
+    item 5); the message says how many pages fit."""
+    from jaxkv._cli import resources
+
+    per_page = MHA.bytes_per_page(2)
+    monkeypatch.setattr(resources, "device_budget", lambda devices: (10 * per_page + 1, "the test allows 10 pages"))
+    assert allocate_buffer(MHA, tp_mesh(2), 10).total_num_pages == 10
+    with pytest.raises(ValueError) as e:
+        allocate_buffer(MHA, tp_mesh(2), 11)
+    assert str(e.value) == (
+        f"num_pages (11) needs {resources.fmt_bytes(11 * per_page)} ({per_page:,} B per page over TP 2) but the "
+        "test allows 10 pages; num_pages must be at most 10"
+    )
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"num_pages \(1,000,000,000,000\) needs .* but the 1 cpu devices share"):
+        allocate_buffer(MHA, tp_mesh(1), 10**12)  # the real budget: the host's available memory

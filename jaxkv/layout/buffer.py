@@ -346,6 +346,7 @@ def allocate_buffer(params: KVCacheParams, mesh: Mesh, num_pages: int, tp_axis: 
     tp = check_tp_mesh(mesh, tp_axis)
     num_pages = check_positive_int("num_pages", num_pages)
     params.heads_per_shard(tp)  # raises when the heads do not split evenly
+    _check_fits(params, mesh, tp, num_pages)
     replicated = params.replicated(tp)
     spec = P() if replicated else P(None, None, None, None, tp_axis, None)
     sharding = NamedSharding(mesh, spec)
@@ -364,6 +365,27 @@ def allocate_buffer(params: KVCacheParams, mesh: Mesh, num_pages: int, tp_axis: 
         out_shardings=(sharding, sharding),
     )()
     return KVCacheBuffer(replicated, values, scales)
+
+
+def _check_fits(params: KVCacheParams, mesh: Mesh, tp: int, num_pages: int) -> None:
+    """ValueError when `num_pages` cannot fit in the devices' memory, as far as it is known.
+
+    Device allocation is asynchronous: a cache that does not fit would fail
+    only at its first use (`RESOURCE_EXHAUSTED` at `block_until_ready`), so the
+    size is checked here first, with the CLI's reading of what the devices
+    (CPU: the host) have free.
+    """
+    from jaxkv._cli import resources  # the machine's memory: plain reads of /proc and memory_stats
+
+    per_page = params.bytes_per_page(tp)
+    budget = resources.device_budget(list(mesh.devices.flat))
+    if budget is None or per_page * num_pages <= budget[0]:
+        return
+    available, where = budget
+    raise ValueError(
+        f"num_pages ({num_pages:,}) needs {resources.fmt_bytes(per_page * num_pages)} ({per_page:,} B per page "
+        f"over TP {tp}) but {where}; num_pages must be at most {available // per_page:,}"
+    )
 
 
 def _zero_bytes(shape, dtype) -> jax.Array:
