@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -21,6 +22,18 @@ def setup_devices(n_cpu: int = 8) -> None:
     jax.config.update("jax_num_cpu_devices", n_cpu)
 
 
+def copy_policy() -> str:
+    """The native page copy's policy with the L3 and cores it was chosen for, or why there is none."""
+    from jaxkv import _native
+
+    if not _native.available():
+        return "native kernels off"
+    try:
+        return _native.copy_policy().describe()
+    except RuntimeError as e:  # a library built before the policy existed
+        return str(e)
+
+
 def conditions() -> dict:
     """What the numbers were measured on, printed beside every table."""
     devices = jax.devices()
@@ -32,7 +45,44 @@ def conditions() -> dict:
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "machine": platform.machine(),
+        "copy_policy": copy_policy(),
     }
+
+
+def print_conditions(cond: dict, *, skip: tuple[str, ...] = ()) -> None:
+    """The conditions line every benchmark prints above its tables (`skip`: keys printed elsewhere)."""
+    print("conditions:", ", ".join(f"{k}={v}" for k, v in cond.items() if k not in skip))
+
+
+def parser(doc: str | None) -> argparse.ArgumentParser:
+    """An argument parser described by the first paragraph of the module docstring.
+
+    Each benchmark adds its own `--quick` (smoke run): .ci/run runs with it
+    every bench/*.py whose text names "--quick".
+    """
+    return argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+
+
+def gbps(nbytes: int, seconds: float | None) -> float | None:
+    """GB/s (10^9 bytes) of moving `nbytes` in `seconds`; None for a case that did not run."""
+    return None if seconds is None else nbytes / seconds / 1e9
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, None when either is missing."""
+    return None if a is None or b is None else a / b
+
+
+def interleaved(contenders: dict, order: list[str] | None = None, *, repeats: int) -> dict[str, float]:
+    """Median seconds of each contender (name -> a call returning its seconds), the runs interleaved.
+
+    Each round calls every contender once in `order` (default: insertion
+    order), so all of them see the same machine load; round 0 warms up and is
+    dropped.
+    """
+    names = [n for n in (order or list(contenders)) if n in contenders]
+    runs = [{n: contenders[n]() for n in names} for _ in range(repeats + 1)][1:]
+    return {n: statistics.median(r[n] for r in runs) for n in names}
 
 
 def git_state() -> str:

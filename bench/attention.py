@@ -33,7 +33,6 @@ bench/results/attention.json (attention_quick.json with --quick).
 
 from __future__ import annotations
 
-import argparse
 import functools
 import statistics
 import time
@@ -194,12 +193,12 @@ def stock_cases(stock, s: dict, q, keys, vals, start, row: dict, on_cpu: bool) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = _common.parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="one small configuration, few repeats (smoke run)")
     args = parser.parse_args()
     cond = _common.conditions()
     on_cpu = cond["backend"] == "cpu"
-    print(f"conditions: {cond}")
+    _common.print_conditions(cond)
     configs = [(2, 256)] if args.quick else [(1, 512), (8, 512), (1, 2048), (8, 2048)]
     repeats = 3 if args.quick else 9
     rng = np.random.default_rng(0)

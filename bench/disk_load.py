@@ -30,7 +30,6 @@ bench/results/disk_load.json (disk_load_quick.json with --quick).
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -203,7 +202,7 @@ DEFAULT = "one_piece" if jax.default_backend() == "cpu" else "overlapped"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = _common.parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="two sizes, 32 blocks, few rounds (smoke run)")
     parser.add_argument("--dir", type=Path, default=None, help="where the temporary files go (default: system temp)")
     args = parser.parse_args()
@@ -211,7 +210,7 @@ def main() -> None:
     mesh = Mesh(np.array(jax.devices()[:1]), ("tp",))
     rng = np.random.default_rng(0)
     sizes = [(256 * KIB, 32), (1 * MIB, 32)] if args.quick else [(256 * KIB, 64), (1 * MIB, 64), (2 * MIB, 64)]
-    print(f"conditions: {cond}")
+    _common.print_conditions(cond)
     print(
         f"jaxkv.tiers.worker.LOAD_CHUNK_BYTES = {worker_mod.LOAD_CHUNK_BYTES}; default on this backend: {DEFAULT}; "
         "warm page cache; TP 1, MHA bf16"

@@ -23,10 +23,8 @@ Measures, in one run:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import statistics
 import struct
 import tempfile
 import time
@@ -186,8 +184,7 @@ def hash_case(i: int, case: dict, tokens: np.ndarray, root: bytes, theirs: MaxHa
     if theirs is not None:
         assert theirs.info["blocks"][i] == n_blocks, (i, theirs.info["blocks"][i], n_blocks)
         contenders["max"] = lambda: theirs.seconds(i)
-    runs = [{k: run() for k, run in contenders.items()} for _ in range(repeats + 1)][1:]  # round 0 warms up
-    median = {k: statistics.median(r[k] for r in runs) for k in contenders}
+    median = _common.interleaved(contenders, repeats=repeats)
     row = dict(
         case,
         chain="one chain" if request_tokens is None else f"{request_tokens}-token requests",
@@ -335,7 +332,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = _common.parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller workload (smoke run)")
     args = parser.parse_args()
     rng = np.random.default_rng(1)
@@ -349,7 +346,7 @@ def main() -> None:
     )
     events = chat_workload(rng, vocab=32000, **shape)
     cond = _common.conditions() | {"page_size": PAGE, **shape}
-    print("conditions:", ", ".join(f"{k}={v}" for k, v in cond.items()))
+    _common.print_conditions(cond)
     t0 = time.perf_counter()
 
     hashing = bench_hashing(args.quick)

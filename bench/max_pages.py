@@ -1,6 +1,6 @@
 """jaxkv's OffloadEngine against MAX's own page copy, side by side at TP 1 on the CPU.
 
-    python bench/max_pages.py [--quick]
+    python bench/max_pages.py [--quick] [--row-kib KIB ...] [--pages N ...]
 
 MHA caches (bfloat16, 8 KV heads x 128, 16-token pages; the layer count sets
 the row) of 256 KiB, 1 MiB and 2 MiB rows, batches of 64 and 256 random pages
@@ -30,10 +30,8 @@ repeats, max_pages_quick.json; both under $JAXKV_BENCH_RESULTS if set).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -112,22 +110,17 @@ class JaxkvCase:
         np.copyto(self._dst, self._src)
 
 
-def gbps(nbytes: int, seconds: float) -> float:
-    return nbytes / seconds / 1e9
-
-
 def bench_case(i: int, case: dict, ours: JaxkvCase, theirs: MaxPages | None, repeats: int) -> dict:
     contenders = {"d2h": _common.timed(ours.d2h), "h2d": _common.timed(ours.h2d), "copy": _common.timed(ours.copy)}
     if theirs is not None:
         for op in ("d2h", "h2d", "copy"):
             contenders[f"max_{op}"] = lambda op=op: theirs.seconds(op, i)
     order = ["d2h", "max_d2h", "h2d", "max_h2d", "copy", "max_copy"]
-    runs = [{k: contenders[k]() for k in order if k in contenders} for _ in range(repeats + 1)][1:]
-    median = {k: statistics.median(r[k] for r in runs) for k in contenders}
+    median = _common.interleaved(contenders, order, repeats=repeats)
     n = ours.nbytes
     row = dict(page_kib=case["row_bytes"] / KIB, batch=len(ours.ids), mib=n / MIB)
     for k, s in median.items():
-        row[f"{k}_gbps"] = gbps(n, s)
+        row[f"{k}_gbps"] = _common.gbps(n, s)
     for d in ("d2h", "h2d"):
         row[f"{d}_limit"] = median["copy"] / median[d]
         if theirs is not None:
@@ -159,11 +152,14 @@ COLUMNS = [
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = _common.parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="256 KiB rows, 64 pages, few repeats (smoke run)")
+    parser.add_argument("--row-kib", type=int, nargs="+", help=f"page (row) sizes in KiB (default {ROW_KIBS})")
+    parser.add_argument("--pages", type=int, nargs="+", help=f"batches in pages (default {BATCHES})")
     args = parser.parse_args()
     t0 = time.perf_counter()
     row_kibs, batches = (ROW_KIBS[:1], BATCHES[:1]) if args.quick else (ROW_KIBS, BATCHES)
+    row_kibs, batches = args.row_kib or row_kibs, args.pages or batches
     repeats = 3 if args.quick else 11
 
     mesh = jax.make_mesh((1,), ("tp",), devices=jax.devices()[:1])
@@ -218,7 +214,8 @@ def main() -> None:
         "max": max_info,
         "git": _common.git_state(),
     }
-    print("conditions:", ", ".join(f"{k}={v}" for k, v in cond.items() if k != "max"))
+    _common.print_conditions(cond, skip=("max",))
+    print(f"native page copy policy: {cond['copy_policy']} (JAXKV_COPY_POLICY overrides; see jaxkv._native)")
     if theirs is not None:
         print(
             f"MAX {max_info['max']} (Python {max_info['python']}, {max_info['device']}): {max_info['entry']}, "
@@ -236,7 +233,10 @@ def main() -> None:
     if theirs is not None:
         misses = sum(r[f"{d}_goal"] == "MISS" for r in rows for d in ("d2h", "h2d"))
         print(f"goal jaxkv >= {GOAL_VS_MAX}x MAX: {2 * len(rows) - misses} of {2 * len(rows)} met")
-    path = _common.write_json("max_pages_quick" if args.quick else "max_pages", dict(conditions=cond, rows=rows))
+    name = "max_pages_quick" if args.quick else "max_pages"
+    if args.row_kib or args.pages:  # a custom run never replaces the standard results
+        name += "_custom"
+    path = _common.write_json(name, dict(conditions=cond, rows=rows))
     print(f"wrote {path} ({time.perf_counter() - t0:.0f} s)")
 
 

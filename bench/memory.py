@@ -12,7 +12,6 @@ arrays, measured in the same run (the memory-copy limit of this machine).
 
 from __future__ import annotations
 
-import argparse
 import gc
 import time
 
@@ -109,12 +108,12 @@ def bench_read_pages(mesh, page_kibs, batches, repeats) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = _common.parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats (smoke run)")
     args = parser.parse_args()
     mesh = jax.make_mesh((TP,), ("tp",), devices=jax.devices()[:TP])
     cond = _common.conditions() | {"tp": TP, "dtype": "bfloat16", "layout": "MHA, 8 KV heads, head_dim 128"}
-    print("conditions:", ", ".join(f"{k}={v}" for k, v in cond.items()))
+    _common.print_conditions(cond)
 
     t0 = time.perf_counter()
     page_counts = [64, 512] if args.quick else [64, 128, 256, 512]

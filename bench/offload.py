@@ -29,7 +29,6 @@ docs/NAME.png.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import gc
@@ -71,14 +70,6 @@ def params_for(layout: str, row_bytes: int, tp: int) -> jaxkv.KVCacheParams:
     params = jaxkv.KVCacheParams(DTYPE, num_layers=token_layers // page_size, page_size=page_size, **LAYOUTS[layout])
     assert params.host_bytes_per_page(tp) == row_bytes, (layout, row_bytes, params)
     return params
-
-
-def gbps(nbytes: int, seconds: float | None) -> float | None:
-    return None if seconds is None else nbytes / seconds / 1e9
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None else a / b
 
 
 def timing(nbytes: int, quick: bool) -> dict:
@@ -247,14 +238,16 @@ def bench_one(layout: str, mesh, tp: int, row_bytes: int, k: int, *, quick: bool
         mib=nbytes / MIB,
         cache_mib=params.bytes_per_page(tp) * num_pages / MIB,
     )
-    r["copy_gbps"] = gbps(nbytes, numpy_copy_seconds(nbytes, quick))
+    r["copy_gbps"] = _common.gbps(nbytes, numpy_copy_seconds(nbytes, quick))
     # A replicated (MLA) load writes each page to every TP shard: its limit is
     # copying tp times the page bytes, expressed per page byte like the rest.
     writes = tp if params.replicated(tp) else 1
-    r["copy_h2d_gbps"] = r["copy_gbps"] if writes == 1 else gbps(nbytes, numpy_copy_seconds(writes * nbytes, quick))
+    r["copy_h2d_gbps"] = (
+        r["copy_gbps"] if writes == 1 else _common.gbps(nbytes, numpy_copy_seconds(writes * nbytes, quick))
+    )
     # The "arrays" backend's limit on every backend (issue 13); off CPU also the numpy pool's.
     d2h_s, h2d_s = device_put_seconds(nbytes, jax.devices()[0], quick)
-    r["put_d2h_gbps"], r["put_h2d_gbps"] = gbps(nbytes, d2h_s), gbps(nbytes, h2d_s)
+    r["put_d2h_gbps"], r["put_h2d_gbps"] = _common.gbps(nbytes, d2h_s), _common.gbps(nbytes, h2d_s)
 
     buffer = jaxkv.allocate_buffer(params, mesh, num_pages)
     buffer.values.block_until_ready()
@@ -266,7 +259,7 @@ def bench_one(layout: str, mesh, tp: int, row_bytes: int, k: int, *, quick: bool
         eng = jaxkv.OffloadEngine(buffer, k, d2h_path=path)
         assert eng.row_bytes == row_bytes, (eng.row_bytes, row_bytes)
         seconds = _common.median_seconds(lambda eng=eng, cache=buffer: eng.d2h(cache, ids, slots).synchronize(), **reps)
-        r[f"d2h_{path}_gbps"] = gbps(nbytes, seconds)
+        r[f"d2h_{path}_gbps"] = _common.gbps(nbytes, seconds)
     # `eng` (the last, "xla" engine) now holds the pages in its pool and does the H2D.
 
     if k <= NAIVE_MAX_BATCH:
@@ -274,7 +267,7 @@ def bench_one(layout: str, mesh, tp: int, row_bytes: int, k: int, *, quick: bool
         seconds = _common.median_seconds(
             lambda: naive_d2h(units, eng.unit_offsets, ids, slots, pool), repeats=reps["repeats"], warmup=1
         )
-        r["naive_d2h_gbps"] = gbps(nbytes, seconds)
+        r["naive_d2h_gbps"] = _common.gbps(nbytes, seconds)
         assert np.array_equal(pool[slots], eng.host_pool[slots]), "naive d2h and engine d2h disagree"
         del units, pool
 
@@ -285,7 +278,7 @@ def bench_one(layout: str, mesh, tp: int, row_bytes: int, k: int, *, quick: bool
         r["put_d2h_gbps"] = r["put_h2d_gbps"] = r["put_d2h_gbps"] if platform != "cpu" else None
     else:
         seconds = _common.median_seconds(lambda a=arr, cache=buffer: a.d2h(cache, ids, slots).synchronize(), **reps)
-        r["d2h_arrays_gbps"] = gbps(nbytes, seconds)
+        r["d2h_arrays_gbps"] = _common.gbps(nbytes, seconds)
         if not np.array_equal(arr.read_host(slots), eng.host_pool[slots]):
             raise AssertionError(f"{layout} {row_bytes} B x {k}: arrays d2h and numpy-pool d2h disagree")
 
@@ -296,9 +289,9 @@ def bench_one(layout: str, mesh, tp: int, row_bytes: int, k: int, *, quick: bool
         state[0], t = engine.h2d(state[0], slots, ids)
         t.synchronize()
 
-    r["h2d_gbps"] = gbps(nbytes, _common.median_seconds(lambda: h2d(eng), **reps))
+    r["h2d_gbps"] = _common.gbps(nbytes, _common.median_seconds(lambda: h2d(eng), **reps))
     if arr is not None:
-        r["h2d_arrays_gbps"] = gbps(nbytes, _common.median_seconds(lambda a=arr: h2d(a), **reps))
+        r["h2d_arrays_gbps"] = _common.gbps(nbytes, _common.median_seconds(lambda a=arr: h2d(a), **reps))
 
     if k <= NAIVE_MAX_BATCH:
         # Every page copies the whole (non-donated) cache, so the cost per page is flat:
@@ -313,20 +306,20 @@ def bench_one(layout: str, mesh, tp: int, row_bytes: int, k: int, *, quick: bool
             repeats=1 if n < k else max(1, reps["repeats"] // 2),
             warmup=0,
         )
-        r["naive_h2d_gbps"] = gbps(nbytes, seconds * k / n)
+        r["naive_h2d_gbps"] = _common.gbps(nbytes, seconds * k / n)
         r["naive_h2d_pages_timed"] = n
         del values
 
     r["d2h_gbps"] = r["d2h_host_gbps"] if platform == "cpu" else r["d2h_xla_gbps"]
     limit_d2h = r["copy_gbps"] if platform == "cpu" else r["put_d2h_gbps"]
     limit_h2d = r["copy_h2d_gbps"] if platform == "cpu" else r["put_h2d_gbps"]
-    r["d2h_limit"] = ratio(r["d2h_gbps"], limit_d2h)
-    r["d2h_xla_limit"] = ratio(r["d2h_xla_gbps"], limit_d2h)
-    r["h2d_limit"] = ratio(r["h2d_gbps"], limit_h2d)
-    r["d2h_arrays_put"] = ratio(r["d2h_arrays_gbps"], r["put_d2h_gbps"])
-    r["h2d_arrays_put"] = ratio(r["h2d_arrays_gbps"], r["put_h2d_gbps"])
-    r["d2h_naive"] = ratio(r["d2h_gbps"], r.get("naive_d2h_gbps"))
-    r["h2d_naive"] = ratio(r["h2d_gbps"], r.get("naive_h2d_gbps"))
+    r["d2h_limit"] = _common.ratio(r["d2h_gbps"], limit_d2h)
+    r["d2h_xla_limit"] = _common.ratio(r["d2h_xla_gbps"], limit_d2h)
+    r["h2d_limit"] = _common.ratio(r["h2d_gbps"], limit_h2d)
+    r["d2h_arrays_put"] = _common.ratio(r["d2h_arrays_gbps"], r["put_d2h_gbps"])
+    r["h2d_arrays_put"] = _common.ratio(r["h2d_arrays_gbps"], r["put_h2d_gbps"])
+    r["d2h_naive"] = _common.ratio(r["d2h_gbps"], r.get("naive_d2h_gbps"))
+    r["h2d_naive"] = _common.ratio(r["h2d_gbps"], r.get("naive_h2d_gbps"))
     return r  # the cache, engines and pools go with this frame
 
 
@@ -366,8 +359,8 @@ def targets(rows: list[dict]) -> list[dict]:
             naive_batch=nb,
             d2h_limit=r["d2h_limit"],
             h2d_limit=r["h2d_limit"],
-            d2h_naive=ratio(r["d2h_gbps"], nd),
-            h2d_naive=ratio(r["h2d_gbps"], nh),
+            d2h_naive=_common.ratio(r["d2h_gbps"], nd),
+            h2d_naive=_common.ratio(r["h2d_gbps"], nh),
         )
         for key, need in TARGETS.items():
             t[f"{key}_ok"] = None if t[key] is None else ("pass" if t[key] >= need else "MISS")
@@ -533,7 +526,7 @@ THROUGHPUT_COLUMNS = [
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = _common.parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="two page sizes, three batches, few repeats (smoke run)")
     parser.add_argument(
         "--out-json",
@@ -564,7 +557,8 @@ def main() -> None:
         "jaxkv_native_kernels": native_kernels() if platform == "cpu" else "n/a",
         "git": _common.git_state(),
     }
-    print("conditions:", ", ".join(f"{k}={v}" for k, v in cond.items()))
+    _common.print_conditions(cond)
+    print(f"native page copy policy: {cond['copy_policy']} (JAXKV_COPY_POLICY overrides; see jaxkv._native)")
 
     for layout in LAYOUTS:
         check_round_trip(layout, mesh, tp, ["host", "xla"] if platform == "cpu" else ["xla"])

@@ -27,7 +27,6 @@ time per call in a loop of calls; every round runs every variant.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import statistics
 import time
@@ -162,7 +161,7 @@ def semantics(buffer: KVCacheBuffer) -> dict[str, dict[str, bool]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = _common.parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer calls and rounds (smoke run)")
     args = parser.parse_args()
     calls, rounds = (500, 5) if args.quick else (20_000, 15)
@@ -174,7 +173,7 @@ def main() -> None:
         "rounds": rounds,
         "layouts": "bf16: MHA 8 KV heads x 128, bf16; fp8: the same in float8_e4m3fn with float32 scales",
     }
-    print("conditions:", ", ".join(f"{k}={v}" for k, v in cond.items()))
+    _common.print_conditions(cond)
     t0 = time.perf_counter()
 
     bf16 = jaxkv.KVCacheParams(jnp.bfloat16, n_kv_heads=8, head_dim=128, num_layers=2, page_size=16)

@@ -19,8 +19,6 @@ cost of moving just the bytes that change. Results: bench/results/NAME.json
 
 from __future__ import annotations
 
-import argparse
-
 import _common
 import numpy as np
 
@@ -83,14 +81,14 @@ def probe(dtype: str, num_pages: int, rng, repeats: int = 9) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = _common.parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="the smaller cache only, 3 repeats (smoke run)")
     parser.add_argument("name", nargs="?", help="results name: bench/results/NAME.json")
     args = parser.parse_args()
     platform = jax.devices()[0].platform
     name = args.name or f"scatter_probe_{platform}" + ("_quick" if args.quick else "")
     cond = _common.conditions() | {"pages_scattered": K, "page_bytes": PAGE_BYTES, "quick": args.quick}
-    print("conditions:", ", ".join(f"{k}={v}" for k, v in cond.items()))
+    _common.print_conditions(cond)
     rng = np.random.default_rng(0)
     sizes = [256, 4096] if platform != "cpu" else [256, 1024]
     if args.quick:

@@ -31,7 +31,6 @@ bench/results/stored_format.json (with --quick: stored_format_quick.json).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import shutil
@@ -322,7 +321,7 @@ def convert_case(tp: int, pages: int, repeats: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = _common.parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="a smoke run: fewer sizes, blocks and rounds")
     args = parser.parse_args()
     quick = args.quick
@@ -331,7 +330,7 @@ def main() -> None:
     blocks = 16 if quick else 64
     repeats = 3 if quick else 9
     cond = _common.conditions()
-    print(f"conditions: {cond}")
+    _common.print_conditions(cond)
 
     disk = tier_boundary("disk", rows_kib, tps, blocks, repeats, None)
     cols = [

@@ -41,7 +41,6 @@ bench/results/tiers_quick.json and .png, leaving the committed ones alone).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import hashlib
@@ -73,10 +72,6 @@ FINGERPRINT = hashlib.sha256(b"jaxkv bench/tiers.py").digest()
 
 
 # -- plumbing --------------------------------------------------------------------
-def gbps(nbytes: int, seconds: float | None) -> float | None:
-    return None if seconds is None else nbytes / seconds / 1e9
-
-
 def verdict(x: float | None) -> str | None:
     return None if x is None else ("pass" if x >= TARGET else "MISS")
 
@@ -275,16 +270,16 @@ def bench_disk(root: Path, row_kibs, total_bytes: int, *, quick: bool, rng) -> l
             row_kib=kib,
             blocks=n,
             mib=nbytes / MIB,
-            tier_write_gbps=gbps(nbytes, med(w["tier"])),
-            plain_write_gbps=gbps(nbytes, med(w["plain"])),
+            tier_write_gbps=_common.gbps(nbytes, med(w["tier"])),
+            plain_write_gbps=_common.gbps(nbytes, med(w["plain"])),
             write_ratio=med(wr),
             write_ratio_range=spread(wr),
-            tier_read_gbps=gbps(nbytes, med(r["tier"])),
-            plain_read_gbps=gbps(nbytes, med(r["plain"])),
+            tier_read_gbps=_common.gbps(nbytes, med(r["tier"])),
+            plain_read_gbps=_common.gbps(nbytes, med(r["plain"])),
             read_ratio=med(rr),
             read_ratio_range=spread(rr),
-            tier_cold_read_gbps=gbps(nbytes, med(c["tier"])),
-            plain_cold_read_gbps=gbps(nbytes, med(c["plain"])),
+            tier_cold_read_gbps=_common.gbps(nbytes, med(c["tier"])),
+            plain_cold_read_gbps=_common.gbps(nbytes, med(c["plain"])),
             cold_read_ratio=med(cr),
             put_us=med(w["tier"]) / n * 1e6,
             plain_put_us=med(w["plain"]) / n * 1e6,
@@ -406,7 +401,7 @@ def bench_host_hits(mesh, batches, *, quick: bool, rng) -> tuple[list[dict], dic
                 overhead_us=med(extra),
                 overhead_range=f"{min(extra):.1f}..{max(extra):.1f}",
                 load_h2d=med(paired(t["load"], t["h2d"])),
-                load_gbps=gbps(k * row_bytes, med(t["load"])),
+                load_gbps=_common.gbps(k * row_bytes, med(t["load"])),
             )
         )
         print(".", end="", flush=True)
@@ -541,17 +536,17 @@ def bench_tiered(mesh, root: Path, *, quick: bool, rng) -> dict:
         row_kib=row_bytes // KIB,
         batch=k,
         mib=nbytes / MIB,
-        offload_gbps=gbps(nbytes, med(w["offload"])),
-        offload_d2h_gbps=gbps(nbytes, med(host_part)),
-        offload_disk_gbps=gbps(nbytes, med(disk_part)),
-        plain_write_gbps=gbps(nbytes, med(w["plain"])),
-        engine_d2h_gbps=gbps(nbytes, med(w["d2h"])),
-        plain_then_d2h_gbps=gbps(nbytes, med([a + b for a, b in zip(w["plain"], w["d2h"], strict=True)])),
-        load_disk_gbps=gbps(nbytes, med(r["load_disk"])),
-        load_disk_read_gbps=gbps(nbytes, med(disk_read)),
-        engine_h2d_gbps=gbps(nbytes, med(r["h2d"])),
-        plain_then_h2d_gbps=gbps(nbytes, med([a + b for a, b in zip(r["plain"], r["h2d"], strict=True)])),
-        plain_read_gbps=gbps(nbytes, med(r["plain"])),
+        offload_gbps=_common.gbps(nbytes, med(w["offload"])),
+        offload_d2h_gbps=_common.gbps(nbytes, med(host_part)),
+        offload_disk_gbps=_common.gbps(nbytes, med(disk_part)),
+        plain_write_gbps=_common.gbps(nbytes, med(w["plain"])),
+        engine_d2h_gbps=_common.gbps(nbytes, med(w["d2h"])),
+        plain_then_d2h_gbps=_common.gbps(nbytes, med([a + b for a, b in zip(w["plain"], w["d2h"], strict=True)])),
+        load_disk_gbps=_common.gbps(nbytes, med(r["load_disk"])),
+        load_disk_read_gbps=_common.gbps(nbytes, med(disk_read)),
+        engine_h2d_gbps=_common.gbps(nbytes, med(r["h2d"])),
+        plain_then_h2d_gbps=_common.gbps(nbytes, med([a + b for a, b in zip(r["plain"], r["h2d"], strict=True)])),
+        plain_read_gbps=_common.gbps(nbytes, med(r["plain"])),
         host_rows=store.host.num_slots,
         disk_capacity_mib=disk_capacity / MIB,
         policy=dataclasses.asdict(policy),
@@ -617,7 +612,7 @@ def plot(disk: list[dict], path: Path, fs: str) -> None:
 
 # -- main ------------------------------------------------------------------------
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = _common.parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="32 MiB per row size, fewer repeats (smoke run)")
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="where the temporary block directories go")
     args = parser.parse_args()
@@ -648,7 +643,7 @@ def main() -> None:
                 "git": _common.git_state(),
             }
         )
-        print("conditions:", ", ".join(f"{k}={v}" for k, v in cond.items()))
+        _common.print_conditions(cond)
 
         print("disk ", end="", flush=True)
         disk = bench_disk(root, ROW_KIBS, total, quick=args.quick, rng=rng)
