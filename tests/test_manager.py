@@ -951,3 +951,15 @@ def test_cancel_load_frees_the_plan_and_recomputes_without_counting_a_refusal():
 for _name, _test in list(globals().items()):
     if _name.startswith("test_") and callable(_test):
         globals()[_name] = pytest.mark.usefixtures("host_backend")(_test)
+
+
+def test_manager_repr_and_a_float_prompt_names_its_dtype():
+    """repr says pages, use, requests and tiers; a float prompt's error names the dtype (issue 24 item 5)."""
+    _, _, _, manager = setup()
+    manager.add_request("a", list(range(9)))
+    assert repr(manager) == "PagedKVCacheManager(16 pages of 4 tokens, 3 in use, 1 live requests, device -> host)"
+    assert repr(PagedKVCacheManager(PARAMS, num_pages=4, tp=1)) == (
+        "PagedKVCacheManager(4 pages of 4 tokens, 0 in use, 0 live requests, no store)"
+    )
+    with pytest.raises(ValueError, match=r"got shape \(5,\) dtype float64"):
+        manager.add_request("b", np.arange(5, dtype=np.float64))

@@ -1071,3 +1071,51 @@ def test_a_lower_tiers_evictions_reach_the_schedulers_index():
     assert [store.where(h(i)) for i in range(4)] == [None, None, "dict", "host"]
     assert store.metrics["dict"].evictions == 2 and store.bytes()["dict"] == (2 * ROW, 2 * ROW)
     assert store.bytes()["dict"] == worker.bytes()["dict"]
+
+
+def test_complete_store_after_a_d2h_that_raised_indexes_nothing(tmp_path, monkeypatch):
+    """A D2H that raises leaves its blocks out of every index and its host slots free (issue 24 item 6(f))."""
+    src, _, _ = random_buffer(BF16_MHA, 2, 8)
+    store, worker = compose(src, 4 * ROW, tmp_path, 8 * ROW)
+    before = snapshot(store)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the device went away")
+
+    monkeypatch.setattr(worker.engine, "d2h", broken)
+    result = offload(store, worker, src, [1, 2], [h(1), h(2)])
+    assert result is not None and result.copied == (False, False)
+    assert [store.where(h(i)) for i in (1, 2)] == [None, None]
+    assert list(tmp_path.iterdir()) == []  # nothing written through: no row holds the block
+    after = snapshot(store)
+    assert after["host index"] == before["host index"] == [] and after["reserved"] == [] and after["pins"] == {}
+    assert after["free"] == before["free"]
+    assert store.metrics.tiers["host"].blocks_stored == 0 and store.metrics.dropped_offloads == 2
+
+
+def test_an_overlapped_load_of_a_partial_plan_is_refused_with_nothing_written(tmp_path):
+    """With load_chunk_bytes set (reads overlap H2Ds), a plan whose tail no tier holds (num_held < blocks) is
+    refused before any page is written, the cache returned as it was (issue 24 item 6(g))."""
+    src, _, _ = random_buffer(BF16_MHA, 2, 8)
+    store, worker = compose(src, 4 * ROW, tmp_path, 8 * ROW, load_chunk_bytes=ROW)  # one block per chunk
+    offload(store, worker, src, [1, 2, 3], [h(1), h(2), h(3)])
+    store.host.clear()  # as if host memory had been reset: the blocks are on disk only
+    dst, _, _ = random_buffer(BF16_MHA, 2, 8, seed=5)
+    before = all_pages(dst)
+    plan = store.prepare_load([h(1), h(2), h(9)], [4, 5, 6])  # h(9) is held nowhere
+    assert plan.num_held == 2 and plan.sources == ("disk", "disk")
+    out, handle = worker.load(dst, plan)
+    result = handle.result()
+    store.complete_load(result)
+    assert result.status == "refused" and "block_hashes[2]" in result.error
+    assert out is dst and not dst.values.is_deleted() and all_pages(dst) == before
+
+
+def test_engine_repr_says_pages_rows_and_paths():
+    src, _, _ = random_buffer(BF16_MHA, 2, 8)
+    _, worker = compose(src, 4 * ROW)
+    engine = worker.engine
+    assert repr(engine) == (
+        f"OffloadEngine(8 device pages <-> 4 host rows of {ROW:,} B (2 units), "
+        f"d2h {engine.d2h_path}, h2d {engine.h2d_path})"
+    )

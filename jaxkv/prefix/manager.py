@@ -138,6 +138,13 @@ class PagedKVCacheManager:
         self.requests: dict[str, Request] = {}
         self._loads: dict[int, str] = {}  # plan id -> request id, until complete_load
 
+    def __repr__(self) -> str:
+        store = "no store" if self.store is None else " -> ".join(["device", *self.store.tier_names])
+        return (
+            f"PagedKVCacheManager({self.num_pages} pages of {self.page_size} tokens, {self.pages_in_use} in use, "
+            f"{len(self.requests)} live requests, {store})"
+        )
+
     # -- queries -----------------------------------------------------------
     @property
     def num_pages(self) -> int:
@@ -178,7 +185,9 @@ class PagedKVCacheManager:
             raise ValueError(f"request_id {request_id!r} is already live")
         tokens = np.asarray(token_ids)
         if tokens.ndim != 1 or tokens.size == 0 or not np.issubdtype(tokens.dtype, np.integer):
-            raise ValueError(f"token_ids must be a non-empty rank-1 sequence of ints, got shape {tokens.shape}")
+            raise ValueError(
+                f"token_ids must be a non-empty rank-1 sequence of ints, got shape {tokens.shape} dtype {tokens.dtype}"
+            )
         root = root_hash(self.seed, self.block_fingerprint, cache_salt)
         # The last token is never served from cache: hash only blocks before it.
         hashes = hash_blocks(tokens[:-1], self.page_size, root, extra_keys)

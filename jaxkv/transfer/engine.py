@@ -382,6 +382,13 @@ class OffloadEngine:
         counts = [1 if c.replicates_kv_across_tp else len(a.addressable_shards) for c, a in leaves]
         return [[next(pairs) for _ in range(n)] for n in counts]
 
+    def __repr__(self) -> str:
+        units = len(self.unit_offsets)
+        return (
+            f"OffloadEngine({self.num_device_pages} device pages <-> {self.num_host_pages} host rows of "
+            f"{self.row_bytes:,} B ({units} unit{'s' if units != 1 else ''}), d2h {self.d2h_path}, h2d {self.h2d_path})"
+        )
+
 
 class _UnitShape:
     """What an h2d needs of a unit once its cache's layout is checked: widths and devices, no shard arrays."""
