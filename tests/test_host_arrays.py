@@ -115,3 +115,36 @@ def test_freed_rows_are_released_with_the_next_plan(tmp_path):
     offload(store, worker, cache, [5], [h(9)])  # the next plan releases it (or overwrites it)
     assert worker.host.live_bytes == store.bytes()["host"][0] == row
     assert bytes(worker.host.row(store.host.slot_of(h(9)))) == want[5]
+
+
+def test_rows_freed_around_an_eviction_are_released_or_replaced(tmp_path):
+    """live_bytes == used_bytes once the next plan ran, also when the freed slot was taken by evicting a block
+    (a refused load) and when it is reserved again by the next plan before the worker heard of the drop
+    (issue 24 item 6(b))."""
+    cache, _, _ = random_buffer(BF16_MHA, 2, num_pages=8, seed=1)
+    want = all_pages(cache)
+    row = BF16_MHA.host_bytes_per_page(2)
+    store, worker = compose_arrays(cache, 2 * row, tmp_path, 16 * row, policy=TierPolicy(promote_on_load=False))
+    offload(store, worker, cache, [1, 2, 3], [h(i) for i in range(3)])  # disk: 3 blocks; host (full): h1, h2
+    assert worker.host.live_bytes == store.bytes()["host"][0] == 2 * row
+
+    # A load whose tail no tier holds: its one planned block evicts h1 to get a slot, is read, then refused.
+    dst, _, _ = random_buffer(BF16_MHA, 2, num_pages=8, seed=5)
+    plan = store.prepare_load([h(0), h(7)], [5, 6])
+    assert plan.num_held == 1 and plan.sources == ("disk",) and store.host.slot_of(h(1)) is None
+    dst, handle = worker.load(dst, plan)
+    store.complete_load(handle.result())
+    assert handle.result().status == "refused" and store.bytes()["host"][0] == row
+    assert worker.host.live_bytes == 2 * row  # the refused promotion's row waits for the next plan
+    dst, result = load(store, worker, dst, [h(2)], [6])  # the next plan, a load of a host block, releases it
+    assert result.status == "loaded" and all_pages(dst)[6] == want[3]
+    assert worker.host.live_bytes == store.bytes()["host"][0] == row
+
+    # A promotion not kept frees its slot, and the next plan reserves that slot again (the pending drop is left
+    # out) by storing a new block: the new row replaces the old arrays.
+    dst, result = load(store, worker, dst, [h(0)], [5])
+    assert result.status == "loaded" and all_pages(dst)[5] == want[1]
+    assert store.bytes()["host"][0] == row and worker.host.live_bytes == 2 * row
+    offload(store, worker, cache, [4], [h(8)])
+    assert worker.host.live_bytes == store.bytes()["host"][0] == 2 * row
+    assert bytes(worker.host.row(store.host.slot_of(h(8)))) == want[4]
