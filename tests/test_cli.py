@@ -164,3 +164,52 @@ def test_demo_modules_do_not_import_each_other():
 
     code = "import sys, jaxkv._cli.demo_remote; print('jaxkv._cli.demo' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def test_layout_spells_the_cache_as_demo_does(capsys):
+    """`layout --model mla --dtype fp8` is `layout --mla --fp8` (demo's spelling; issue 24 item 5), and one unit
+    is 'unit', not 'units'."""
+    common = ("--head-dim", "576", "--granularity", "64", "--pages", "4", "--tp", "2")
+    rc, out, _ = run(capsys, "layout", "--model", "mla", "--dtype", "fp8", *common)
+    rc_short, out_short, _ = run(capsys, "layout", "--mla", "--fp8", *common)
+    assert rc == rc_short == 0 and out == out_short
+    assert "to_memory(): 2 units (no copies)" in out  # values and scales, one replica each
+    rc, out, _ = run(capsys, "layout", "--model", "mla", "--tp", "2", "--pages", "4")
+    assert rc == 0 and "to_memory(): 1 unit (no copies)" in out
+    line = one_line_error(capsys, "layout", "--model", "mla", "--heads", "16")
+    assert "--heads (16) does not apply to --model mla" in line
+    line = one_line_error(capsys, "layout", "--model", "gqa")
+    assert "argument --model: invalid choice: 'gqa'" in line
+
+
+def test_ctrl_c_in_demo_is_one_line_and_status_130(capsys, tmp_path, monkeypatch):
+    """Ctrl-C during `jaxkv demo` prints one line, no traceback (issue 24 item 5)."""
+    from jaxkv._cli import demo
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run_demo", interrupted)
+    rc, out, err = run(capsys, "demo", "--tp", "2", "--out", str(tmp_path))
+    assert rc == 130 and out == "" and err == "jaxkv demo: interrupted\n"
+
+
+def test_a_cache_dir_that_is_a_file_is_reported(capsys, tmp_path, monkeypatch):
+    """JAXKV_CACHE_DIR naming a file used to disable the compilation cache silently; now one warning line."""
+    import types
+
+    from jaxkv._cli import _use_compilation_cache
+
+    updates = []
+    jax = types.SimpleNamespace(
+        config=types.SimpleNamespace(jax_compilation_cache_dir=None, update=lambda *a: updates.append(a))
+    )
+    not_a_dir = tmp_path / "cache"
+    not_a_dir.write_text("")
+    monkeypatch.setenv("JAXKV_CACHE_DIR", str(not_a_dir))
+    _use_compilation_cache(jax)
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith(f"jaxkv demo: warning: no compilation cache: $JAXKV_CACHE_DIR {str(not_a_dir)!r} cannot hold")
+    assert err.rstrip().endswith("Point JAXKV_CACHE_DIR at a writable directory")
+    assert updates == []  # JAX's configuration untouched

@@ -44,15 +44,42 @@ def test_demo_end_to_end_uses_every_tier_bit_exactly(model, dtype, tmp_path):
     assert "second_instance" not in report and "remote" not in report["config"]  # the report as before --remote
 
 
-def test_demo_bit_identity_holds_with_the_pallas_kernel(tmp_path):
+def test_demo_bit_identity_holds_with_the_pallas_kernel(tmp_path, monkeypatch):
     """The demo's turns served from host and disk stay bit-identical to the shadow stack's (which keeps
     every page on the device) with impl="pallas" (interpret mode on CPU): the kernel reads loaded pages
-    exactly as it reads computed ones."""
+    exactly as it reads computed ones.
+
+    The same run, on a filesystem with less free space than SMALL's disk tier: the tier is cut to fit and
+    the header says so; the header and the plot's title name the attention that ran (issue 24 item 5)."""
+    import collections
+    import shutil
+
+    from jaxkv._cli import demo
+
+    real, cut = shutil.disk_usage, 40 << 20  # free space under --out: less than SMALL's 64 MiB tier
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(real(path).total, real(path).used, cut))
+    plt, titles = demo._pyplot(), []
+    if plt is not None:
+        close = plt.close
+
+        def keep_title(fig=None):
+            titles.append(fig.texts[0].get_text() if fig is not None and fig.texts else None)
+            close(fig)
+
+        monkeypatch.setattr(plt, "close", keep_title)
     report = run_demo(DemoConfig(model="mha", dtype="fp8", tp=2, out=str(tmp_path), attention="pallas", **SMALL))
     bi = report["bit_identity"]
     assert bi["turns_compared"] > 0 and bi["identical"] == bi["turns_compared"], bi
     assert report["tokens"]["host"] > 0 and report["tokens"]["disk"] > 0, report["tokens"]
     assert report["config"]["attention"] == "pallas"
+    assert report["conditions"]["attention"] == "pallas"
+    assert report["conditions"]["disk_capacity_bytes"] == cut - demo.DISK_HEADROOM_BYTES
+    header = demo.format_report(report).splitlines()[:2]
+    assert header[0].startswith("jaxkv demo: mha model, fp8 cache, pallas attention, TP 2 on "), header
+    assert header[1].endswith("disk 64 MiB asked, 24 MiB (the free space under --out)"), header
+    assert titles in ([], ["jaxkv demo: mha fp8, pallas attention, TP 2"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["report.json"] + (["demo.png"] if plt else []))
 
 
 def assert_headline_is_the_listed_turns(report):
@@ -350,3 +377,49 @@ def test_every_demo_model_dtype_and_attention_the_cli_accepts_runs(model, dtype)
         out, _ = m.prefill(m.allocate_cache(4), prompt, 0, table)
         logits[attention] = np.asarray(out)
     np.testing.assert_allclose(logits["pallas"], logits["xla"], rtol=1e-4, atol=1e-4)
+
+
+def test_demo_disk_tier_fits_the_free_space_of_out(tmp_path, monkeypatch):
+    """On a small filesystem the disk tier is cut to its free space, or the demo says in one line that it cannot
+    run (issue 24 item 5: a 512 MiB tier filled it and the run ended in a traceback)."""
+    import collections
+    import shutil
+
+    from jaxkv._cli import demo
+
+    usage = collections.namedtuple("usage", "total used free")
+    row = 4096
+    cfg = DemoConfig(out=str(tmp_path), disk_mib=512)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 40, 0, 1 << 40))
+    assert demo._disk_capacity(cfg, tmp_path, row) == 512 << 20
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, 0, 100 << 20))
+    assert demo._disk_capacity(cfg, tmp_path, row) == (100 << 20) - demo.DISK_HEADROOM_BYTES
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, 0, 16 << 20))
+    with pytest.raises(DemoError, match=rf"--out '{tmp_path}' has 16 MiB free, too little for the disk tier"):
+        demo._disk_capacity(cfg, tmp_path, row)
+
+
+def test_demo_report_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A write that fails half-way (ENOSPC) leaves the previous report.json as it was and no temporary file."""
+    import errno
+    from pathlib import Path
+
+    from jaxkv._cli import demo
+
+    report = tmp_path / "report.json"
+    report.write_text('{"previous": true}\n')
+    original = Path.write_text
+
+    def full_disk(self, text, *args, **kwargs):
+        original(self, text[:10])  # what a full filesystem leaves: a prefix
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(DemoError, match="writing .*report.json' failed: No space left on device"):
+        demo._write_atomically(report, '{"new": true}\n')
+    monkeypatch.undo()
+    assert report.read_text() == '{"previous": true}\n' and sorted(p.name for p in tmp_path.iterdir()) == [
+        "report.json"
+    ]
+    demo._write_atomically(report, '{"new": true}\n')
+    assert report.read_text() == '{"new": true}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]

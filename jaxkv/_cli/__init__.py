@@ -83,13 +83,18 @@ def _layout(args) -> int:
     def fail(msg: str) -> int:
         return _fail("layout", msg)
 
+    # `demo`'s spellings (--model mla, --dtype fp8) and the shorthands (--mla, --fp8) choose the same cache;
+    # messages name the option the user gave.
+    mla_option = "--mla" if args.mla else "--model mla"
+    args.mla = args.mla or args.model == "mla"
+    args.fp8 = args.fp8 or args.dtype == "fp8"
     if args.mla and args.heads is not None:
         return fail(
-            f"--heads ({args.heads}) does not apply to --mla: an MLA cache holds one latent vector per token "
-            "(n_kv_heads 1), replicated over TP; drop --heads, or --mla for a GQA cache"
+            f"--heads ({args.heads}) does not apply to {mla_option}: an MLA cache holds one latent vector per token "
+            f"(n_kv_heads 1), replicated over TP; drop --heads, or {mla_option} for a GQA cache"
         )
     if args.granularity is not None and not args.fp8:
-        return fail("--granularity applies to --fp8 caches only (head_dim elements per scale); add --fp8")
+        return fail("--granularity applies to --fp8 caches only (head_dim elements per scale); add --dtype fp8")
     granularity = jaxkv.KVCacheQuantConfig().granularity if args.granularity is None else args.granularity
     if args.fp8 and args.head_dim % granularity:
         default = ", the default" if args.granularity is None else ""
@@ -161,7 +166,7 @@ def _layout(args) -> int:
         f"{params.host_bytes_per_page(tp):,} on host ({host_note}); cache {cache_bytes:,} B on devices"
     )
     units = buffer.to_memory()
-    print(f"to_memory(): {len(units)} units (no copies)")
+    print(f"to_memory(): {len(units)} unit{'' if len(units) == 1 else 's'} (no copies)")
     for unit in units:
         print(f"  {unit!r}")
     ids = np.array([0, args.pages - 1], np.int32)
@@ -289,6 +294,9 @@ def _demo(args) -> int:
         report = run_demo(cfg)
     except DemoError as e:
         return _fail("demo", str(e))
+    except KeyboardInterrupt:  # Ctrl-C: what the run created is already cleaned up (its exit stack ran)
+        print("jaxkv demo: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a command Ctrl-C stopped
     print(format_report(report))
     if report["plot"] is None:
         print(f"\nwrote {args.out}/report.json; {args.out}/demo.png needs matplotlib: {PLOT_EXTRA}")
@@ -349,8 +357,17 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     layout = sub.add_parser("layout", help="allocate a sharded cache and print its layout and units")
     layout.add_argument("--tp", type=_positive_int, default=4, help="TP degree (default 4)")
-    layout.add_argument("--mla", action="store_true", help="MLA latent cache (one KV head), replicated over TP")
-    layout.add_argument("--fp8", action="store_true", help="float8_e4m3fn values with float32 scales")
+    layout.add_argument(
+        "--model",
+        choices=DEMO_MODELS,
+        default="mha",
+        help="mha: a GQA cache; mla: an MLA latent cache (one KV head), replicated over TP (as for demo)",
+    )
+    layout.add_argument(
+        "--dtype", choices=DEMO_DTYPES, default="bf16", help="bf16, or fp8: float8_e4m3fn with float32 scales"
+    )
+    layout.add_argument("--mla", action="store_true", help="the same as --model mla")
+    layout.add_argument("--fp8", action="store_true", help="the same as --dtype fp8")
     layout.add_argument(
         "--heads", type=_positive_int, default=None, help=f"KV heads in total (default {LAYOUT_HEADS}; not with --mla)"
     )
@@ -391,8 +408,14 @@ def _use_compilation_cache(jax) -> None:
     root = Path(os.environ.get("JAXKV_CACHE_DIR", Path.home() / ".cache" / "jaxkv"))
     try:
         (root / "xla").mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return  # no writable cache directory: compile every run, as without the cache
+    except OSError as e:  # compile every run, as without the cache, and say why a second run is not faster
+        where = "$JAXKV_CACHE_DIR" if "JAXKV_CACHE_DIR" in os.environ else "the default cache directory"
+        print(
+            f"jaxkv demo: warning: no compilation cache: {where} {str(root)!r} cannot hold {str(root / 'xla')!r} "
+            f"({e.strerror or e}); every run compiles from scratch. Point JAXKV_CACHE_DIR at a writable directory",
+            file=sys.stderr,
+        )
+        return
     jax.config.update("jax_compilation_cache_dir", str(root / "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

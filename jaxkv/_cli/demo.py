@@ -134,6 +134,46 @@ def _check(cfg: DemoConfig, page_size: int) -> None:
         )
 
 
+DISK_HEADROOM_BYTES = 16 << 20
+"""Free space the demo leaves on --out's filesystem beside its disk tier: report.json and demo.png take well
+under 1 MiB; the rest is slack for whatever else writes there during the run."""
+
+MIN_DISK_ROWS = 8
+"""The smallest disk tier the demo runs with, in blocks: fewer and the disk column of its report says nothing."""
+
+
+def _disk_capacity(cfg: DemoConfig, disk_dir: Path, row_bytes: int) -> int:
+    """--disk-mib in bytes, cut to the free space of the filesystem under --out (less `DISK_HEADROOM_BYTES`),
+    so a full filesystem never ends the run half-way; `DemoError` when not even `MIN_DISK_ROWS` blocks fit."""
+    import shutil
+
+    free = shutil.disk_usage(disk_dir).free - DISK_HEADROOM_BYTES
+    want = cfg.disk_mib << 20
+    if want <= free:
+        return want
+    block = row_bytes + 4096  # a block file: the row and its header, rounded up to a filesystem block
+    if free < MIN_DISK_ROWS * block:
+        raise DemoError(
+            f"--out {str(cfg.out)!r} has {max(free + DISK_HEADROOM_BYTES, 0) >> 20} MiB free, too little for the "
+            f"disk tier (--disk-mib {cfg.disk_mib}; at least {(MIN_DISK_ROWS * block + DISK_HEADROOM_BYTES) >> 20} "
+            f"MiB needed); free some space or choose another --out"
+        )
+    return free
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write `path` whole or not at all: a full filesystem never leaves a truncated report behind."""
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DemoError(f"writing {str(path)!r} failed: {e.strerror or e}") from e
+
+
 def _prepare_out(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -204,6 +244,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def _serve(cfg, jax, jaxkv, model, events, layout, disk_dir, out, devices, shared) -> dict:
+    from jaxkv.attention.xla import resolve_impl
     from jaxkv.layout.pages import bucket
     from jaxkv.models import MIN_PREFILL_TOKENS
 
@@ -212,11 +253,12 @@ def _serve(cfg, jax, jaxkv, model, events, layout, disk_dir, out, devices, share
     # --remote, the shared server behind those).
     cache = model.allocate_cache(cfg.device_pages)
     # The store (scheduler side) indexes the tiers; the worker owns their bytes and moves pages.
+    disk_bytes = _disk_capacity(cfg, disk_dir, layout.row_bytes)
     store, worker = jaxkv.open_tiers(
         cache,
         cfg.host_pages * layout.row_bytes,
         disk_directory=disk_dir,
-        disk_capacity_bytes=cfg.disk_mib << 20,
+        disk_capacity_bytes=disk_bytes,
         tiers=[] if shared is None else [shared.tier()],
     )
     manager = jaxkv.PagedKVCacheManager(model.cache_params, store, num_pages=cfg.device_pages, tp=cfg.tp, seed=cfg.seed)
@@ -388,6 +430,8 @@ def _serve(cfg, jax, jaxkv, model, events, layout, disk_dir, out, devices, share
             "model": dataclasses.asdict(model.config),
             "row_bytes": row,
             "shadow_device_pages": shadow_pages,
+            "attention": resolve_impl(cfg.attention),
+            "disk_capacity_bytes": disk_bytes,
         },
         "requests": len(events),
         "prompt_tokens": prompt_tokens,
@@ -452,7 +496,7 @@ def _serve(cfg, jax, jaxkv, model, events, layout, disk_dir, out, devices, share
 
     plt = _pyplot()
     report["plot"] = None if plt is None else "demo.png"  # None: matplotlib (the `demo` extra) is not installed
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    _write_atomically(out / "report.json", json.dumps(report, indent=2) + "\n")
     if plt is not None:
         _plot(plt, report, out / "demo.png")
     return report
@@ -491,6 +535,19 @@ class _CompileCounter:
         return {"programs": self.requests, "from_persistent_cache": self.hits}
 
 
+def _attention(r: dict) -> str:
+    """'xla attention', 'xla attention (auto)', 'pallas attention': the implementation that ran."""
+    ran = r["conditions"].get("attention", r["config"]["attention"])
+    return f"{ran} attention" + (" (auto)" if r["config"]["attention"] == "auto" else "")
+
+
+def _disk(r: dict) -> str:
+    """'512 MiB', or '512 MiB asked, 97 MiB (the free space under --out)' when the tier was cut to fit."""
+    asked = r["config"]["disk_mib"]
+    got = r["conditions"].get("disk_capacity_bytes", asked << 20)
+    return f"{asked} MiB" if got == asked << 20 else f"{asked} MiB asked, {got >> 20} MiB (the free space under --out)"
+
+
 def format_report(r: dict) -> str:
     """The table `jaxkv demo` prints. Every figure counts the listed turns only (no warm-up)."""
     pt = r["prompt_tokens"]
@@ -505,10 +562,10 @@ def format_report(r: dict) -> str:
     second = r.get("second_instance")
     remote = "" if second is None else f", remote: {second['remote']['server']} at {second['remote']['url']}"
     lines = [
-        f"jaxkv demo: {cfg['model']} model, {cfg['dtype']} cache, TP {c['tp']} on "
+        f"jaxkv demo: {cfg['model']} model, {cfg['dtype']} cache, {_attention(r)}, TP {c['tp']} on "
         f"{c['devices']} {c['backend']} devices (jax {c['jax']})",
         f"  {r['requests']} requests, {pt:,} prompt tokens; device cache {cfg['device_pages']} pages, "
-        f"host {cfg['host_pages']} pages, disk {cfg['disk_mib']} MiB{remote}",
+        f"host {cfg['host_pages']} pages, disk {_disk(r)}{remote}",
         "",
         *_served(r),
         "",
@@ -604,7 +661,9 @@ def _plot(plt, r: dict, path: Path) -> None:
     b.set_ylabel("prefill ms")
     b.set_title("time per request")
     b.legend(fontsize=8)
-    fig.suptitle(f"jaxkv demo: {r['config']['model']} {r['config']['dtype']}, TP {r['conditions']['tp']}")
+    fig.suptitle(
+        f"jaxkv demo: {r['config']['model']} {r['config']['dtype']}, {_attention(r)}, TP {r['conditions']['tp']}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
