@@ -312,12 +312,17 @@ def test_the_process_policy_is_the_machines_with_the_environment_applied():
 @pytest.mark.parametrize(
     "spec", ["stream=never,split=never", "stream=0,split=never", "stream=0,split=0", "stream=never,split=0"]
 )
-def test_every_copy_policy_copies_the_same_bytes(spec, copy_policy):
-    """copy_rows under each store and thread choice, rows of an odd width (unaligned streaming head and tail)."""
+@pytest.mark.parametrize("width", [100, 4099, 3 * 16384 + 4099])  # under one 128-byte store; under, over 16 KiB
+def test_every_copy_policy_copies_the_same_bytes(spec, width, copy_policy):
+    """copy_rows under each store and thread choice, rows of odd widths at odd addresses.
+
+    A streaming copy aligns its stores to a line, walks 16 KiB spans as four
+    interleaved 4 KiB streams, then 128-byte stores, then a tail: each part runs.
+    """
     copy_policy(spec)
     rng = np.random.default_rng(1)
-    src = rng.integers(0, 256, size=(40, 4099), dtype=np.uint8)
-    dst = np.zeros((48, 4099 + 5), np.uint8)[:, 3:-2]  # rows at odd addresses
+    src = rng.integers(0, 256, size=(40, width), dtype=np.uint8)
+    dst = np.zeros((48, width + 5), np.uint8)[:, 3:-2]  # rows at odd addresses
     src_rows = rng.permutation(40)[:33].astype(np.int32)
     dst_rows = rng.permutation(48)[:33].astype(np.int32)
     native.copy_rows(dst, dst_rows, src, src_rows)
