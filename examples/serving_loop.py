@@ -29,9 +29,8 @@ cache = jaxkv.allocate_buffer(params, mesh, num_pages=9)  # small on purpose: pa
 # Host memory and disk behind the device, both sides at once: the store (scheduler side) knows which
 # block is where; the worker owns the bytes (host rows, disk files) and moves pages as the store plans.
 row = jaxkv.RowLayout.of(cache).row_bytes
-store, worker = jaxkv.open_tiers(
-    cache, 4 * row, disk_directory=tempfile.mkdtemp(prefix="jaxkv-"), disk_capacity_bytes=64 << 20
-)
+disk = tempfile.TemporaryDirectory(prefix="jaxkv-")  # removed at the end, or at exit if a request fails
+store, worker = jaxkv.open_tiers(cache, 4 * row, disk_directory=disk.name, disk_capacity_bytes=64 << 20)
 # Scheduler side: the prefix-caching manager decides which pages each request uses, over the store.
 manager = jaxkv.PagedKVCacheManager(cache, store)
 
@@ -97,3 +96,4 @@ m = manager.metrics
 print(f"hit rate {m.hit_rate:.0%}; tokens from {m.tokens_from}; recomputed {m.tokens_recomputed}")
 print({name: (t.blocks_stored, t.blocks_loaded, t.evictions) for name, t in store.metrics.tiers.items()})
 worker.close()  # the tiers are the worker's: it closes the disk tier's files and frees the host rows
+disk.cleanup()

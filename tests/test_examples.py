@@ -16,11 +16,20 @@ def test_readme_using_it_is_the_serving_loop_example():
     assert block == (ROOT / "examples" / "serving_loop.py").read_text()
 
 
-def test_serving_loop_example_runs_and_serves_from_outside_the_device():
+def test_serving_loop_example_runs_and_serves_from_outside_the_device(tmp_path):
+    import os
+
+    env = dict(os.environ, TMPDIR=str(tmp_path))
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "serving_loop.py")], capture_output=True, text=True, timeout=300
+        [sys.executable, str(ROOT / "examples" / "serving_loop.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr
+    # Its disk tier lives in a temporary directory it removes (issue 24 item 5: every run left /tmp/jaxkv-*).
+    assert list(tmp_path.iterdir()) == []
     # The last two requests come back after eviction: part of their prefix from host memory or disk
     # (the example itself asserts their outputs are bit-identical to the first time).
     last = proc.stdout.strip().splitlines()[-3]
@@ -52,3 +61,12 @@ def test_tp_restart_example_serves_the_prefix_from_disk_at_another_tp():
     assert lines[1] == "TP 2: 80 of 88 prompt tokens from {'device': 0, 'disk': 80}"
     assert lines[2] == "TP 2: pages bit-identical to TP 4's; computed the last 8 tokens"
     assert not pathlib.Path(lines[0].rsplit(" in ", 1)[1]).exists()  # the example removes the directory it made
+
+
+def test_readme_names_the_compile_cache_directory_the_cli_uses():
+    """The CLI keeps compiled programs in $JAXKV_CACHE_DIR/xla (issue 24 item 5: the README said $JAXKV_CACHE_DIR)."""
+    from jaxkv._cli import _use_compilation_cache
+
+    readme = (ROOT / "README.md").read_text()
+    assert "`$JAXKV_CACHE_DIR/xla`" in readme and "`$JAXKV_CACHE_DIR`)" not in readme
+    assert "$JAXKV_CACHE_DIR/xla" in (_use_compilation_cache.__doc__ or "")
