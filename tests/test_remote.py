@@ -642,3 +642,24 @@ def test_two_instances_storing_the_same_blocks_at_once_both_succeed_and_read_one
     for t in tiers:
         assert (t.corrupt, t.unavailable) == (0, 0)
         t.close()
+
+
+def header_states_a_wrong_length(delta):
+    """Damage: the header's payload length off by `delta`, the value's size and the payload's checksum kept valid:
+    only the length field says it is not this layout's row."""
+
+    def damage(r, key, **_):
+        value = r.get(key)
+        fields = list(HEADER.unpack_from(value))
+        fields[-2] += delta  # payload length
+        r.set(key, HEADER.pack(*fields) + value[HEADER_BYTES:])
+
+    return damage
+
+
+@pytest.mark.parametrize("delta", [-64, 64])
+def test_a_value_whose_header_states_a_wrong_payload_length_is_a_miss(delta, server):
+    """Issue 24 item 6(e): a reader that ignored the length field passed every other damage case."""
+    test_a_value_corrupted_inside_the_server_is_a_miss_and_its_key_is_deleted(
+        header_states_a_wrong_length(delta), server
+    )
