@@ -1,6 +1,6 @@
 """RemoteTier on a real Redis server: put/get throughput against plain redis-py, and a whole load.
 
-    python bench/remote.py [--quick] [--url redis://host:port/db]
+    python bench/remote.py [--quick] [--url redis://host:port/db] [--instances 1 2 4 8 [--keyed]]
 
 Measures in one run, against one server, each against a baseline timed in the same run on the same bytes:
 
@@ -21,6 +21,21 @@ Measures in one run, against one server, each against a baseline timed in the sa
    array + `jax.device_put` of it (block_until_ready). The engine's h2d alone
    (from host slots) is shown beside it.
 
+1b. Authenticated blocks: the same put/get rounds through a keyed RemoteTier
+   (`key=`: BLAKE3 MAC sealed on put, checked instead of xxh3 on get), as a
+   ratio to the unkeyed tier (goal >= 0.9x).
+3. With `--instances N [N ...]` (instead of 1-2): N processes, each a
+   RemoteTier on the same server, per round storing 32 shared blocks (every
+   instance the same, in its own shuffled order: write-once under contention)
+   and 32 of its own, then loading shared + own + the next instance's own
+   (stored at the same time: a hit or a miss). Every loaded byte is checked
+   against the row the block hash determines; reported: wrong bytes, misses,
+   errors, whether each shared block was stored by exactly one instance
+   (`SET NX` answered True once), GB/s per instance (median) and in total
+   (all bytes moved / wall span), keys and server memory per block
+   (`used_memory` growth / keys). `--keyed` runs it with keys. Results:
+   bench/results/remote_instances[_keyed].json.
+
 GB/s counts row bytes (headers not included). Each measurement runs in
 rounds, timing the tier and its baselines once per round in an order that
 reverses every round; throughputs are medians over rounds, ratios are medians
@@ -35,7 +50,10 @@ its own keys (prefix `jaxkv-bench-<pid>:`). Results: bench/results/remote.json
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import multiprocessing
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -46,6 +64,7 @@ import numpy as np
 
 _common.setup_devices()
 
+import blake3  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import redis  # noqa: E402
@@ -54,13 +73,15 @@ from redis.utils import HIREDIS_AVAILABLE  # noqa: E402
 import jaxkv  # noqa: E402
 from jaxkv._cli.redis_server import RedisServer, ServerError, find_binary  # noqa: E402
 from jaxkv.tiers.disk import HEADER_BYTES  # noqa: E402
-from jaxkv.tiers.remote import RemoteTier  # noqa: E402
+from jaxkv.tiers.remote import RemoteTier, glob_escape  # noqa: E402
 
 KIB, MIB = 2**10, 2**20
 TP = 4
 ROW_KIBS = [256, 1024]
 TARGET = 0.8  # RemoteTier put/get throughput >= this fraction of plain pipelined SET/GET (issue: remote tier)
 LOAD_BLOCKS = 64
+MAC_TARGET = 0.9  # keyed (MAC) put/get throughput >= this fraction of unkeyed (issue 23)
+BENCH_KEY = b"jaxkv bench/remote.py deployment key"  # any secret: the cost does not depend on it
 
 
 # -- the server -------------------------------------------------------------------
@@ -107,11 +128,15 @@ def bench_put_get(url: str, prefix: str, row_kib: int, total: int, *, repeats: i
     rows = np.frombuffer(rng.bytes(n * row_bytes), np.uint8).reshape(n, row_bytes)
     hashes = [os.urandom(32) for _ in range(n)]
     fingerprint = os.urandom(32)
-    tier = RemoteTier(url, prefix=prefix, fingerprint=fingerprint, row_bytes=row_bytes, socket_timeout=30)
+    tier = RemoteTier(url, prefix=prefix, fingerprint=fingerprint, row_bytes=row_bytes, socket_timeout=30, key=None)
+    keyed = RemoteTier(
+        url, prefix=prefix + "keyed:", fingerprint=fingerprint, row_bytes=row_bytes, socket_timeout=30, key=BENCH_KEY
+    )
     client = redis.Redis.from_url(url, socket_timeout=30)  # the plain baseline's own connection, same settings
     per_batch = max(1, min(tier.batch_blocks, tier.batch_bytes // tier.value_bytes))
     plain_keys = [f"{prefix}plain:{h.hex()}".encode() for h in hashes]
     tier_keys = [tier.key(h) for h in hashes]
+    keyed_keys = [keyed.key(h) for h in hashes]
 
     def plain_set():
         for s in range(0, n, per_batch):
@@ -124,9 +149,14 @@ def bench_put_get(url: str, prefix: str, row_kib: int, total: int, *, repeats: i
         answers = tier.put_many(list(zip(hashes, rows, strict=True)))
         assert answers == [True] * n, answers[:3]
 
+    def keyed_put():
+        answers = keyed.put_many(list(zip(hashes, rows, strict=True)))
+        assert answers == [True] * n, answers[:3]
+
     w = _common.rounds(
         {
             "tier": (lambda: delete_keys(client, tier_keys), tier_put),
+            "keyed": (lambda: delete_keys(client, keyed_keys), keyed_put),
             "plain": (lambda: delete_keys(client, plain_keys), plain_set),
         },
         repeats=repeats,
@@ -134,6 +164,7 @@ def bench_put_get(url: str, prefix: str, row_kib: int, total: int, *, repeats: i
     )
 
     out = np.zeros_like(rows)
+    out_keyed = np.zeros_like(rows)
     copied = np.zeros_like(rows)
 
     def plain_get():
@@ -155,21 +186,35 @@ def bench_put_get(url: str, prefix: str, row_kib: int, total: int, *, repeats: i
         answers = tier.get_many(list(zip(hashes, out, strict=True)))
         assert answers == [None] * n, answers[:3]
 
+    def keyed_get():
+        answers = keyed.get_many(list(zip(hashes, out_keyed, strict=True)))
+        assert answers == [None] * n, answers[:3]
+
     r = _common.rounds(
-        {"tier": (None, tier_get), "plain": (None, plain_get), "plain_copy": (None, plain_get_copy)},
+        {
+            "tier": (None, tier_get),
+            "keyed": (None, keyed_get),
+            "plain": (None, plain_get),
+            "plain_copy": (None, plain_get_copy),
+        },
         repeats=repeats,
         warmup=warmup,
     )
     assert np.array_equal(out, rows), "RemoteTier.get_many returned other bytes than were put"
+    assert np.array_equal(out_keyed, rows), "a keyed RemoteTier's get_many returned other bytes than were put"
+    assert keyed.corrupt == 0 and keyed.unavailable == 0
     assert np.array_equal(copied, rows), "plain GET returned other bytes than were SET"
     assert tier.corrupt == 0 and tier.unavailable == 0
-    delete_keys(client, tier_keys + plain_keys)
+    delete_keys(client, tier_keys + keyed_keys + plain_keys)
     tier.close()
+    keyed.close()
     client.close()
     nbytes = n * row_bytes
     put_ratio, put_range = ratio(w["tier"], w["plain"])
     get_ratio, get_range = ratio(r["tier"], r["plain"])
     copy_ratio, copy_range = ratio(r["tier"], r["plain_copy"])
+    mac_put, mac_put_range = ratio(w["keyed"], w["tier"])
+    mac_get, mac_get_range = ratio(r["keyed"], r["tier"])
     return dict(
         row_kib=row_kib,
         blocks=n,
@@ -188,6 +233,13 @@ def bench_put_get(url: str, prefix: str, row_kib: int, total: int, *, repeats: i
         plain_get_copy_gbps=gbps(nbytes, r["plain_copy"]),
         get_vs_copy_ratio=copy_ratio,
         get_vs_copy_range=copy_range,
+        keyed_put_gbps=gbps(nbytes, w["keyed"]),
+        keyed_get_gbps=gbps(nbytes, r["keyed"]),
+        mac_put_ratio=mac_put,
+        mac_put_range=mac_put_range,
+        mac_get_ratio=mac_get,
+        mac_get_range=mac_get_range,
+        mac_ok="pass" if min(mac_put, mac_get) >= MAC_TARGET else "MISS",
         put_us_per_block=statistics.median(w["tier"]) / n * 1e6,
         get_us_per_block=statistics.median(r["tier"]) / n * 1e6,
     )
@@ -303,10 +355,198 @@ def bench_load(url: str, prefix: str, k: int, *, repeats: int, warmup: int, rng)
     )
 
 
+# -- 3. many instances ------------------------------------------------------------
+INSTANCE_ROW_KIB = 256
+SHARED_BLOCKS = 32  # a prefix every instance stores and loads (a system prompt): write-once under contention
+OWN_BLOCKS = 32  # each instance's own prefix; it also loads its neighbour's (stored at the same time: hit or miss)
+
+
+def block_row(block_hash: bytes, row_bytes: int) -> np.ndarray:
+    """The row every instance stores under `block_hash`: a function of the hash, so any reader can check it."""
+    seed = int.from_bytes(block_hash[:8], "little")
+    return np.random.default_rng(seed).integers(0, 256, row_bytes, dtype=np.uint8)
+
+
+def instance_hashes(run: int, round_: int, i: int, n: int) -> tuple[list[bytes], list[bytes], list[bytes]]:
+    """(shared, own, neighbour's own) block hashes of instance `i` of `n` in one round."""
+
+    def own(j):
+        return [hashlib.sha256(f"{run} {round_} instance {j} block {b}".encode()).digest() for b in range(OWN_BLOCKS)]
+
+    shared = [hashlib.sha256(f"{run} {round_} shared {b}".encode()).digest() for b in range(SHARED_BLOCKS)]
+    return shared, own(i), own((i + 1) % n)
+
+
+def instance_main(url, prefix, i, n, rounds_, run, key, barrier, results) -> None:
+    """One server instance: per round, store its blocks (shared + own), then load shared + own + neighbour's."""
+    row_bytes = INSTANCE_ROW_KIB * KIB
+    tier = RemoteTier(
+        url, prefix=prefix, fingerprint=bytes(32), row_bytes=row_bytes, socket_timeout=30, key=key or None
+    )
+    report = []
+    for r in range(rounds_):
+        shared, own, neighbour = instance_hashes(run, r, i, n)
+        want = {h: block_row(h, row_bytes) for h in shared + own + neighbour}
+        order = shared + own
+        random.Random(i * 1000 + r).shuffle(order)  # instances meet the shared blocks in different orders
+        reads = shared + own + neighbour
+        out = np.zeros((len(reads), row_bytes), np.uint8)
+        barrier.wait()
+        t0 = time.perf_counter()
+        put = tier.put_many([(h, want[h]) for h in order])
+        t1 = time.perf_counter()
+        got = tier.get_many(list(zip(reads, out, strict=True)))
+        t2 = time.perf_counter()
+        hits = [k for k, a in enumerate(got) if a is None]
+        wrong = sum(int(np.count_nonzero(out[k] != want[reads[k]])) for k in hits)
+        report.append(
+            dict(
+                store_s=t1 - t0,
+                load_s=t2 - t1,
+                start=t0,
+                end=t2,
+                stored=len(order),
+                loaded=len(hits),
+                misses=sum(isinstance(a, KeyError) for a in got),
+                errors=sum(a is not None and not isinstance(a, KeyError) for a in got),
+                put_errors=sum(isinstance(a, Exception) for a in put),
+                first_writer=[h.hex() for h, a in zip(order, put, strict=True) if a is True and h in set(shared)],
+                shared_hits=sum(got[k] is None for k in range(len(shared))),
+                wrong_bytes=wrong,
+            )
+        )
+    results.put((i, report, tier.corrupt, tier.unavailable))
+    tier.close()
+
+
+def bench_instances(url: str, prefix: str, counts: list[int], rounds_: int, keyed: bool) -> list[dict]:
+    """N processes storing and loading overlapping prefixes through one server, for each N in `counts`."""
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that runs jax threads
+    rows = []
+    admin = redis.Redis.from_url(url, socket_timeout=30)
+    row_bytes = INSTANCE_ROW_KIB * KIB
+    for run, n in enumerate(counts):
+        before = admin.info("memory")["used_memory"]
+        barrier, results = ctx.Barrier(n), ctx.Queue()
+        key = BENCH_KEY if keyed else None
+        procs = [
+            ctx.Process(target=instance_main, args=(url, prefix, i, n, rounds_, run, key, barrier, results))
+            for i in range(n)
+        ]
+        for p in procs:
+            p.start()
+        reports = [results.get(timeout=600) for _ in procs]
+        for p in procs:
+            p.join(timeout=60)
+        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+        ours = list(admin.scan_iter(match=glob_escape(prefix.encode()) + b"*", count=1000))  # only this run's keys
+        keys = len(ours)
+        used = admin.info("memory")["used_memory"] - before
+        per_round = []
+        for r in range(rounds_):
+            reps = [rep[1][r] for rep in reports]
+            span = max(x["end"] for x in reps) - min(x["start"] for x in reps)
+            moved = sum(x["stored"] + x["loaded"] for x in reps) * row_bytes
+            writers: dict[str, int] = {}
+            for x in reps:
+                for h in x["first_writer"]:
+                    writers[h] = writers.get(h, 0) + 1
+            per_round.append(
+                dict(
+                    total_gbps=moved / span / 1e9,
+                    store_gbps=[x["stored"] * row_bytes / x["store_s"] / 1e9 for x in reps],
+                    load_gbps=[x["loaded"] * row_bytes / x["load_s"] / 1e9 for x in reps],
+                    wrong=sum(x["wrong_bytes"] for x in reps),
+                    misses=sum(x["misses"] for x in reps),
+                    errors=sum(x["errors"] + x["put_errors"] for x in reps),
+                    shared_hits=sum(x["shared_hits"] for x in reps),
+                    one_writer=sum(c == 1 for c in writers.values()) == SHARED_BLOCKS and len(writers) == SHARED_BLOCKS,
+                )
+            )
+        rows.append(
+            dict(
+                instances=n,
+                rounds=rounds_,
+                keyed=keyed,
+                store_gbps_per_instance=statistics.median(g for x in per_round for g in x["store_gbps"]),
+                load_gbps_per_instance=statistics.median(g for x in per_round for g in x["load_gbps"]),
+                total_gbps=statistics.median(x["total_gbps"] for x in per_round),
+                wrong_bytes=sum(x["wrong"] for x in per_round),
+                misses=sum(x["misses"] for x in per_round),
+                errors=sum(x["errors"] for x in per_round),
+                corrupt=sum(rep[2] for rep in reports),
+                unavailable=sum(rep[3] for rep in reports),
+                shared_loaded=f"{sum(x['shared_hits'] for x in per_round)}/{rounds_ * n * SHARED_BLOCKS}",
+                write_once="ok" if all(x["one_writer"] for x in per_round) else "FAIL",
+                keys=keys,
+                server_bytes_per_block=used / keys if keys else None,
+                value_bytes=HEADER_BYTES + row_bytes + (32 if keyed else 0),
+            )
+        )
+        delete_keys(admin, ours)
+        print(f"{n} ", end="", flush=True)
+    admin.close()
+    return rows
+
+
+def main_instances(args, url: str, prefix: str, cond: dict) -> None:
+    rounds_ = 2 if args.quick else 5
+    cond |= {
+        "instances": args.instances,
+        "instance_row_kib": INSTANCE_ROW_KIB,
+        "per_instance_per_round": f"stores {SHARED_BLOCKS} shared + {OWN_BLOCKS} own blocks (shuffled), then loads "
+        f"shared + own + the next instance's {OWN_BLOCKS} own (stored concurrently: hit or miss)",
+        "rounds": rounds_,
+        "keyed": args.keyed,
+    }
+    _common.print_conditions(cond)
+    print("instances ", end="", flush=True)
+    t0 = time.perf_counter()
+    rows = bench_instances(url, prefix, args.instances, rounds_, args.keyed)
+    print("done")
+    _common.print_table(
+        "3. N instances (processes) storing and loading overlapping prefixes through one server "
+        "(GB/s of row bytes; per instance: median over instances and rounds; total: all bytes moved / wall span)",
+        rows,
+        [
+            ("instances", "N", "d"),
+            ("store_gbps_per_instance", "store/inst", ".2f"),
+            ("load_gbps_per_instance", "load/inst", ".2f"),
+            ("total_gbps", "total", ".2f"),
+            ("wrong_bytes", "wrong B", "d"),
+            ("misses", "misses", "d"),
+            ("errors", "errors", "d"),
+            ("corrupt", "corrupt", "d"),
+            ("shared_loaded", "shared loaded", "s"),
+            ("write_once", "write-once", "s"),
+            ("keys", "keys", "d"),
+            ("value_bytes", "value B", "d"),
+            ("server_bytes_per_block", "server B/block", ".0f"),
+        ],
+    )
+    bad = [r["instances"] for r in rows if r["wrong_bytes"] or r["corrupt"] or r["write_once"] != "ok"]
+    elapsed = time.perf_counter() - t0
+    path = _common.write_json(
+        "remote_instances" + ("_keyed" if args.keyed else "") + ("_quick" if args.quick else ""),
+        {"conditions": cond, "instances": rows, "seconds": round(elapsed, 1)},
+    )
+    print(f"\n{elapsed:.0f} s\nwrote {path}")
+    if bad:
+        sys.exit(f"wrong bytes, corrupt values or a broken write-once with N = {bad}")
+
+
 def main() -> None:
     parser = _common.parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="16 MiB per row size, 16-block loads (smoke run)")
     parser.add_argument("--url", help="an existing server (default: start a local one)")
+    parser.add_argument(
+        "--instances",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="measure N processes sharing the server instead (e.g. --instances 1 2 4 8): section 3 only",
+    )
+    parser.add_argument("--keyed", action="store_true", help="with --instances: keyed tiers (MAC)")
     args = parser.parse_args()
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)
@@ -336,12 +576,16 @@ def main() -> None:
                 "row_sizes_kib": ROW_KIBS[:1] if args.quick else ROW_KIBS,
                 "bytes_per_row_size": total,
                 "value_header_bytes": HEADER_BYTES,
-                "checksum": "xxh3_64, verified on every get",
+                "checksum": "xxh3_64, verified on every get (unkeyed); keyed: BLAKE3 keyed MAC instead",
+                "blake3": blake3.__version__,
                 "tp_for_load": TP,
                 "layout_for_load": "MHA bf16, 8 KV heads, head_dim 128, 16 layers, 16-token pages (1 MiB rows at TP 4)",
                 "git": _common.git_state(),
             }
         )
+        if args.instances:
+            main_instances(args, url, prefix, cond)
+            return
         _common.print_conditions(cond)
         put_get = []
         for kib in cond["row_sizes_kib"]:
@@ -373,6 +617,23 @@ def main() -> None:
             ("get_ok", "ok", "s"),
             ("plain_get_copy_gbps", "GET+copy", ".2f"),
             ("get_vs_copy_ratio", "vs copy", ".2f"),
+        ],
+    )
+    _common.print_table(
+        f"1b. Authenticated blocks: keyed RemoteTier (BLAKE3 MAC sealed on put, checked on get instead of xxh3) vs "
+        f"unkeyed (GB/s of row bytes; target keyed/unkeyed >= {MAC_TARGET}x; same rounds as table 1)",
+        put_get,
+        [
+            ("row_kib", "row KiB", "d"),
+            ("put_gbps", "put", ".2f"),
+            ("keyed_put_gbps", "keyed put", ".2f"),
+            ("mac_put_ratio", "ratio", ".2f"),
+            ("mac_put_range", "(range)", "s"),
+            ("get_gbps", "get", ".2f"),
+            ("keyed_get_gbps", "keyed get", ".2f"),
+            ("mac_get_ratio", "ratio", ".2f"),
+            ("mac_get_range", "(range)", "s"),
+            ("mac_ok", "ok", "s"),
         ],
     )
     _common.print_table(

@@ -232,3 +232,17 @@ def test_disk_start_up_removes_unkeyed_files_for_a_keyed_tier_and_an_unkeyed_tie
     assert h(1) in keyed and h(0) not in keyed and (keyed.forged, keyed.corrupt) == (1, 1)
     assert not (tmp_path / (h(0).hex() + SUFFIX)).exists()  # an unkeyed file proves nothing to a keyed tier
     assert (tmp_path / (h(1).hex() + SUFFIX)).exists()
+
+
+def test_remote_keyed_batches_sealed_beside_the_network_land_whole(redis_server):
+    """Several batches: each is sealed on the helper thread while the one before is sent; every value verifies."""
+    tier = remote(redis_server.url, KEY, batch_blocks=2)
+    rows = np.random.default_rng(0).integers(0, 256, (7, ROW), dtype=np.uint8)
+    assert tier.put_many([(h(i), rows[i]) for i in range(7)]) == [True] * 7
+    out = np.zeros_like(rows)
+    assert tier.get_many([(h(i), out[i]) for i in range(7)]) == [None] * 7
+    assert out.tobytes() == rows.tobytes() and (tier.corrupt, tier.forged) == (0, 0)
+    redis_server.stop()  # a failed batch: every block after it answers unavailable, nothing hangs
+    answers = tier.put_many([(h(10 + i), rows[i]) for i in range(5)])
+    assert [type(a).__name__ for a in answers] == ["RemoteUnavailable"] * 5
+    tier.close()

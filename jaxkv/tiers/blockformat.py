@@ -11,7 +11,7 @@ offset  size  field
 16      32    layout fingerprint (which model/layout the bytes belong to)
 48      32    block hash (on disk also the file name, in hex; on a server part of the key)
 80      8     payload length
-88      8     checksum: xxh3_64 of the payload
+88      8     checksum: xxh3_64 of the payload (version 1); 0 in a keyed block, whose MAC covers the payload
 96      n     payload: one row in its stored form (`RowLayout.stored`: a TP-1
               page of the heads it holds, the same bytes at every TP degree), raw
 96+n    32    version 2 only: MAC, BLAKE3 in keyed mode over bytes 0..96+n (the
@@ -26,8 +26,8 @@ server (anyone can compute a valid header and checksum for a block hash).
 **Keyed (version 2)** blocks are written by a tier given a key; a tier with a
 key accepts nothing else: an unkeyed block, one sealed under another key, or
 one altered after sealing fails as `ForgedBlockError` (a `CorruptBlockError`).
-The MAC covers the checksum's job too, so a keyed reader checks the MAC, not
-the checksum. A reader without a key meets a keyed block as
+The MAC does the checksum's job too, so a keyed block records no checksum
+(0) and a keyed reader checks the MAC alone. A reader without a key meets a keyed block as
 `KeyedBlockError`: not its to judge (its caller leaves it in place).
 
 The fingerprint a tier writes and expects is the stored one
@@ -154,8 +154,10 @@ def pack_header_into(buffer, fingerprint: bytes, block_hash: bytes, payload, key
 
 
 def _fields(fingerprint: bytes, block_hash: bytes, payload, key: BlockKey | None) -> tuple:
-    version = VERSION if key is None else VERSION_KEYED
-    return MAGIC, version, HEADER_BYTES, fingerprint, block_hash, memoryview(payload).nbytes, checksum(payload)
+    length = memoryview(payload).nbytes
+    if key is not None:  # the MAC is the integrity check: a checksum pass more would only cost time
+        return MAGIC, VERSION_KEYED, HEADER_BYTES, fingerprint, block_hash, length, 0
+    return MAGIC, VERSION, HEADER_BYTES, fingerprint, block_hash, length, checksum(payload)
 
 
 def verify_payload(key: BlockKey | None, header, payload, trailer, check: int) -> str | None:

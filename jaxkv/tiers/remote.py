@@ -55,6 +55,7 @@ or read. `used_bytes` is what *this instance* wrote and has not seen go;
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
 import urllib.parse
@@ -223,7 +224,8 @@ class RemoteTier(OpensOnce):
         self._down = False
         self._last_error: Exception | None = None
         self._asked_capacity = False
-        self._staging: np.ndarray | None = None  # [batch blocks, value_bytes]: put_many builds values here
+        self._staging: np.ndarray | None = None  # [2 x batch blocks, value_bytes]: put_many builds values here
+        self._sealer: concurrent.futures.ThreadPoolExecutor | None = None  # keyed: MACs beside the network
         self._heap_pin = None  # one reply of the last batch read (see get_many)
         self._open_at_construction(fingerprint, row_bytes)
 
@@ -231,6 +233,9 @@ class RemoteTier(OpensOnce):
     def _opened(self) -> None:
         """Key namespace for this layout; try the server once (an unreachable one is logged and served on as misses)."""
         self.value_bytes = HEADER_BYTES + self.row_bytes + trailer_bytes(self.block_key)
+        self._per_batch = max(1, min(self.batch_blocks, self.batch_bytes // self.value_bytes))
+        if self.block_key is not None:
+            self._sealer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"jaxkv-{self.name}-mac")
         self._namespace = f"{self.prefix}{self.fingerprint[:_FINGERPRINT_KEY_BYTES].hex()}:".encode()
         self._open = True  # _round_trip needs an open tier
         self._round_trip(lambda: self._client.ping())  # learn now whether the server is there, and its maxmemory
@@ -311,8 +316,13 @@ class RemoteTier(OpensOnce):
         for _, row in items:
             check_row(row, self.row_bytes, name="row")
         answers: list[bool | Exception] = []
-        for batch in self._batches(items):
-            values = [(self.key(h), self._value(i, h, row)) for i, (h, row) in enumerate(batch)]
+        batches = list(self._batches(items))
+        building = self._seal_later(batches, 0)
+        for k, batch in enumerate(batches):
+            values = self._values(batch, k) if building is None else building.result()
+            # Keyed: the next batch's values (copy, MAC) are built on the sealing thread, in the other staging
+            # half, while this one is on the wire and the server stores it.
+            building = self._seal_later(batches, k + 1)
 
             def set_nx(values=values):
                 pipe = self._client.pipeline(transaction=False)
@@ -322,6 +332,8 @@ class RemoteTier(OpensOnce):
 
             replies = self._round_trip(set_nx)
             if replies is None:
+                if building is not None:
+                    building.result()  # never leave the thread writing a staging buffer after this call returns
                 error = self._unavailable_error()
                 answers += [error] * (len(items) - len(answers))
                 break
@@ -339,6 +351,17 @@ class RemoteTier(OpensOnce):
             self._trim()
             del values, set_nx  # before the next batch's values are built: they reuse this memory
         return answers
+
+    def _values(self, batch: list, k: int) -> list[tuple[bytes, memoryview]]:
+        """Batch number `k`'s (key, value) pairs, built in staging half `k % 2` (keyed) or the one buffer."""
+        base = (k % 2) * self._per_batch if self._sealer is not None else 0
+        return [(self.key(h), self._value(base + i, h, row)) for i, (h, row) in enumerate(batch)]
+
+    def _seal_later(self, batches: list, k: int) -> concurrent.futures.Future | None:
+        """Batch `k`'s values being built on the sealing thread; None when keyless, single-batch or past the end."""
+        if self._sealer is None or len(batches) == 1 or k >= len(batches):
+            return None
+        return self._sealer.submit(self._values, batches[k], k)
 
     def get_many(self, items: list[tuple[bytes, np.ndarray]]) -> list[Exception | None]:
         """Read rows into their `out` arrays (pipelined `GET`); per block None (exact, verified) or the error.
@@ -366,46 +389,62 @@ class RemoteTier(OpensOnce):
                 error = self._unavailable_error()
                 answers += [error] * (len(items) - len(answers))
                 break
-            bad = self._land(batch, replies, answers)
+            # Checked on this thread: checking on the sealing thread while the next batch arrived measured
+            # slower (its GIL hand-offs with the reply parser; docs/benchmarks.md, "Remote tier: keyed blocks").
+            self._settle_batch(batch, self._check_batch(batch, replies), answers)
             # Free the batch before the next one arrives, so the next one reuses its memory; but keep one reply:
             # glibc returns a freed block at the top of the heap to the system, and the next batch would
             # page-fault it all back in (docs/benchmarks.md, "Measurements behind the rules", "Remote tier").
             self._heap_pin = replies[-1]
             del replies
-            if bad:
-                self._round_trip(lambda bad=bad: self._delete(bad))
         return answers
 
-    def _land(self, batch, replies, answers: list) -> list[bytes]:
-        """Verify one batch's replies and copy the good ones into their `out` rows; the keys of bad values."""
-        bad = []
+    def _check_batch(self, batch, replies) -> list:
+        """Verify one batch's replies and copy the good ones into their `out` rows (reads no tier state).
+
+        Per block: None (copied), "missing", or the verification error.
+        """
+        verdicts: list = []
         for (h, out), reply in zip(batch, replies, strict=True):
             if reply is None:
-                self._gone(h)
-                answers.append(KeyError(f"block {h.hex()[:16]} is not on the server of remote tier {self.name!r}"))
+                verdicts.append("missing")
                 continue
             why = self._verify(h, reply)
-            if isinstance(why, KeyedBlockError):  # another deployment's, which this tier cannot judge: keep it
+            if why is None:
+                self.from_stored(np.frombuffer(reply, np.uint8, count=self.row_bytes, offset=HEADER_BYTES), out)
+            verdicts.append(why)
+        return verdicts
+
+    def _settle_batch(self, batch, verdicts: list, answers: list) -> None:
+        """Count one checked batch, answer for it, and delete the keys of its bad values (calling thread)."""
+        bad = []
+        for (h, _), why in zip(batch, verdicts, strict=True):
+            if why == "missing":
+                self._gone(h)
+                answers.append(KeyError(f"block {h.hex()[:16]} is not on the server of remote tier {self.name!r}"))
+            elif isinstance(why, KeyedBlockError):  # another deployment's, which this tier cannot judge: keep it
                 self.keyed_values += 1
                 self._held.pop(h, None)
                 answers.append(KeyedBlockError(f"block {h.hex()[:16]}: {why}; left on the server"))
-                continue
-            if why is not None:
+            elif why is not None:
                 self.corrupt += 1
                 self.forged += isinstance(why, ForgedBlockError)
                 self._held.pop(h, None)
                 bad.append(self.key(h))
                 answers.append(type(why)(f"block {h.hex()[:16]}: {why}; its key was deleted"))
-                continue
-            self.from_stored(np.frombuffer(reply, np.uint8, count=self.row_bytes, offset=HEADER_BYTES), out)
-            if h in self._held:
-                self._held.move_to_end(h)
-            answers.append(None)
-        return bad
+            else:
+                if h in self._held:
+                    self._held.move_to_end(h)
+                answers.append(None)
+        if bad:
+            self._round_trip(lambda: self._delete(bad))
 
     def close(self) -> None:
         """Drop the connections (a client passed in is left open: it is yours)."""
         self._staging = self._heap_pin = None
+        if self._sealer is not None:
+            self._sealer.shutdown()
+            self._sealer = None
         if self._owns_client:
             self._client.close()
 
@@ -433,9 +472,9 @@ class RemoteTier(OpensOnce):
         page-fault it in for every batch (glibc returns freed large blocks;
         docs/benchmarks.md, "Measurements behind the rules", "Remote tier").
         """
-        if self._staging is None:
-            per_batch = max(1, min(self.batch_blocks, self.batch_bytes // self.value_bytes))
-            self._staging = np.empty((per_batch, self.value_bytes), np.uint8)
+        if self._staging is None:  # keyed, two halves: one on the wire while the sealing thread fills the other
+            halves = 1 if self._sealer is None else 2
+            self._staging = np.empty((halves * self._per_batch, self.value_bytes), np.uint8)
         value = self._staging[i]
         end = HEADER_BYTES + self.row_bytes
         payload = value[HEADER_BYTES:end]
@@ -486,9 +525,8 @@ class RemoteTier(OpensOnce):
 
     def _batches(self, items):
         """Consecutive slices of `items` of at most `batch_blocks` blocks and `batch_bytes` bytes (at least one)."""
-        per_batch = max(1, min(self.batch_blocks, self.batch_bytes // self.value_bytes))
-        for start in range(0, len(items), per_batch):
-            yield items[start : start + per_batch]
+        for start in range(0, len(items), self._per_batch):
+            yield items[start : start + self._per_batch]
 
     def _round_trip(self, call):
         """`call()`'s result, or None when the server is unavailable or the call failed (then it is for a while)."""
