@@ -210,6 +210,8 @@ class HostIndex:
 
         A slot reserved again since it was freed is left out: new bytes will replace the old ones.
         """
+        if not self._dropped:
+            return ()
         dropped, self._dropped = self._dropped, []
         free = set(self._free)
         return tuple(s for s in dict.fromkeys(dropped) if s in free)

@@ -244,7 +244,8 @@ class OffloadWorker:
         checked = self.engine.check(cache)  # the full check, unless laid out as the last cache that passed it
         # The store knows no page count: check the pages here, before any row moves.
         _pages.check_page_ids(plan.device_pages, self.engine.num_device_pages, name="plan.device_pages")
-        self._check_slots(plan.host_slots, "plan.host_slots")
+        if plan.promotions or plan.demotions:  # rows are touched before the engine checks the slots
+            self._check_slots(plan.host_slots, "plan.host_slots")
         t0 = time.perf_counter()
         report = _Report()
         self._begin(plan)
