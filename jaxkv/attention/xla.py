@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
