@@ -66,6 +66,7 @@ import numpy as np
 try:
     import redis
     from redis.backoff import NoBackoff
+    from redis.exceptions import AuthenticationError, NoPermissionError
     from redis.retry import Retry
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("jaxkv.tiers.remote needs redis-py: pip install 'jaxkv[remote]'") from e
@@ -105,12 +106,20 @@ _NETWORK_ERRORS = (redis.RedisError, OSError)
 """What a failed round trip raises: connection refused or reset, a timeout, a server still loading."""
 
 
+_REFUSED = (AuthenticationError, NoPermissionError)
+"""What a server that answers but refuses this user raises: a configuration error, reported once at open."""
+
+
 class RemoteUnavailable(Exception):
     """The server could not be reached or did not answer in time: nothing was stored or read."""
 
 
 class RemoteWriteError(Exception):
     """The server refused to store a block (out of memory under `maxmemory-policy noeviction`, ...)."""
+
+
+class RemoteAccessError(Exception):
+    """The server refuses this user (wrong password, or an ACL without the prefix's keys): raised once, at open."""
 
 
 class RemoteTier(OpensOnce):
@@ -231,14 +240,47 @@ class RemoteTier(OpensOnce):
 
     # -- Tier protocol -----------------------------------------------------
     def _opened(self) -> None:
-        """Key namespace for this layout; try the server once (an unreachable one is logged and served on as misses)."""
+        """Key namespace for this layout; try the server once (an unreachable one is logged and served on as misses).
+
+        A server that answers but refuses this user (a wrong password, an ACL
+        that does not grant the prefix's keys or the commands the tier sends)
+        raises `RemoteAccessError` here, once, rather than failing every request.
+        """
         self.value_bytes = HEADER_BYTES + self.row_bytes + trailer_bytes(self.block_key)
         self._per_batch = max(1, min(self.batch_blocks, self.batch_bytes // self.value_bytes))
         if self.block_key is not None:
             self._sealer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"jaxkv-{self.name}-mac")
         self._namespace = f"{self.prefix}{self.fingerprint[:_FINGERPRINT_KEY_BYTES].hex()}:".encode()
         self._open = True  # _round_trip needs an open tier
-        self._round_trip(lambda: self._client.ping())  # learn now whether the server is there, and its maxmemory
+        self._round_trip(self._check_access)  # learn now whether the server is there, and its maxmemory
+
+    def _check_access(self) -> None:
+        """Send every command the tier uses on a probe key of its namespace; `RemoteAccessError` if one is refused.
+
+        The probe (`<namespace>access-probe`, never a block's key) is written
+        NX with a one-second expiry and deleted in the same round trip.
+        """
+        probe = self._namespace + b"access-probe"
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.exists(probe)
+            pipe.set(probe, b"", nx=True, px=1000)
+            pipe.get(probe)
+            pipe.delete(probe)
+            replies = pipe.execute(raise_on_error=False)
+        except _REFUSED as e:
+            raise self._access_error(e) from None
+        for reply in replies:
+            if isinstance(reply, _REFUSED):
+                raise self._access_error(reply)
+
+    def _access_error(self, error: Exception) -> RemoteAccessError:
+        return RemoteAccessError(
+            f"remote tier {self.name!r}: {self.url} refuses this user ({type(error).__name__}: {error}); "
+            f"check the password and grant its ACL the keys {self.prefix + '*'!r} and the commands "
+            "PING EXISTS GET SET DEL SCAN (e.g. ACL SETUSER <user> on >pw ~<prefix>* +ping +exists +get +set +del "
+            "+scan)"
+        )
 
     def key(self, block_hash: bytes) -> bytes:
         """The server key of `block_hash` for this tier's prefix and layout."""
