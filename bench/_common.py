@@ -73,6 +73,20 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a / b
 
 
+def paired(fast: list[float], slow: list[float]) -> list[float]:
+    """Per round: throughput of `fast` relative to `slow` (slow seconds / fast seconds; > 1: `fast` is faster).
+
+    Ratios taken within a round, where both saw the same machine load, then
+    summarized (median, `spread`), rather than a ratio of two medians.
+    """
+    return [s / f for f, s in zip(fast, slow, strict=True)]
+
+
+def spread(xs: list[float]) -> str:
+    """'min-max' of per-round ratios, two decimals."""
+    return f"{min(xs):.2f}-{max(xs):.2f}"
+
+
 def interleaved(contenders: dict, order: list[str] | None = None, *, repeats: int) -> dict[str, float]:
     """Median seconds of each contender (name -> a call returning its seconds), the runs interleaved.
 

@@ -166,7 +166,7 @@ def bench_one(root: Path, mesh, row_bytes: int, k: int, *, quick: bool, rng) -> 
     read_s, put_s = read_s[warmup:], put_s[warmup:]
 
     def ratio(fast, slow):  # per round: how fast jaxkv is relative to the baseline (> 1: faster)
-        return statistics.median(b / a for a, b in zip(times[fast], times[slow], strict=True))
+        return statistics.median(_common.paired(times[fast], times[slow]))
 
     def gbps(seconds):
         return nbytes / statistics.median(seconds) / 1e9

@@ -63,7 +63,7 @@ def params_for(row_bytes: int) -> jaxkv.KVCacheParams:
 
 def paired(a: list[float], b: list[float]) -> tuple[float, float, float]:
     """Median, min and max of the per-round ratios b/a (throughput of the case timed in `a` over `b`'s)."""
-    ratios = [y / x for x, y in zip(a, b, strict=True)]
+    ratios = _common.paired(a, b)
     return statistics.median(ratios), min(ratios), max(ratios)
 
 

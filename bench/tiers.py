@@ -76,19 +76,6 @@ def verdict(x: float | None) -> str | None:
     return None if x is None else ("pass" if x >= TARGET else "MISS")
 
 
-def med(samples: list[float]) -> float:
-    return statistics.median(samples)
-
-
-def paired(fast: list[float], slow: list[float]) -> list[float]:
-    """Per round: throughput of `fast` relative to `slow` (= slow seconds / fast seconds)."""
-    return [s / f for f, s in zip(fast, slow, strict=True)]
-
-
-def spread(xs: list[float]) -> str:
-    return f"{min(xs):.2f}-{max(xs):.2f}"
-
-
 def new_hashes(n: int) -> list[bytes]:
     return [os.urandom(32) for _ in range(n)]
 
@@ -265,26 +252,30 @@ def bench_disk(root: Path, row_kibs, total_bytes: int, *, quick: bool, rng) -> l
 
         restart_s = _common.median_seconds(restart, repeats=repeats, warmup=1)
         st.remove()
-        wr, rr, cr = paired(w["tier"], w["plain"]), paired(r["tier"], r["plain"]), paired(c["tier"], c["plain"])
+        wr, rr, cr = (
+            _common.paired(w["tier"], w["plain"]),
+            _common.paired(r["tier"], r["plain"]),
+            _common.paired(c["tier"], c["plain"]),
+        )
         res = dict(
             row_kib=kib,
             blocks=n,
             mib=nbytes / MIB,
-            tier_write_gbps=_common.gbps(nbytes, med(w["tier"])),
-            plain_write_gbps=_common.gbps(nbytes, med(w["plain"])),
-            write_ratio=med(wr),
-            write_ratio_range=spread(wr),
-            tier_read_gbps=_common.gbps(nbytes, med(r["tier"])),
-            plain_read_gbps=_common.gbps(nbytes, med(r["plain"])),
-            read_ratio=med(rr),
-            read_ratio_range=spread(rr),
-            tier_cold_read_gbps=_common.gbps(nbytes, med(c["tier"])),
-            plain_cold_read_gbps=_common.gbps(nbytes, med(c["plain"])),
-            cold_read_ratio=med(cr),
-            put_us=med(w["tier"]) / n * 1e6,
-            plain_put_us=med(w["plain"]) / n * 1e6,
-            get_us=med(r["tier"]) / n * 1e6,
-            plain_get_us=med(r["plain"]) / n * 1e6,
+            tier_write_gbps=_common.gbps(nbytes, statistics.median(w["tier"])),
+            plain_write_gbps=_common.gbps(nbytes, statistics.median(w["plain"])),
+            write_ratio=statistics.median(wr),
+            write_ratio_range=_common.spread(wr),
+            tier_read_gbps=_common.gbps(nbytes, statistics.median(r["tier"])),
+            plain_read_gbps=_common.gbps(nbytes, statistics.median(r["plain"])),
+            read_ratio=statistics.median(rr),
+            read_ratio_range=_common.spread(rr),
+            tier_cold_read_gbps=_common.gbps(nbytes, statistics.median(c["tier"])),
+            plain_cold_read_gbps=_common.gbps(nbytes, statistics.median(c["plain"])),
+            cold_read_ratio=statistics.median(cr),
+            put_us=statistics.median(w["tier"]) / n * 1e6,
+            plain_put_us=statistics.median(w["plain"]) / n * 1e6,
+            get_us=statistics.median(r["tier"]) / n * 1e6,
+            plain_get_us=statistics.median(r["plain"]) / n * 1e6,
             restart_ms=restart_s * 1e3,
             restart_us_per_block=restart_s / n * 1e6,
             seconds={"write": w, "read": r, "cold_read": c},
@@ -396,12 +387,12 @@ def bench_host_hits(mesh, batches, *, quick: bool, rng) -> tuple[list[dict], dic
             dict(
                 batch=k,
                 lookup_us=lookup_s / k * 1e6,
-                load_us=med(t["load"]) / k * 1e6,
-                h2d_us=med(t["h2d"]) / k * 1e6,
-                overhead_us=med(extra),
+                load_us=statistics.median(t["load"]) / k * 1e6,
+                h2d_us=statistics.median(t["h2d"]) / k * 1e6,
+                overhead_us=statistics.median(extra),
                 overhead_range=f"{min(extra):.1f}..{max(extra):.1f}",
-                load_h2d=med(paired(t["load"], t["h2d"])),
-                load_gbps=_common.gbps(k * row_bytes, med(t["load"])),
+                load_h2d=statistics.median(_common.paired(t["load"], t["h2d"])),
+                load_gbps=_common.gbps(k * row_bytes, statistics.median(t["load"])),
             )
         )
         print(".", end="", flush=True)
@@ -536,17 +527,21 @@ def bench_tiered(mesh, root: Path, *, quick: bool, rng) -> dict:
         row_kib=row_bytes // KIB,
         batch=k,
         mib=nbytes / MIB,
-        offload_gbps=_common.gbps(nbytes, med(w["offload"])),
-        offload_d2h_gbps=_common.gbps(nbytes, med(host_part)),
-        offload_disk_gbps=_common.gbps(nbytes, med(disk_part)),
-        plain_write_gbps=_common.gbps(nbytes, med(w["plain"])),
-        engine_d2h_gbps=_common.gbps(nbytes, med(w["d2h"])),
-        plain_then_d2h_gbps=_common.gbps(nbytes, med([a + b for a, b in zip(w["plain"], w["d2h"], strict=True)])),
-        load_disk_gbps=_common.gbps(nbytes, med(r["load_disk"])),
-        load_disk_read_gbps=_common.gbps(nbytes, med(disk_read)),
-        engine_h2d_gbps=_common.gbps(nbytes, med(r["h2d"])),
-        plain_then_h2d_gbps=_common.gbps(nbytes, med([a + b for a, b in zip(r["plain"], r["h2d"], strict=True)])),
-        plain_read_gbps=_common.gbps(nbytes, med(r["plain"])),
+        offload_gbps=_common.gbps(nbytes, statistics.median(w["offload"])),
+        offload_d2h_gbps=_common.gbps(nbytes, statistics.median(host_part)),
+        offload_disk_gbps=_common.gbps(nbytes, statistics.median(disk_part)),
+        plain_write_gbps=_common.gbps(nbytes, statistics.median(w["plain"])),
+        engine_d2h_gbps=_common.gbps(nbytes, statistics.median(w["d2h"])),
+        plain_then_d2h_gbps=_common.gbps(
+            nbytes, statistics.median([a + b for a, b in zip(w["plain"], w["d2h"], strict=True)])
+        ),
+        load_disk_gbps=_common.gbps(nbytes, statistics.median(r["load_disk"])),
+        load_disk_read_gbps=_common.gbps(nbytes, statistics.median(disk_read)),
+        engine_h2d_gbps=_common.gbps(nbytes, statistics.median(r["h2d"])),
+        plain_then_h2d_gbps=_common.gbps(
+            nbytes, statistics.median([a + b for a, b in zip(r["plain"], r["h2d"], strict=True)])
+        ),
+        plain_read_gbps=_common.gbps(nbytes, statistics.median(r["plain"])),
         host_rows=store.host.num_slots,
         disk_capacity_mib=disk_capacity / MIB,
         policy=dataclasses.asdict(policy),
@@ -555,13 +550,13 @@ def bench_tiered(mesh, root: Path, *, quick: bool, rng) -> dict:
         h2d_path=engine.h2d_path,
         d2h_path=engine.d2h_path,
     )
-    off, load = paired(w["offload"], w["plain"]), paired(r["load_disk"], r["plain"])
-    res["offload_ratio"], res["offload_ratio_range"] = med(off), spread(off)
-    res["load_ratio"], res["load_ratio_range"] = med(load), spread(load)
+    off, load = _common.paired(w["offload"], w["plain"]), _common.paired(r["load_disk"], r["plain"])
+    res["offload_ratio"], res["offload_ratio_range"] = statistics.median(off), _common.spread(off)
+    res["load_ratio"], res["load_ratio_range"] = statistics.median(load), _common.spread(load)
     both_w = [a + b for a, b in zip(w["plain"], w["d2h"], strict=True)]
     both_r = [a + b for a, b in zip(r["plain"], r["h2d"], strict=True)]
-    res["offload_composed_ratio"] = med(paired(w["offload"], both_w))
-    res["load_composed_ratio"] = med(paired(r["load_disk"], both_r))
+    res["offload_composed_ratio"] = statistics.median(_common.paired(w["offload"], both_w))
+    res["load_composed_ratio"] = statistics.median(_common.paired(r["load_disk"], both_r))
     res["seconds"] = {"offload": w, "load": r}
     res["offload_ok"], res["load_ok"] = verdict(res["offload_ratio"]), verdict(res["load_ratio"])
     worker.close()
