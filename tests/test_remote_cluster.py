@@ -1,8 +1,10 @@
-"""`RemoteTier` on a real Redis Cluster of 3 masters (issue 23): slots, ACLs, a node killed mid-load.
+"""`RemoteTier` on a real Redis Cluster of 3 masters (issue 23): slots, ACLs, a node killed, a slot moved, a failover.
 
 The cluster is started once for the module (three redis-server processes
 with `cluster-enabled yes`, the slots split in three, joined by CLUSTER MEET)
-and stopped by pid at the end; the node-kill test runs last.
+and stopped by pid at the end; the node-kill test runs after the others that
+share it. The failover test starts its own cluster of three masters and three
+replicas. About 15 s in all.
 """
 
 import contextlib
@@ -24,19 +26,19 @@ FP = bytes(range(32))
 SLOTS = 16384
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """Three masters on 127.0.0.1, slots 0-5460, 5461-10922, 10923-16383; always stopped."""
-    base = tmp_path_factory.mktemp("cluster")
-    nodes = [
-        RedisServer(base / f"node{i}", "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
-        for i in range(3)
-    ]
+def start_cluster(base, replicas: bool = False) -> list[RedisServer]:
+    """Three masters (slots 0-5460, 5461-10922, 10923-16383), then, if asked, one replica of each (nodes 3-5).
+
+    Started in `base`; on any failure every node started is stopped before the error propagates.
+    """
+    count = 6 if replicas else 3
+    options = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "1000")
+    nodes = [RedisServer(base / f"node{i}", *options) for i in range(count)]
     try:
         for n in nodes:
             n.start()
         bounds = [0, 5461, 10923, SLOTS]
-        for i, n in enumerate(nodes):
+        for i, n in enumerate(nodes[:3]):
             with n.admin() as r:
                 r.execute_command("CLUSTER", "ADDSLOTS", *range(bounds[i], bounds[i + 1]))
         with nodes[0].admin() as r:
@@ -45,9 +47,34 @@ def cluster(tmp_path_factory):
         deadline = time.monotonic() + 30  # about 2 s here; much more on a loaded machine
         for n in nodes:
             with n.admin() as r:
-                while b"cluster_state:ok" not in r.execute_command("CLUSTER", "INFO"):
-                    assert time.monotonic() < deadline, "the 3-node cluster never became ready"
+                while not _ready(r, count):
+                    assert time.monotonic() < deadline, f"the {count}-node cluster never became ready"
                     time.sleep(0.05)
+        for master, replica in zip(nodes[:3], nodes[3:], strict=False):
+            with master.admin() as m, replica.admin() as r:
+                r.execute_command("CLUSTER", "REPLICATE", m.execute_command("CLUSTER", "MYID"))
+        for replica in nodes[3:]:
+            with replica.admin() as r:
+                while r.info("replication").get("master_link_status") != "up":
+                    assert time.monotonic() < deadline, "a replica never synced"
+                    time.sleep(0.05)
+    except BaseException:
+        for n in nodes:
+            n.stop()
+        raise
+    return nodes
+
+
+def _ready(r, count: int) -> bool:
+    info = r.execute_command("CLUSTER", "INFO")
+    return b"cluster_state:ok" in info and f"cluster_known_nodes:{count}".encode() in info
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Three masters on 127.0.0.1, started once for the module; always stopped."""
+    nodes = start_cluster(tmp_path_factory.mktemp("cluster"))
+    try:
         yield nodes
     finally:
         for n in nodes:
@@ -185,3 +212,37 @@ def test_a_node_killed_mid_load_answers_misses_or_refusals_within_the_timeout(cl
     assert time.perf_counter() - t0 < 5.0 and all(a is None or isinstance(a, Exception) for a in again)
     with contextlib.suppress(redis.RedisError):
         client.close()
+
+
+def test_a_failover_to_a_replica_serves_the_blocks_again(tmp_path):
+    """A master killed: misses or refusals within the timeouts, then its replica takes over and serves them exact."""
+    nodes = start_cluster(tmp_path, replicas=True)
+    try:
+        client = cluster_client(nodes)
+        tier = RemoteTier(client=client, prefix="failover:", fingerprint=FP, row_bytes=ROW, retry_interval=0.2)
+        rows = np.random.default_rng(4).integers(0, 256, (24, ROW), dtype=np.uint8)
+        assert tier.put_many([(h(i), rows[i]) for i in range(24)]) == [True] * 24
+        for master in nodes[:3]:
+            with master.admin() as r:
+                assert r.execute_command("WAIT", 1, 2000) == 1  # the replica has every block
+        nodes[2].stop()
+        out = np.zeros_like(rows)
+        deadline = time.monotonic() + 20
+        while True:
+            t0 = time.perf_counter()
+            answers = tier.get_many([(h(i), out[i]) for i in range(24)])
+            assert time.perf_counter() - t0 < 5.0  # every call bounded by the timeouts
+            served = [i for i, a in enumerate(answers) if a is None]
+            assert all(out[i].tobytes() == rows[i].tobytes() for i in served)  # never garbage, during or after
+            if len(served) == 24:
+                break
+            assert time.monotonic() < deadline, f"still {24 - len(served)} blocks unserved after the failover"
+            time.sleep(0.25)
+        with nodes[5].admin() as r:
+            assert r.info("replication")["role"] == "master"  # the replica took over
+        assert tier.corrupt == 0
+        with contextlib.suppress(redis.RedisError):
+            client.close()
+    finally:
+        for n in nodes:
+            n.stop()
