@@ -246,3 +246,13 @@ def test_remote_keyed_batches_sealed_beside_the_network_land_whole(redis_server)
     answers = tier.put_many([(h(10 + i), rows[i]) for i in range(5)])
     assert [type(a).__name__ for a in answers] == ["RemoteUnavailable"] * 5
     tier.close()
+
+
+def test_a_bad_key_is_refused_before_anything_is_touched(tmp_path, redis_server):
+    with pytest.raises(ValueError, match=r"key must be at least 16 bytes .* got 5 bytes"):
+        DiskTier(tmp_path / "blocks", 1 << 20, fingerprint=FP, row_bytes=ROW, key="short")
+    assert not (tmp_path / "blocks").exists()
+    with pytest.raises(ValueError, match="key must be bytes or str"):
+        remote(redis_server.url, key=12345)
+    with redis_server.admin() as r:
+        assert r.keys("*") == []
