@@ -538,3 +538,40 @@ def test_default_softmax_scale_is_one_over_sqrt_head_dim(kind, impl):
             np.testing.assert_allclose(out[b, :n], want, atol=1e-5, rtol=1e-5, err_msg=f"sequence {b}")
     finally:
         SCALE = saved
+
+
+@pytest.mark.parametrize("native_kernel", [True, False])
+def test_checked_mode_reports_traced_values_out_of_range_and_writes_nothing(native_kernel, monkeypatch):
+    """checked=True checks traced values with checkify: the error names the argument and its range, nothing is
+    written, and the donated cache comes back as it was (issue 24 item 5)."""
+    from jax.experimental import checkify
+
+    from jaxkv import _native as native
+
+    if native_kernel and not native.available():
+        pytest.skip("native CPU kernels unavailable")
+    monkeypatch.setattr(native, "available", lambda: native_kernel)
+    params = cache_params("mha", "bfloat16")
+    q, k, v = (x[:, :T] for x in inputs(params))
+    step = functools.partial(paged_attention, mesh=tp_mesh(1), softmax_scale=SCALE, checked=True)
+    checked = jax.jit(checkify.checkify(step), donate_argnums=0)
+    start = np.zeros(3, np.int32)
+    bad_table = PAGE_TABLE.copy()
+    bad_table[1, 1] = 99
+    cases = [
+        ((LAYERS, PAGE_TABLE, start, NEW), f"layer ({LAYERS}) must be in [0, {LAYERS})"),
+        ((0, bad_table, start, NEW), f"page_table holds 99, outside the cache's pages [0, {NUM_PAGES})"),
+        ((0, PAGE_TABLE, np.array([0, -4, 0], np.int32), NEW), "start_pos holds -4; positions start at 0"),
+        ((0, PAGE_TABLE, start, np.array([1, 9, 1], np.int32)), f"q_lens holds 9, outside [0, {T}]"),
+    ]
+    garbage, values0, _ = random_buffer(params, 1, NUM_PAGES, seed=1)
+    cache = garbage
+    for (layer, table, starts, lens), message in cases:
+        err, (_, cache) = checked(cache, jnp.int32(layer), q, k, v, table, starts, lens)
+        assert err.get() is not None and message in err.get(), err.get()
+        chex.assert_trees_all_equal(as_bytes(np.array(cache.values)), as_bytes(values0))
+    err, (_, cache) = checked(cache, jnp.int32(0), q, k, v, PAGE_TABLE, start, NEW)
+    assert err.get() is None
+    assert not np.array_equal(as_bytes(np.array(cache.values)), as_bytes(values0))  # in range: written
+    with pytest.raises(ValueError, match="checkify"):  # a checked call needs checkify.checkify around it
+        jax.jit(step)(cache, jnp.int32(0), q, k, v, PAGE_TABLE, start, NEW)

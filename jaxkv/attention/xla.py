@@ -358,6 +358,38 @@ def _check_values(cache: KVCacheBuffer, layer, page_table, start_pos, q_lens, *,
             )
 
 
+def _checkify_values(cache: KVCacheBuffer, layer, page_table, start_pos, q_lens, *, tokens: int) -> jax.Array:
+    """`_check_values`' ranges as `checkify.check`s, for traced values; returns q_lens, all 0 (nothing written)
+    when a check fails."""
+    from jax.experimental import checkify
+
+    num_pages, num_layers, page_size = cache.values.shape[0], cache.values.shape[2], cache.values.shape[3]
+    layer = jnp.asarray(layer, jnp.int32)
+    table = jnp.asarray(page_table, jnp.int32)
+    starts, lens = jnp.asarray(start_pos, jnp.int32), jnp.asarray(q_lens, jnp.int32)
+    width = table.shape[1]
+
+    def first_bad(x, good):  # the first value outside its range (any value when there is none)
+        return x.reshape(-1)[jnp.argmin(good.reshape(-1))]
+
+    pages_ok, lens_ok = (table >= 0) & (table < num_pages), (lens >= 0) & (lens <= tokens)
+    checks = [
+        ((layer >= 0) & (layer < num_layers), f"layer ({{}}) must be in [0, {num_layers})", layer),
+        (jnp.all(pages_ok), f"page_table holds {{}}, outside the cache's pages [0, {num_pages})",
+         first_bad(table, pages_ok)),
+        (jnp.all(starts >= 0), "start_pos holds {}; positions start at 0", jnp.min(starts)),
+        (jnp.all(lens_ok), f"q_lens holds {{}}, outside [0, {tokens}]", first_bad(lens, lens_ok)),
+        (jnp.all(starts + lens <= width * page_size),
+         f"start_pos + q_lens reaches {{}}, past the {width} * {page_size} positions of a page_table row",
+         jnp.max(starts + lens)),
+    ]  # fmt: skip
+    ok = jnp.bool_(True)
+    for good, message, value in checks:
+        checkify.check(good, message, value)
+        ok = ok & good
+    return jnp.where(ok, lens, 0)
+
+
 def _cache_mesh(cache: KVCacheBuffer) -> Mesh | AbstractMesh:
     """The mesh `cache` lives on: its `Mesh`, or, inside `jit`, the abstract mesh of its traced arrays' type."""
     try:
@@ -381,6 +413,7 @@ def paged_attention(
     softmax_scale: float | None = None,
     value_dim: int | None = None,
     impl: str = "auto",
+    checked: bool = False,
 ) -> tuple[jax.Array, KVCacheBuffer]:
     """Write one layer's new K/V into the paged cache and attend through the page table.
 
@@ -417,9 +450,15 @@ def paged_attention(
       whose value is known there (not traced): a layer outside [0, num_layers),
       a page id outside the cache, a negative start_pos, q_lens outside [0, T],
       tokens past the end of their page_table row, a cache already donated.
-      Traced values cannot be checked: a traced layer out of range writes
-      nothing (on every kernel path) and its output is unspecified; traced page
-      ids out of range are dropped on write and clamped on read.
+      Traced values are not checked by default: a traced layer out of range
+      writes nothing (on every kernel path) and its output is unspecified;
+      traced page ids out of range are dropped on write and clamped on read.
+
+    checked: also check the traced values, with `jax.experimental.checkify`
+      (the same ranges): run the jitted step under `checkify.checkify`, which
+      returns the error beside the outputs. A failed check writes nothing, so
+      the returned cache is the one passed in. Without `checkify.checkify`
+      around it, tracing a checked call fails.
     """
     if mesh is None:
         mesh = _cache_mesh(cache)
@@ -434,6 +473,8 @@ def paged_attention(
     impl = resolve_impl(impl)
     _check(cache, q, k, v, page_table, start_pos, q_lens, value_dim, tp)
     _check_values(cache, layer, page_table, start_pos, q_lens, tokens=q.shape[1])
+    if checked:
+        q_lens = _checkify_values(cache, layer, page_table, start_pos, q_lens, tokens=q.shape[1])
     cache_spec = P() if cache.replicates_kv_across_tp else P(None, None, None, None, tp_axis, None)
     cache_specs = jax.tree.map(lambda _: cache_spec, cache)
     heads = P(None, None, tp_axis, None)
