@@ -377,14 +377,17 @@ def _check_fits(params: KVCacheParams, mesh: Mesh, tp: int, num_pages: int) -> N
     """
     from jaxkv._cli import resources  # the machine's memory: plain reads of /proc and memory_stats
 
-    per_page = params.bytes_per_page(tp)
-    budget = resources.device_budget(list(mesh.devices.flat))
+    # This process's devices only: another process's devices are its to check (and report no memory here).
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    budget = resources.device_budget(local) if local else None
+    per_page = params.shard_bytes_per_page(tp) * len(local)  # every local device holds one shard of each page
     if budget is None or per_page * num_pages <= budget[0]:
         return
     available, where = budget
+    over = f"over TP {tp}" if len(local) == tp else f"over this process's {len(local)} of TP {tp}"
     raise ValueError(
         f"num_pages ({num_pages:,}) needs {resources.fmt_bytes(per_page * num_pages)} ({per_page:,} B per page "
-        f"over TP {tp}) but {where}; num_pages must be at most {available // per_page:,}"
+        f"{over}) but {where}; num_pages must be at most {available // per_page:,}"
     )
 
 
