@@ -275,7 +275,7 @@ def test_copy_policy_overrides(spec, want):
 @pytest.mark.parametrize(
     ("spec", "at"),
     [("l3", "'l3'"), ("l3=x", "'l3=x'"), ("l3=32M,threads=2", "'threads=2'"), ("cores=-1", "'cores=-1'"),
-     ("l3=32Q", "'l3=32Q'"), ("l3=never", "'l3=never'")],
+     ("l3=32Q", "'l3=32Q'"), ("l3=never", "'l3=never'"), ("store=48", "'store=48'")],
 )  # fmt: skip
 def test_copy_policy_refuses_what_it_cannot_read(spec, at):
     with pytest.raises(ValueError, match=f"cannot read the entry at offset \\d+ \\({at}\\)"):
@@ -285,11 +285,12 @@ def test_copy_policy_refuses_what_it_cannot_read(spec, at):
 @needs_library
 def test_copy_policy_describes_itself():
     assert (
-        native.choose_copy_policy(32 * MIB, 2).describe() == "L3 32 MiB, 2 cores: stream >= 4 MiB, 2 threads >= 8 MiB"
+        native.choose_copy_policy(32 * MIB, 2).describe()
+        == "L3 32 MiB, 2 cores: stream >= 4 MiB (64-byte stores), 2 threads >= 8 MiB"
     )
     assert (
         native.choose_copy_policy(0, 1, "stream=never").describe()
-        == "L3 unknown, 1 cores: stream never, 2 threads never"
+        == "L3 unknown, 1 cores: stream never (64-byte stores), 2 threads never"
     )
 
 
@@ -312,14 +313,16 @@ def test_the_process_policy_is_the_machines_with_the_environment_applied():
 @pytest.mark.parametrize(
     "spec", ["stream=never,split=never", "stream=0,split=never", "stream=0,split=0", "stream=never,split=0"]
 )
+@pytest.mark.parametrize("store", [16, 32, 64])  # SSE2, AVX2, AVX-512: at most what this CPU runs
 @pytest.mark.parametrize("width", [100, 4099, 3 * 16384 + 4099])  # under one 128-byte store; under, over 16 KiB
-def test_every_copy_policy_copies_the_same_bytes(spec, width, copy_policy):
+def test_every_copy_policy_copies_the_same_bytes(spec, store, width, copy_policy):
     """copy_rows under each store and thread choice, rows of odd widths at odd addresses.
 
     A streaming copy aligns its stores to a line, walks 16 KiB spans as four
     interleaved 4 KiB streams, then 128-byte stores, then a tail: each part runs.
     """
-    copy_policy(spec)
+    widest = copy_policy("").store_bytes
+    assert copy_policy(f"{spec},store={store}").store_bytes == min(store, widest)
     rng = np.random.default_rng(1)
     src = rng.integers(0, 256, size=(40, width), dtype=np.uint8)
     dst = np.zeros((48, width + 5), np.uint8)[:, 3:-2]  # rows at odd addresses
@@ -329,3 +332,10 @@ def test_every_copy_policy_copies_the_same_bytes(spec, width, copy_policy):
     assert dst[dst_rows].tobytes() == src[src_rows].tobytes()
     untouched = np.setdiff1d(np.arange(48), dst_rows)
     assert not dst[untouched].any()
+
+
+@needs_library
+@pytest.mark.parametrize(("spec", "widest", "want"), [("", 64, 64), ("", 32, 32), ("store=16", 64, 16),
+                                                      ("store=64", 32, 32), ("store=32", 16, 16)])  # fmt: skip
+def test_copy_policy_store_width_is_held_to_what_the_cpu_runs(spec, widest, want):
+    assert native.choose_copy_policy(48 * MIB, 2, spec, widest).store_bytes == want

@@ -24,8 +24,9 @@ copied with streaming stores, a batch of 8 MiB or more on two threads when
 there are two cores or more.
 `JAXKV_COPY_POLICY` overrides it: comma-separated `key=value` entries,
 `l3=SIZE` and `cores=N` (choose as if the machine had these), `stream=SIZE`
-and `split=SIZE` (the thresholds themselves; `never`, or 0 for always); SIZE
-is bytes with an optional K/M/G suffix. Example: `JAXKV_COPY_POLICY=l3=32M`,
+and `split=SIZE` (the thresholds themselves; `never`, or 0 for always),
+`store=16|32|64` (the streaming store's width: SSE2, AVX2, AVX-512; at most
+what the CPU runs, the default); SIZE is bytes with an optional K/M/G suffix. Example: `JAXKV_COPY_POLICY=l3=32M`,
 `JAXKV_COPY_POLICY=stream=never,split=16M`. A value it cannot read is
 ignored with one warning.
 """
@@ -118,13 +119,13 @@ def library() -> ctypes.CDLL | None:
     lib.jaxkv_copy_rows.argtypes += [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     if hasattr(lib, "jaxkv_copy_policy_choose"):  # absent from a library built before the copy policy
         lib.jaxkv_copy_policy_choose.restype = ctypes.c_int
-        lib.jaxkv_copy_policy_choose.argtypes = [ctypes.c_char_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        lib.jaxkv_copy_policy_choose.argtypes = [ctypes.c_char_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
         lib.jaxkv_copy_policy_set.restype = ctypes.c_int
         lib.jaxkv_copy_policy_set.argtypes = [ctypes.c_char_p]
         lib.jaxkv_copy_policy_current.restype = None
         lib.jaxkv_copy_policy_current.argtypes = [ctypes.c_void_p]
         spec = os.environ.get("JAXKV_COPY_POLICY", "")
-        if _choose(lib, spec, 0, 1) is None:
+        if _choose(lib, spec, 0, 1, 64) is None:
             warnings.warn(f"jaxkv: ignored JAXKV_COPY_POLICY: {_bad_spec(lib, spec)}", stacklevel=2)
     if hasattr(lib, "jaxkv_transpose_chunks"):
         lib.jaxkv_transpose_chunks.restype = None
@@ -152,6 +153,8 @@ class CopyPolicy:
     """Batches of at least this many bytes are copied with streaming (non-temporal) stores; None: never."""
     split_min_bytes: int | None
     """Batches of at least this many bytes are split between two threads; None: never."""
+    store_bytes: int
+    """Bytes of one streaming store: 64 (AVX-512), 32 (AVX2), 16 (SSE2); 0 where there are none (not x86-64)."""
 
     def describe(self) -> str:
         """One line for a benchmark's conditions: 'L3 48 MiB, 2 cores: stream >= 12 MiB, 2 threads >= 8 MiB'."""
@@ -160,26 +163,30 @@ class CopyPolicy:
             return "never" if n is None else f">= {n / 2**20:g} MiB"
 
         l3 = f"L3 {self.l3_bytes / 2**20:g} MiB" if self.l3_bytes else "L3 unknown"
-        return f"{l3}, {self.cores} cores: stream {mib(self.stream_min_bytes)}, 2 threads {mib(self.split_min_bytes)}"
+        return (
+            f"{l3}, {self.cores} cores: stream {mib(self.stream_min_bytes)} ({self.store_bytes}-byte stores), "
+            f"2 threads {mib(self.split_min_bytes)}"
+        )
 
 
 def _policy(out) -> CopyPolicy:
-    return CopyPolicy(int(out[0]), int(out[1]), *(None if int(v) == _NEVER else int(v) for v in out[2:]))
+    stream, split = (None if int(v) == _NEVER else int(v) for v in out[2:4])
+    return CopyPolicy(int(out[0]), int(out[1]), stream, split, int(out[4]))
 
 
-def _choose(lib: ctypes.CDLL, spec: str, l3_bytes: int, cores: int) -> CopyPolicy | None:
-    out = (ctypes.c_int64 * 4)()
-    if lib.jaxkv_copy_policy_choose(spec.encode(), l3_bytes, cores, out) != 0:
+def _choose(lib: ctypes.CDLL, spec: str, l3_bytes: int, cores: int, widest_store: int) -> CopyPolicy | None:
+    out = (ctypes.c_int64 * 5)()
+    if lib.jaxkv_copy_policy_choose(spec.encode(), l3_bytes, cores, widest_store, out) != 0:
         return None
     return _policy(out)
 
 
 def _bad_spec(lib: ctypes.CDLL, spec: str) -> str:
-    out = (ctypes.c_int64 * 4)()
-    at = lib.jaxkv_copy_policy_choose(spec.encode(), 0, 1, out) - 1
+    out = (ctypes.c_int64 * 5)()
+    at = lib.jaxkv_copy_policy_choose(spec.encode(), 0, 1, 64, out) - 1
     return (
         f"copy policy {spec!r}: cannot read the entry at offset {at} ({spec[at:]!r}); expected comma-separated "
-        "l3=SIZE, cores=N, stream=SIZE|never, split=SIZE|never (SIZE: bytes, optional K/M/G suffix)"
+        "l3=SIZE, cores=N, stream=SIZE|never, split=SIZE|never, store=16|32|64 (SIZE: bytes, optional K/M/G suffix)"
     )
 
 
@@ -192,15 +199,18 @@ def _library_or_raise() -> ctypes.CDLL:
     return lib
 
 
-def choose_copy_policy(l3_bytes: int, cores: int, spec: str = "") -> CopyPolicy:
+def choose_copy_policy(l3_bytes: int, cores: int, spec: str = "", widest_store: int = 64) -> CopyPolicy:
     """The policy the native copies would use with an L3 of `l3_bytes` (0: unknown) and `cores`, `spec` applied.
+
+    `widest_store`: the widest streaming store the CPU runs (64, 32, 16); a
+    `store=` override is held to it.
 
     A pure function of its arguments (the machine is not read, nothing
     changes): tests and benchmarks inject cache sizes through it. `spec` has
     `JAXKV_COPY_POLICY`'s syntax; `ValueError` names the entry it cannot read.
     """
     lib = _library_or_raise()
-    policy = _choose(lib, spec, l3_bytes, cores)
+    policy = _choose(lib, spec, l3_bytes, cores, widest_store)
     if policy is None:
         raise ValueError(_bad_spec(lib, spec))
     return policy
@@ -209,7 +219,7 @@ def choose_copy_policy(l3_bytes: int, cores: int, spec: str = "") -> CopyPolicy:
 def copy_policy() -> CopyPolicy:
     """The policy the native copies use now (chosen at start-up from this machine and `JAXKV_COPY_POLICY`)."""
     lib = _library_or_raise()
-    out = (ctypes.c_int64 * 4)()
+    out = (ctypes.c_int64 * 5)()
     lib.jaxkv_copy_policy_current(out)
     return _policy(out)
 

@@ -54,6 +54,7 @@ struct CopyPolicy {
   int64_t cores;             // cores this process may run on
   int64_t stream_min_bytes;  // batches at least this large stream (INT64_MAX: never)
   int64_t split_min_bytes;   // batches at least this large run on two threads (INT64_MAX: never)
+  int64_t store_bytes;       // one streaming store: 64 (AVX-512), 32 (AVX2), 16 (SSE2); 0: none (not x86-64)
 };
 
 constexpr int64_t kNever = INT64_MAX;
@@ -86,10 +87,12 @@ int64_t ParseBytes(const char* s, const char** end) {
 //   cores=N         choose as if N cores were available
 //   stream=SIZE     stream batches of at least SIZE; `never`, or 0 for always
 //   split=SIZE      two threads from SIZE; `never`, or 0 for always
+//   store=16|32|64  streaming stores of this many bytes (SSE2, AVX2, AVX-512),
+//                   at most `widest_store` (what the CPU runs): tests run each loop
 // (SIZE: bytes with an optional K/M/G suffix). Returns 0, or 1 + the offset
 // in `spec` of the first entry it cannot read (the policy is then unchanged).
-int ChoosePolicy(const char* spec, int64_t l3_bytes, int64_t cores, CopyPolicy* out) {
-  int64_t stream = -1, split = -1;
+int ChoosePolicy(const char* spec, int64_t l3_bytes, int64_t cores, int64_t widest_store, CopyPolicy* out) {
+  int64_t stream = -1, split = -1, store = widest_store;
   const char* p = spec ? spec : "";
   while (*p) {
     const char* entry = p;
@@ -110,6 +113,7 @@ int ChoosePolicy(const char* spec, int64_t l3_bytes, int64_t cores, CopyPolicy* 
     else if (key == "cores") cores = value;
     else if (key == "stream") stream = value;
     else if (key == "split") split = value;
+    else if (key == "store" && (value == 16 || value == 32 || value == 64)) store = value;
     else return 1 + static_cast<int>(entry - spec);
     p = *e == ',' ? e + 1 : e;
   }
@@ -118,7 +122,19 @@ int ChoosePolicy(const char* spec, int64_t l3_bytes, int64_t cores, CopyPolicy* 
   const int64_t eighth = l3_bytes / 8;
   out->stream_min_bytes = stream >= 0 ? stream : (eighth > kStreamFloorBytes ? eighth : kStreamFloorBytes);
   out->split_min_bytes = split >= 0 ? split : (out->cores >= 2 ? kSplitMinBytes : kNever);
+  out->store_bytes = store < widest_store ? store : widest_store;
   return 0;
+}
+
+// The widest streaming store this CPU runs (and its OS saves: libgcc checks XCR0).
+int64_t MachineWidestStore() {
+#ifdef JAXKV_STREAM_STORES
+  if (__builtin_cpu_supports("avx512f")) return 64;
+  if (__builtin_cpu_supports("avx2")) return 32;
+  return 16;
+#else
+  return 0;
+#endif
 }
 
 // The L3 one core sees: sysfs's cache level 3 of cpu 0 (per CCX on AMD, whole
@@ -159,17 +175,19 @@ int64_t MachineCores() {
 
 std::atomic<int64_t> g_stream_min_bytes{-1};  // -1: not chosen yet
 std::atomic<int64_t> g_split_min_bytes{kNever};
+std::atomic<int64_t> g_store_bytes{16};
 CopyPolicy g_policy{};  // written under g_policy_mutex, for reporting
 std::mutex g_policy_mutex;
 
 // (Re)choose the process's policy from the machine and `spec`; 0 or 1 + the bad offset.
 int SetPolicy(const char* spec) {
   CopyPolicy policy;
-  const int bad = ChoosePolicy(spec, MachineL3Bytes(), MachineCores(), &policy);
+  const int bad = ChoosePolicy(spec, MachineL3Bytes(), MachineCores(), MachineWidestStore(), &policy);
   if (bad) return bad;
   std::lock_guard<std::mutex> lock(g_policy_mutex);
   g_policy = policy;
   g_split_min_bytes.store(policy.split_min_bytes);
+  g_store_bytes.store(policy.store_bytes);
   g_stream_min_bytes.store(policy.stream_min_bytes);
   return 0;
 }
@@ -242,23 +260,20 @@ __attribute__((target("avx2"))) void StreamAvx2(uint8_t* dst, const uint8_t* src
 }
 
 void StreamSse2(uint8_t* dst, const uint8_t* src, size_t n) { JAXKV_STREAM_LOOP(Store128Sse2) }
-
-using StreamFn = void (*)(uint8_t*, const uint8_t*, size_t);
-
-// The widest streaming copy this CPU runs (checked once).
-StreamFn ChooseStream() {
-  if (__builtin_cpu_supports("avx512f")) return StreamAvx512;
-  if (__builtin_cpu_supports("avx2")) return StreamAvx2;
-  return StreamSse2;
-}
 #endif
 
 // Copy `n` bytes; `stream`: with non-temporal stores (ForPages fences them).
 inline void CopyPage(uint8_t* dst, const uint8_t* src, size_t n, bool stream) {
 #ifdef JAXKV_STREAM_STORES
-  if (stream) {
-    static const StreamFn copy = ChooseStream();
-    copy(dst, src, n);
+  if (stream) {  // the policy's store width: the widest the CPU runs unless overridden
+    const int64_t width = g_store_bytes.load(std::memory_order_relaxed);
+    if (width == 64) {
+      StreamAvx512(dst, src, n);
+    } else if (width == 32) {
+      StreamAvx2(dst, src, n);
+    } else {
+      StreamSse2(dst, src, n);
+    }
     return;
   }
 #endif
@@ -549,15 +564,18 @@ extern "C" void jaxkv_transpose_chunks(uint8_t* dst, const uint8_t* src, int64_t
 }
 
 // Plain C entry points (ctypes) for the copy policy. out: {l3_bytes, cores,
-// stream_min_bytes, split_min_bytes}; INT64_MAX means never.
+// stream_min_bytes, split_min_bytes, store_bytes}; INT64_MAX means never.
 
-// The policy for an L3 of `l3_bytes` and `cores`, with `spec`'s overrides (a
-// pure function: nothing changes). Returns 0, or 1 + the offset of the bad entry.
-extern "C" int jaxkv_copy_policy_choose(const char* spec, int64_t l3_bytes, int64_t cores, int64_t* out) {
+// The policy for an L3 of `l3_bytes`, `cores` and a CPU whose widest
+// streaming store is `widest_store` bytes, with `spec`'s overrides (a pure
+// function: nothing changes). Returns 0, or 1 + the offset of the bad entry.
+extern "C" int jaxkv_copy_policy_choose(const char* spec, int64_t l3_bytes, int64_t cores, int64_t widest_store,
+                                        int64_t* out) {
   CopyPolicy p;
-  const int bad = ChoosePolicy(spec, l3_bytes, cores, &p);
+  const int bad = ChoosePolicy(spec, l3_bytes, cores, widest_store, &p);
   if (bad == 0) {
     out[0] = p.l3_bytes, out[1] = p.cores, out[2] = p.stream_min_bytes, out[3] = p.split_min_bytes;
+    out[4] = p.store_bytes;
   }
   return bad;
 }
@@ -567,7 +585,7 @@ extern "C" void jaxkv_copy_policy_current(int64_t* out) {
   EnsurePolicy();
   std::lock_guard<std::mutex> lock(g_policy_mutex);
   out[0] = g_policy.l3_bytes, out[1] = g_policy.cores;
-  out[2] = g_policy.stream_min_bytes, out[3] = g_policy.split_min_bytes;
+  out[2] = g_policy.stream_min_bytes, out[3] = g_policy.split_min_bytes, out[4] = g_policy.store_bytes;
 }
 
 // Rechoose the policy from the machine with `spec`'s overrides (tests and
