@@ -473,7 +473,7 @@ def test_a_given_host_pool_is_used_in_place():
         ),
         (
             lambda e, c: e.h2d(allocate_buffer(make_params("float16", None, False), tp_mesh(2), 8), [0], [0]),
-            r"cache layout differs from the engine's at unit 0: got .*float16",
+            r"cache layout differs from the engine's at unit 0 \(values\): dtype 'float16'",
         ),
         (lambda e, c: e.write_host([0], np.zeros((1, 3), np.uint8)), r"rows must be uint8 of shape \(1, 4096\)"),
         (lambda e, c: e.read_host([4]), r"host_slots contains 4, outside the valid range \[0, 4\)"),

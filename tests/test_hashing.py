@@ -126,3 +126,12 @@ def test_argument_errors(path, kwargs, message):
     args = dict(token_ids=np.arange(64), page_size=16, parent=root_hash(0, FP)) | kwargs
     with pytest.raises(ValueError, match=message):
         hash_blocks(**args)
+
+
+def test_token_ids_past_int32_are_refused_not_wrapped():
+    root = root_hash(0, b"\0" * 32)
+    with pytest.raises(ValueError, match=r"token_ids contains 4294967297, outside the int32 range"):
+        hash_blocks(np.array([1, 2, 3, 2**32 + 1], np.int64), 2, root)
+    with pytest.raises(ValueError, match=r"token_ids contains -2147483649"):
+        hash_blocks([1, -(2**31) - 1], 2, root)
+    assert hash_blocks([1, 2**31 - 1], 2, root) == hash_blocks(np.array([1, 2**31 - 1], np.int64), 2, root)

@@ -1119,3 +1119,34 @@ def test_engine_repr_says_pages_rows_and_paths():
         f"OffloadEngine(8 device pages <-> 4 host rows of {ROW:,} B (2 units), "
         f"d2h {engine.d2h_path}, h2d {engine.h2d_path})"
     )
+
+
+def test_a_store_that_did_not_run_is_cancelled_and_pages_past_the_cache_are_refused():
+    src, _, _ = random_buffer(BF16_MHA, 2, 8)
+    store, worker = compose(src, 2 * ROW)
+    before = snapshot(store, worker)
+    with pytest.raises(
+        ValueError, match=r"device_pages\[1\] = 99 is not a page of the cache: the cache has pages 0..7"
+    ):
+        store.prepare_store([h(0), h(1)], [1, 99])
+    with pytest.raises(ValueError, match=r"device_pages\[0\] = 8 is not a page of the cache"):
+        store.prepare_load([h(0)], [8])
+    assert snapshot(store, worker) == before
+    plan = store.prepare_store([h(0), h(1)], [1, 2])
+    other = allocate_buffer(BF16_MHA, tp_mesh(4), 8)
+    with pytest.raises(ValueError, match="cache layout differs from the engine's at unit 0 .*another TP degree"):
+        worker.store(other, plan)
+    store.cancel_store(plan)  # the slots come back; nothing was indexed or counted
+    assert snapshot(store, worker) == before
+    with pytest.raises(ValueError, match=r"cancel_store: plan #\d+ is not outstanding"):
+        store.cancel_store(plan)
+
+
+def test_open_tiers_passes_the_disk_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("JAXKV_BLOCK_KEY", raising=False)
+    src, _, _ = random_buffer(BF16_MHA, 2, 8)
+    _, keyed = compose(src, 2 * ROW, tmp_path / "a", 1 << 20, disk_key=b"k" * 32)
+    _, plain = compose(src, 2 * ROW, tmp_path / "b", 1 << 20)
+    assert keyed.tiers["disk"].block_key is not None and plain.tiers["disk"].block_key is None
+    keyed.close()
+    plain.close()

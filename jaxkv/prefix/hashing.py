@@ -133,7 +133,13 @@ def hash_blocks(token_ids, page_size: int, parent: bytes, extra_keys=None, *, st
     bytes, extra) per block, in the native library or over hashlib (blocks per
     second of both: docs/benchmarks.md, "Block hashing against MAX 26.7").
     """
-    tokens = np.ascontiguousarray(token_ids, dtype="<i4")
+    given = np.asarray(token_ids)
+    if given.dtype.kind in "iu" and given.size and (given.min() < -(2**31) or given.max() >= 2**31):
+        bad = given.min() if given.min() < -(2**31) else given.max()
+        raise ValueError(
+            f"token_ids contains {int(bad)}, outside the int32 range [-2**31, 2**31) block hashes are computed over"
+        )
+    tokens = np.ascontiguousarray(given, dtype="<i4")
     if tokens.ndim != 1:
         raise ValueError(f"token_ids must have rank 1, got shape {tokens.shape}")
     if page_size <= 0:

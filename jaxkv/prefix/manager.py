@@ -368,6 +368,10 @@ class PagedKVCacheManager:
             raise ValueError("this manager has no TieredStore: it makes no plans to complete")
         return self.store
 
+    def cancel_store(self, plan: StorePlan) -> None:
+        """A store plan from `commit` that did not run (`worker.store` raised): its host slots are freed."""
+        self._store().cancel_store(plan)
+
     def complete_store(self, result: StoreResult) -> None:
         """Apply a store's result: the stored blocks join the tiers' indexes."""
         if not isinstance(result, StoreResult):

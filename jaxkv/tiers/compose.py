@@ -33,6 +33,7 @@ def open_tiers(
     *,
     disk_directory=None,
     disk_capacity_bytes: int | None = None,
+    disk_key: bytes | str | None = None,
     tiers: list[Tier] = (),  # type: ignore[assignment]
     policy: TierPolicy | None = None,
     agreement: GroupAgreement | str | None = "auto",
@@ -46,7 +47,9 @@ def open_tiers(
     `disk_directory/process-<index>` (processes sharing a file system never
     touch each other's files), and `agreement="auto"` builds the TP group's
     `GroupAgreement` (None, at no cost, in one process); the store and the
-    worker share it. `host_backend`: the `HostTier`'s backend ("auto",
+    worker share it. `disk_key`: the deployment secret that authenticates
+    disk blocks (`DiskTier(key=)`; None: `JAXKV_BLOCK_KEY` if set).
+    `host_backend`: the `HostTier`'s backend ("auto",
     "numpy", "arrays"). `worker_options` go to `OffloadWorker`
     (`load_chunk_bytes`, `d2h_path`, `host_memory_kind`).
 
@@ -64,7 +67,7 @@ def open_tiers(
             import jax
 
             disk_directory = Path(disk_directory) / f"process-{jax.process_index()}"
-        chain.append(DiskTier(disk_directory, disk_capacity_bytes))
+        chain.append(DiskTier(disk_directory, disk_capacity_bytes, key=disk_key))
     elif disk_capacity_bytes is not None:
         raise ValueError("disk_capacity_bytes needs a disk_directory")
     chain += list(tiers)

@@ -60,6 +60,8 @@ class StoreSpec:
     """The host tier's byte budget (`host_slots` rows of `layout.row_bytes` fit in it)."""
     lower: tuple[TierSpec, ...] = ()
     """Lower tiers, in the order blocks are looked up."""
+    num_device_pages: int | None = None
+    """Pages of the cache on the device (plans naming a page past them are refused); None: unchecked."""
 
     def __post_init__(self):
         if not isinstance(self.layout, RowLayout):

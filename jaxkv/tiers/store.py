@@ -494,6 +494,17 @@ class TieredStore:
             self.host.take_dropped(),
         )
 
+    def cancel_store(self, plan: StorePlan) -> None:
+        """Drop a store plan that did not run (`worker.store` raised, or its pages went away): its slots are freed.
+
+        Nothing is counted and nothing is indexed.
+        """
+        if not isinstance(plan, StorePlan):
+            raise ValueError(f"plan must be a StorePlan, got {type(plan).__name__}")
+        self._settle(plan, "cancel_store")
+        for slot in set(plan.host_slots):
+            self.host.release(slot)
+
     def _reserve(self, protect, demotions: list[tuple[bytes, int]]) -> int | None:
         """A host slot for arriving bytes; with write-back, the block it evicts joins `demotions`.
 
@@ -634,6 +645,11 @@ class TieredStore:
             if isinstance(p, bool) or (not isinstance(p, (int,)) and not hasattr(p, "__index__")):
                 raise ValueError(f"device_pages[{i}] must be an int, got {type(p).__name__}")
         pages = [int(p) for p in pages]
+        limit = self.spec.num_device_pages
+        for i, p in enumerate(pages):
+            if p < 0 or (limit is not None and p >= limit):
+                have = "" if limit is None else f": the cache has pages 0..{limit - 1}"
+                raise ValueError(f"device_pages[{i}] = {p} is not a page of the cache{have}")
         if len(pages) != len(hashes):
             raise ValueError(
                 f"device_pages has {len(pages)} entries but block_hashes has {len(hashes)}: they pair up one to one"

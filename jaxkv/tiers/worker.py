@@ -203,7 +203,14 @@ class OffloadWorker:
             )
             self._take_evicted(t)  # evictions at open are not news: the held list is after them
             self._counts[t.name] = (t.evictions, t.corrupt)
-        return StoreSpec(self.layout, self.host.name, self.host.num_slots, self.host.capacity_bytes, tuple(lower))
+        return StoreSpec(
+            self.layout,
+            self.host.name,
+            self.host.num_slots,
+            self.host.capacity_bytes,
+            tuple(lower),
+            self.engine.num_device_pages,
+        )
 
     def probe(self, tier: str, block_hashes) -> list[bool]:
         """Whether lower tier `tier` holds each of `block_hashes` now (one round trip for a remote store).

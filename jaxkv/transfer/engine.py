@@ -353,7 +353,16 @@ class OffloadEngine:
         if layout != self._layout:
             for i, (got, want) in enumerate(zip(layout, self._layout, strict=False)):
                 if got != want:
-                    raise ValueError(f"cache layout differs from the engine's at unit {i}: got {got}, expected {want}")
+                    fields = ("unit type", "kind", "shard index", "device ids", "dtype", "page shape", "pages")
+                    diff = "; ".join(
+                        f"{name} {g!r} (the engine's: {w!r})"
+                        for name, g, w in zip(fields, got, want, strict=True)
+                        if g != w
+                    )
+                    raise ValueError(
+                        f"cache layout differs from the engine's at unit {i} ({got[1]}): {diff}; the cache is laid "
+                        f"out for another TP degree, model or device set: build a worker for it"
+                    )
             raise ValueError(f"cache has {len(layout)} units, the engine was built for {len(self._layout)}")
 
     def _check_units(self, cache) -> list[KVCacheMemory]:
