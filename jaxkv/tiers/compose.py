@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from jaxkv.layout.buffer import Cache
 from jaxkv.tiers.base import Tier
 from jaxkv.tiers.host import HostTier
 from jaxkv.tiers.store import TieredStore, TierPolicy
@@ -28,7 +29,7 @@ from jaxkv.transfer.agreement import GroupAgreement
 
 
 def open_tiers(
-    cache,
+    cache: Cache,
     host_capacity_bytes: int,
     *,
     disk_directory=None,

@@ -304,7 +304,7 @@ class TieredStore:
             todo = [i for i, yes in zip(todo, held, strict=True) if not yes]
         return found
 
-    def lookup(self, block_hashes) -> list[str]:
+    def lookup(self, block_hashes: Sequence[bytes]) -> list[str]:
         """The tier serving each leading held block (advisory: nothing is reserved).
 
         Across processes the answer's length is the minimum over the TP group.
@@ -326,7 +326,7 @@ class TieredStore:
             self.metrics.misses += 1
         return found[:n]
 
-    def touch(self, block_hashes) -> None:
+    def touch(self, block_hashes: Sequence[bytes]) -> None:
         """The scheduler served these from the device: refresh them in every tier that holds them.
 
         Host recency changes now; lower tiers hear of it with the next plan.
@@ -342,7 +342,7 @@ class TieredStore:
                     pending[h] = None
 
     # -- loads -------------------------------------------------------------
-    def prepare_load(self, block_hashes, device_pages) -> LoadPlan:
+    def prepare_load(self, block_hashes: Sequence[bytes], device_pages: Sequence[int]) -> LoadPlan:
         """Plan loading `block_hashes` into `device_pages` (pairwise). Never raises for absent blocks.
 
         Host-held blocks are pinned; a lower-tier block gets a reserved host
@@ -444,7 +444,7 @@ class TieredStore:
         self._count_host_evictions()
 
     # -- stores ------------------------------------------------------------
-    def prepare_store(self, block_hashes, device_pages) -> StorePlan | None:
+    def prepare_store(self, block_hashes: Sequence[bytes], device_pages: Sequence[int]) -> StorePlan | None:
         """Plan keeping copies of `device_pages` under `block_hashes` (pairwise); None if nothing to do.
 
         Blocks any tier already holds are only refreshed. New blocks get

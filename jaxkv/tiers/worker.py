@@ -34,11 +34,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
+from collections.abc import Sequence
 
 import jax
 
 from jaxkv._checks import check_positive_int
 from jaxkv.layout import pages as _pages
+from jaxkv.layout.buffer import Cache
 from jaxkv.layout.fingerprint import RowLayout
 from jaxkv.tiers.base import Tier, check_block_hashes
 from jaxkv.tiers.blockformat import CorruptBlockError
@@ -107,8 +109,8 @@ class OffloadWorker:
 
     def __init__(
         self,
-        cache,
-        tiers: list,
+        cache: Cache,
+        tiers: Sequence[HostTier | Tier],
         *,
         agreement: GroupAgreement | None = None,
         host_memory_kind: str = "pinned_host",
@@ -174,7 +176,8 @@ class OffloadWorker:
         """What a host row holds."""
         self.host = host
         """The host rows (the bytes of the host tier's slots)."""
-        self.tiers: dict[str, Tier] = {t.name: t for t in tiers[1:]}
+        # (Checked above: none of them is a HostTier; the test narrows the type.)
+        self.tiers: dict[str, Tier] = {t.name: t for t in tiers[1:] if not isinstance(t, HostTier)}
         """Lower tiers by name, in order."""
         self.agreement = agreement
         self._written_by: dict[int, int] = {}  # host slot -> id of the last plan that wrote its bytes
@@ -212,7 +215,7 @@ class OffloadWorker:
             self.engine.num_device_pages,
         )
 
-    def probe(self, tier: str, block_hashes) -> list[bool]:
+    def probe(self, tier: str, block_hashes: Sequence[bytes]) -> list[bool]:
         """Whether lower tier `tier` holds each of `block_hashes` now (one round trip for a remote store).
 
         `TieredStore(probe=worker.probe)` asks this for blocks a shared tier's
@@ -239,7 +242,7 @@ class OffloadWorker:
         return out
 
     # -- loads -------------------------------------------------------------
-    def load(self, cache, plan: LoadPlan):
+    def load(self, cache: Cache, plan: LoadPlan) -> tuple[Cache, LoadHandle]:
         """Execute `plan` on `cache`: returns (the new cache, a `LoadHandle`).
 
         `cache` is donated when the load writes (status 'loaded' or
@@ -403,7 +406,7 @@ class OffloadWorker:
         return promoted, read
 
     # -- stores ------------------------------------------------------------
-    def store(self, cache, plan: StorePlan) -> StoreHandle:
+    def store(self, cache: Cache, plan: StorePlan) -> StoreHandle:
         """Execute `plan`: copy its pages of `cache` (read, not donated) into host slots, then to lower tiers.
 
         The device copy is dispatched now (it reads the cache as it is now);

@@ -43,10 +43,10 @@ import numpy as np
 
 from jaxkv._checks import check_positive_int
 from jaxkv.layout import pages as _pages
-from jaxkv.layout.buffer import KVCacheBuffer, MultiKVCacheBuffer
+from jaxkv.layout.buffer import Cache, KVCacheBuffer, MultiKVCacheBuffer
 from jaxkv.layout.fingerprint import RowLayout, RowUnit
 from jaxkv.layout.memory import KVCacheMemory
-from jaxkv.layout.pages import bucket
+from jaxkv.layout.pages import PageIds, bucket
 from jaxkv.transfer import paths
 from jaxkv.transfer.handle import Transfer, completed
 from jaxkv.transfer.paths import _ALIGN, D2H_PATHS, aligned_rows
@@ -184,7 +184,7 @@ class OffloadEngine:
         """The host rows' layout fingerprint (`RowLayout.fingerprint`): stored with every block outside the device."""
         return self.layout.fingerprint
 
-    def d2h(self, cache, device_page_ids, host_slots) -> Transfer:
+    def d2h(self, cache: Cache | list[KVCacheMemory], device_page_ids: PageIds, host_slots: PageIds) -> Transfer:
         """Copy pages `device_page_ids` of `cache` into host rows `host_slots`.
 
         `cache` is read, not donated: a `KVCacheBuffer` / `MultiKVCacheBuffer`
@@ -210,7 +210,7 @@ class OffloadEngine:
         return transfer
 
     def h2d(
-        self, cache, host_slots, device_page_ids, *, checked=None
+        self, cache: Cache, host_slots: PageIds, device_page_ids: PageIds, *, checked: list | None = None
     ) -> tuple[KVCacheBuffer | MultiKVCacheBuffer, Transfer]:
         """Write host rows `host_slots` into device pages `device_page_ids` of `cache`.
 
@@ -253,7 +253,7 @@ class OffloadEngine:
         for t in pending:
             t.synchronize()
 
-    def read_host(self, host_slots) -> np.ndarray:
+    def read_host(self, host_slots: PageIds) -> np.ndarray:
         """A copy of host rows `host_slots`: [len(host_slots), row_bytes] uint8."""
         slots = _pages.check_page_ids(host_slots, self.num_host_pages, name="host_slots")
         self.flush()
@@ -262,7 +262,7 @@ class OffloadEngine:
         assert self.host_pool is not None  # one of the two is set at construction
         return self.host_pool[slots]
 
-    def write_host(self, host_slots, rows) -> None:
+    def write_host(self, host_slots: PageIds, rows: np.ndarray) -> None:
         """Fill host rows `host_slots` with `rows` ([len(host_slots), row_bytes] uint8)."""
         slots = _pages.check_page_ids(host_slots, self.num_host_pages, name="host_slots")
         _pages.check_unique(slots, name="host_slots")
@@ -326,7 +326,7 @@ class OffloadEngine:
         self._unit_shapes = [_UnitShape(u.bytes_per_page, list(u.devices)) for u in units]
         self._known_signature = self._signature(cache)
 
-    def check(self, cache) -> list:
+    def check(self, cache: Cache) -> list:
         """Check that `cache` is a live buffer laid out as the engine's; returns what an `h2d` of it needs.
 
         A cache laid out as the last one that passed the full check needs only
