@@ -120,6 +120,7 @@ class PagedArray:
 
     @property
     def mesh(self) -> Mesh:
+        """The mesh `values` is laid out on."""
         return _mesh(self.values)
 
     @property
@@ -132,6 +133,7 @@ class PagedArray:
 
     @property
     def total_num_pages(self) -> int:
+        """Pages (blocks) in the array: its leading axis."""
         return self.values.shape[PAGE_AXIS]
 
     @property
@@ -208,6 +210,7 @@ class AdoptedCache(MultiKVCacheBuffer):
 
     @property
     def total_num_pages(self) -> int:
+        """Pages in every adopted array (they all hold the same)."""
         return next(iter(self.children.values())).total_num_pages
 
     @property
