@@ -38,8 +38,8 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 
 from jaxkv._checks import check_int, check_positive_int
-from jaxkv.layout.buffer import MultiKVCacheBuffer, _single_device
-from jaxkv.layout.memory import KVCacheMemory, ReplicatedKVCacheMemory
+from jaxkv.layout.buffer import MultiKVCacheBuffer, _single_device, units_of
+from jaxkv.layout.memory import KVCacheMemory
 
 PAGE_AXIS = 0
 """The axis of pages: jaxkv pages arrays whose page (block) axis leads."""
@@ -153,18 +153,7 @@ class PagedArray:
 
     def to_memory(self) -> list[KVCacheMemory]:
         """Byte-page units: one per shard (values, then scales), or one replicated unit per kind. No copy."""
-        units: list[KVCacheMemory] = []
-        for kind, array in (("values", self.values), ("scales", self.scales)):
-            if array is None:
-                continue
-            shards = self.indexed_shards(array)
-            if self.shard_axis is None:
-                (_, root), *peers = shards
-                peer_units = [KVCacheMemory(data, kind=kind, shard_index=i) for i, data in peers]
-                units.append(ReplicatedKVCacheMemory(root, peer_units, kind=kind))
-            else:
-                units.extend(KVCacheMemory(data, kind=kind, shard_index=i) for i, data in shards)
-        return units
+        return units_of(self)
 
     # -- pytree ------------------------------------------------------------
     def tree_flatten(self):

@@ -84,6 +84,28 @@ def _single_device(data: jax.Array) -> jax.Array:
     return jax.device_put(data, SingleDeviceSharding(device, memory_kind=data.sharding.memory_kind))
 
 
+def units_of(cache) -> list[KVCacheMemory]:
+    """The byte-page units of one cache array pair (`values`, then `scales`), this process's shards only.
+
+    `cache`: anything with `values`, `scales`, `replicates_kv_across_tp` and
+    `indexed_shards(array)` (a `KVCacheBuffer`, an adopted `PagedArray`).
+    Sharded: one `KVCacheMemory` per shard per kind. Replicated: one
+    `ReplicatedKVCacheMemory` per kind rooted at the first shard in order.
+    """
+    units: list[KVCacheMemory] = []
+    for kind, array in (("values", cache.values), ("scales", cache.scales)):
+        if array is None:
+            continue
+        shards = cache.indexed_shards(array)
+        if cache.replicates_kv_across_tp:
+            (_, root), *peers = shards
+            peer_units = [KVCacheMemory(data, kind=kind, shard_index=i) for i, data in peers]
+            units.append(ReplicatedKVCacheMemory(root, peer_units, kind=kind))
+        else:
+            units.extend(KVCacheMemory(data, kind=kind, shard_index=i) for i, data in shards)
+    return units
+
+
 class KVCacheBuffer:
     """One paged KV cache: values `[pages, kv, layers, tokens, heads, dim]` and optional scales.
 
@@ -222,18 +244,7 @@ class KVCacheBuffer:
         gets units for the shards it can address, and a replicated unit is
         rooted at its first shard in mesh order, its peers the other local ones.
         """
-        units: list[KVCacheMemory] = []
-        for kind, array in (("values", self.values), ("scales", self.scales)):
-            if array is None:
-                continue
-            shards = self.indexed_shards(array)
-            if self.replicates_kv_across_tp:
-                (_, root), *peers = shards
-                peer_units = [KVCacheMemory(data, kind=kind, shard_index=i) for i, data in peers]
-                units.append(ReplicatedKVCacheMemory(root, peer_units, kind=kind))
-            else:
-                units.extend(KVCacheMemory(data, kind=kind, shard_index=i) for i, data in shards)
-        return units
+        return units_of(self)
 
     def with_memory(self, units: list[KVCacheMemory]) -> KVCacheBuffer:
         """A buffer assembled from `units` laid out like this one's `to_memory()`.
