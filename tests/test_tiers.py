@@ -1150,3 +1150,17 @@ def test_open_tiers_passes_the_disk_key(tmp_path, monkeypatch):
     assert keyed.tiers["disk"].block_key is not None and plain.tiers["disk"].block_key is None
     keyed.close()
     plain.close()
+
+
+def test_asking_for_the_spec_again_changes_nothing(tmp_path):
+    """spec() reports what the tiers held and found corrupt at open; plans' results report the rest, once."""
+    src, _, _ = random_buffer(BF16_MHA, 2, 8)
+    store, worker = compose(src, ROW, tmp_path, 1 << 20)
+    offload(store, worker, src, [1, 2], [h(1), h(2)])  # host keeps h2; the disk has both
+    flip_byte(block_file(tmp_path, 1))
+    _, result = load(store, worker, src, [h(1)], [5])
+    assert result.status == "refused" and result.tiers.corrupt == {"disk": 1}
+    first, again = worker.spec(), worker.spec()
+    assert first == again and first.lower[0].corrupt == 0 and first.lower[0].held == (h(2),)
+    assert TieredStore(again).metrics["disk"].corrupt == 0  # counted once, by the load's result
+    worker.close()

@@ -181,7 +181,10 @@ class OffloadWorker:
         """Lower tiers by name, in order."""
         self.agreement = agreement
         self._written_by: dict[int, int] = {}  # host slot -> id of the last plan that wrote its bytes
+        for t in self.tiers.values():
+            t.take_evicted()  # evictions at open are not news: the blocks held after them are what spec() says
         self._counts = {name: (t.evictions, t.corrupt) for name, t in self.tiers.items()}  # reported so far
+        self._corrupt_at_open = {name: t.corrupt for name, t in self.tiers.items()}
         self._reader: concurrent.futures.ThreadPoolExecutor | None = None  # an overlapped load's reads
         self._closed = False
 
@@ -190,6 +193,7 @@ class OffloadWorker:
         """What a `TieredStore` is built from: the layout, host slots, and each lower tier with what it holds now.
 
         Plain data (it pickles): send it to a scheduler in another process.
+        Asking again changes nothing: a restarted scheduler asks again.
         """
         lower = []
         for t in self.tiers.values():
@@ -201,11 +205,9 @@ class OffloadWorker:
                     int(getattr(t, "block_bytes", self.layout.row_bytes)),
                     bool(getattr(t, "shared", False)),
                     tuple(held()) if held is not None else (),
-                    int(t.corrupt),
+                    self._corrupt_at_open[t.name],
                 )
             )
-            self._take_evicted(t)  # evictions at open are not news: the held list is after them
-            self._counts[t.name] = (t.evictions, t.corrupt)
         return StoreSpec(
             self.layout,
             self.host.name,
@@ -528,10 +530,6 @@ class OffloadWorker:
     def _check_slots(self, slots, field: str) -> None:
         _pages.check_page_ids(slots, self.host.num_slots, name=field)
 
-    @staticmethod
-    def _take_evicted(tier) -> list[bytes]:
-        return list(tier.take_evicted())
-
     def _report(self, report: _Report) -> TierReport:
         """The plan's report, with what each tier's counters did since the last one (every tier: a shared
         tier's count moves on a probe too)."""
@@ -540,7 +538,7 @@ class OffloadWorker:
             ev0, bad0 = self._counts[name]
             self._counts[name] = (evictions, corrupt)
             report.counted(name, evictions - ev0, corrupt - bad0)
-            report.evicted(name, self._take_evicted(t))
+            report.evicted(name, list(t.take_evicted()))
         return report.done()
 
     # -- housekeeping ------------------------------------------------------

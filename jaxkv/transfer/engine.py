@@ -49,7 +49,7 @@ from jaxkv.layout.memory import KVCacheMemory
 from jaxkv.layout.pages import PageIds, bucket
 from jaxkv.transfer import paths
 from jaxkv.transfer.handle import Transfer, completed
-from jaxkv.transfer.paths import _ALIGN, D2H_PATHS, aligned_rows
+from jaxkv.transfer.paths import ALIGN_BYTES, D2H_PATHS, aligned_rows
 
 __all__ = ["D2H_PATHS", "OffloadEngine", "aligned_rows", "bucket"]
 
@@ -420,8 +420,8 @@ def _check_host_pool(pool: np.ndarray, row_bytes: int) -> None:
         )
     if not pool.flags.c_contiguous:
         raise ValueError(f"host_pool must be C-contiguous, got strides {pool.strides}; {fix}")
-    if pool.ctypes.data % _ALIGN:
+    if pool.ctypes.data % ALIGN_BYTES:
         raise ValueError(
-            f"host_pool data must start on a {_ALIGN}-byte boundary (XLA:CPU copies a less aligned array), "
-            f"got address % {_ALIGN} = {pool.ctypes.data % _ALIGN}; {fix}"
+            f"host_pool data must start on a {ALIGN_BYTES}-byte boundary (XLA:CPU copies a less aligned array), "
+            f"got address % {ALIGN_BYTES} = {pool.ctypes.data % ALIGN_BYTES}; {fix}"
         )

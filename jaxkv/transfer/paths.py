@@ -43,7 +43,7 @@ _LOOP_MIN_PAGE_BYTES = 16 * 1024
 """Without the native kernels: pages at least this wide are copied one by one in a Python loop, narrower
 ones by one vectorized gather (docs/benchmarks.md, "Measurements behind the rules", "Engine and worker")."""
 
-_ALIGN = 64
+ALIGN_BYTES = 64
 """XLA:CPU places a host array on a device without copying only when its data is aligned to this many bytes
 (a 64-byte-aligned numpy array keeps its pointer through jax.device_put, a 16-byte-aligned one is copied)."""
 
@@ -401,14 +401,14 @@ def aligned_rows(num_rows: int, row_bytes: int) -> np.ndarray:
 
 
 def aligned(shape, alloc=np.empty) -> np.ndarray:
-    """A uint8 array of `shape` whose data starts on an `_ALIGN`-byte boundary.
+    """A uint8 array of `shape` whose data starts on an `ALIGN_BYTES`-byte boundary.
 
     With `alloc=np.zeros` untouched pages are mapped lazily: a pool costs
     memory as it fills.
     """
     n = int(np.prod(shape))
-    raw = alloc(n + _ALIGN, np.uint8)
-    start = (-raw.ctypes.data) % _ALIGN
+    raw = alloc(n + ALIGN_BYTES, np.uint8)
+    start = (-raw.ctypes.data) % ALIGN_BYTES
     return raw[start : start + n].reshape(shape)
 
 
