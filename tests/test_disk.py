@@ -83,3 +83,18 @@ def test_short_write_is_a_failed_write(tmp_path, monkeypatch):
         tier.put(h(0), np.ones(4096, np.uint8))
     monkeypatch.undo()
     assert h(0) not in tier and os.listdir(tmp_path) == []
+
+
+def test_disk_discard_removes_files_without_counting_evictions(tmp_path):
+    fp = hashlib.sha256(b"layout").digest()
+    tier = DiskTier(tmp_path, 4 * (HEADER_BYTES + 64), fingerprint=fp, row_bytes=64)
+    for i in range(3):
+        tier.put(h(i), np.full(64, i, np.uint8))
+    tier.discard([h(0), h(7)])  # h(7) was never held: ignored
+    tier.discard(h(2))
+    assert h(0) not in tier and h(2) not in tier and h(1) in tier
+    assert not (tmp_path / (h(0).hex() + SUFFIX)).exists()
+    assert tier.used_bytes == HEADER_BYTES + 64
+    assert tier.evictions == 0 and tier.take_evicted() == []
+    with pytest.raises(KeyError):
+        tier.get(h(0))

@@ -535,6 +535,15 @@ class DiskTier(OpensOnce):
         self._index.pop(block_hash, None)
         _unlink(self._path(block_hash))
 
+    def discard(self, block_hashes) -> None:
+        """Remove the held ones among `block_hashes` (one hash or an iterable): bytes their owner declared dead.
+
+        Not evictions: nothing is counted, and `take_evicted` does not report them (the owner knows).
+        """
+        for block_hash in [block_hashes] if isinstance(block_hashes, bytes) else block_hashes:
+            if block_hash in self._index:
+                self._drop(block_hash)
+
     def clear(self) -> None:
         """Remove every block of this tier."""
         for block_hash in list(self._index):
