@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Builds integration/tpu_inference/.venv (once; later runs reuse it) with tpu-inference 0.25.0, the vLLM it
+# was released with and jaxkv, then runs the tests in integration/tpu_inference in it.
+#
+# vLLM: tpu-inference declares no vLLM dependency; its release 0.25.0 pairs with `vllm-tpu==0.25.0` (which pins
+# tpu-inference==0.25.0). PyPI has no CPU build of vLLM 0.25 (the `vllm` wheels are CUDA builds, and need
+# torch 2.11 where tpu-inference's torchvision 0.25 needs torch 2.10), so vllm-tpu's source is built as vLLM's
+# device-less ("empty") target: pure Python, no CMake or CUDA; its optional Rust front end is skipped offline.
+# Measured on 2 cores: ~13 min and ~9 GB (torch's CUDA libraries from PyPI are most of it), then ~1 min.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+venv=$here/.venv
+done_marker=$venv/.jaxkv-setup-tpu-inference-0.25.0
+
+python=python3.11
+command -v "$python" >/dev/null || python=python3
+"$python" -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version' || {
+  echo "setup.sh: needs Python 3.11 (tpu-inference 0.25.0's pins install there), found $("$python" --version)" >&2
+  exit 1
+}
+
+start=$(date +%s)
+if [ ! -f "$done_marker" ]; then
+  rm -rf "$venv"
+  "$python" -m venv "$venv"
+  pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
+  "${pip[@]}" tpu-inference==0.25.0
+  "${pip[@]}" "setuptools==78.1.0" "setuptools-scm>=8" "setuptools-rust>=1.9.0" wheel jinja2 cmake ninja "packaging>=24.2"
+  VLLM_TARGET_DEVICE=empty VLLM_VERSION_OVERRIDE=0.25.0 CARGO_NET_OFFLINE=true \
+    "${pip[@]}" --no-build-isolation vllm-tpu==0.25.0
+  touch "$done_marker"
+fi
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$repo[remote]"
+echo "setup.sh: install took $(($(date +%s) - start)) s; venv $(du -sh "$venv" | cut -f1);" \
+  "$("$venv/bin/python" -m pip list 2>/dev/null | grep -E '^(tpu_inference|tpu-inference|vllm-tpu|jax|torch) ' | tr -s ' ' | paste -sd, -)"
+
+cd "$repo"
+exec "$venv/bin/python" -m pytest -q -p no:cacheprovider integration/tpu_inference "$@"
