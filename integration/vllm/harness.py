@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +51,26 @@ VOCAB = 1000
 
 _MODEL_DIR: str | None = None
 
+_COMPILE = [0.0]
+_COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
+
+
+def _count_compile(event: str, seconds: float, **_) -> None:
+    if event in _COMPILE_EVENTS:
+        _COMPILE[0] += seconds
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+def compile_seconds() -> float:
+    """Seconds JAX spent tracing, lowering and compiling in this process so far."""
+    return _COMPILE[0]
+
 
 def model_dir() -> str:
     """A Llama config on disk for vLLM's `ModelConfig` (no weights: the scheduler reads only the config)."""
@@ -71,7 +92,12 @@ def model_dir() -> str:
 
 
 def vllm_config(
-    extra: dict, *, num_blocks: int, prefix_caching: bool, batched_tokens: int = 64, on_load_failure: str = "recompute"
+    extra: dict | None,
+    *,
+    num_blocks: int,
+    prefix_caching: bool,
+    batched_tokens: int = 64,
+    on_load_failure: str = "recompute",
 ) -> VllmConfig:
     config = VllmConfig(
         model_config=ModelConfig(
@@ -85,7 +111,9 @@ def vllm_config(
             is_encoder_decoder=False,
         ),
         cache_config=CacheConfig(block_size=BLOCK, enable_prefix_caching=prefix_caching),
-        kv_transfer_config=KVTransferConfig(
+        kv_transfer_config=None
+        if extra is None
+        else KVTransferConfig(
             kv_connector="JaxkvConnector",
             kv_connector_module_path="jaxkv.integrations.vllm",
             kv_role="kv_both",
@@ -153,25 +181,48 @@ class Runner:
         self.checked_tokens = 0
         """Tokens whose K/V a step read back and found as the prefix says."""
         self.layer_waits = 0
+        self.connector_seconds = 0.0
+        """Time in the connector's load and save calls (start_load_kv, wait_for_layer_load, wait_for_save), less
+        the time JAX spent compiling inside them (`connector_compile_seconds`: once per program, not per step)."""
+        self.connector_compile_seconds = 0.0
+        self.computed_tokens = 0
+        self.prompt_tokens_computed = 0
+        """Prompt positions the forward computed (the rest came from a cache: the device's or the connector's)."""
+        """Tokens whose K/V the forward computed (what a cache hit saves)."""
         self.discarded = 0
         """Steps of a request that read pages whose load failed (vLLM throws their results away)."""
-        connector.register_runner(self)
-        connector.register_kv_caches(self.kv_caches)
+        if connector is not None:
+            connector.register_runner(self)
+            connector.register_kv_caches(self.kv_caches)
+
+    def _time_connector(self, t0: float, c0: float) -> None:
+        compiled = compile_seconds() - c0
+        self.connector_compile_seconds += compiled
+        self.connector_seconds += time.perf_counter() - t0 - compiled
 
     def _pages(self) -> list[np.ndarray]:
         return [np.asarray(jax.device_get(c)).view(np.uint16) for c in self.kv_caches]
 
     def execute(self, sched_out, requests: dict[str, Request]) -> ModelRunnerOutput:
         c = self.connector
+        if c is None:  # vLLM alone
+            req_ids, sampled = self._forward(sched_out, requests, set())
+            return ModelRunnerOutput(
+                req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)}, sampled_token_ids=sampled
+            )
         c.bind_connector_metadata(sched_out.kv_connector_metadata)
+        t0, c0 = time.perf_counter(), compile_seconds()
         c.start_load_kv(None)
         for name in c._work.names:
             c.wait_for_layer_load(name)
             self.layer_waits += 1
+        self._time_connector(t0, c0)
         # Pages whose load failed this step: vLLM discards what the step computes from them and recomputes them.
         failed = set(c._work.load_errors)
         req_ids, sampled = self._forward(sched_out, requests, failed)
+        t0, c0 = time.perf_counter(), compile_seconds()
         c.wait_for_save()
+        self._time_connector(t0, c0)
         results = c.get_transfer_results(sched_out.finished_req_ids)
         output = KVConnectorOutput(
             finished_sending=results.finished_sending,
@@ -219,6 +270,8 @@ class Runner:
                 if not np.array_equal(got, token_words(digests[p], self.kv_heads)):
                     raise AssertionError(f"request {rid}: the K/V at position {p} (page {ids[p // BLOCK]}) is wrong")
             self.checked_tokens += computed_check
+            self.computed_tokens += n
+            self.prompt_tokens_computed += max(0, min(computed + n, request.num_prompt_tokens) - computed)
             for p in range(computed, computed + n):
                 pages.append(ids[p // BLOCK])
                 slots.append(p % BLOCK)
@@ -239,7 +292,7 @@ class Engine:
 
     def __init__(
         self,
-        extra: dict,
+        extra: dict | None,
         *,
         num_blocks: int = 64,
         kv_heads: int = 8,
@@ -259,10 +312,14 @@ class Engine:
             block_size=BLOCK,
             log_stats=True,
         )
-        self.worker_connector = KVConnectorFactory.create_connector(self.config, KVConnectorRole.WORKER, kv_config)
+        self.worker_connector = (
+            None
+            if extra is None
+            else KVConnectorFactory.create_connector(self.config, KVConnectorRole.WORKER, kv_config)
+        )
         self.runner = Runner(self.worker_connector, num_blocks=num_blocks, kv_heads=kv_heads, tp=tp)
         # EngineCore's start-up handshake, keyed (pp_rank, tp_rank): one JAX worker drives the whole mesh.
-        handshake = self.worker_connector.get_handshake_metadata()
+        handshake = None if self.worker_connector is None else self.worker_connector.get_handshake_metadata()
         if handshake is not None:
             self.scheduler.connector.set_xfer_handshake_metadata_pp_aware({(0, 0): handshake})
         self.requests: dict[str, Request] = {}
@@ -305,19 +362,13 @@ class Engine:
             if self.steps > max_steps:
                 raise AssertionError(f"not finished after {max_steps} steps")
 
-    def external_tokens(self) -> int:
-        """Prompt tokens vLLM took from the connector instead of computing (its own prefix-cache stats)."""
-        stats = self.scheduler.connector_prefix_cache_stats
-        return stats.hits if stats is not None else 0
-
     def close(self) -> None:
         self.scheduler.shutdown()
-        self.worker_connector.shutdown()
+        if self.worker_connector is not None:
+            self.worker_connector.shutdown()
 
 
 def shared_prompts(n: int, prefix_tokens: int, suffix_tokens: int, seed: int = 0) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     prefix = rng.integers(1, VOCAB, prefix_tokens).tolist()
     return [prefix + rng.integers(1, VOCAB, suffix_tokens).tolist() for _ in range(n)]
-
-

@@ -302,8 +302,14 @@ class JaxkvConnector(KVConnectorBase_V1):
         """tpu-inference's hook: the runner whose `kv_caches` list the connector reads and writes back."""
         self._work.runner = runner
 
+    def _meta(self) -> JaxkvConnectorMetadata:
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, JaxkvConnectorMetadata):
+            raise TypeError(f"expected JaxkvConnectorMetadata from the scheduler, got {type(meta).__name__}")
+        return meta
+
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        self._work.start_load(self._get_connector_metadata())
+        self._work.start_load(self._meta())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         self._work.wait_for_layer(layer_name)
@@ -314,7 +320,7 @@ class JaxkvConnector(KVConnectorBase_V1):
 
     def wait_for_save(self):
         if self.has_connector_metadata():
-            self._work.save(self._get_connector_metadata())
+            self._work.save(self._meta())
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._work.take_load_errors()
@@ -470,7 +476,8 @@ class _SchedulerSide:
                 state.block_ids += new_ids[0]
             scheduled.append((rid, cached.num_computed_tokens[i]))
         if self.store is not None:
-            hashes, pages = [], []
+            hashes: list[bytes] = []
+            pages: list[int] = []
             for rid, computed in scheduled:
                 state = self.requests[rid]
                 if not self._cacheable(state.request):
@@ -483,8 +490,10 @@ class _SchedulerSide:
                     hashes += self._hashes(state, full)[state.stored :]
                     pages += state.block_ids[state.stored : full]
                     state.stored = full
-            if hashes:
-                plan = self.store.prepare_store(hashes, pages)
+            # Requests that share a prefix share its device pages (vLLM's prefix cache): one copy per block.
+            unique = dict(zip(hashes, pages, strict=True))
+            if unique:
+                plan = self.store.prepare_store(list(unique), list(unique.values()))
                 if plan is not None:
                     meta.stores.append(plan)
         return meta
@@ -654,8 +663,6 @@ class _WorkerSide:
 
     # -- steps -------------------------------------------------------------
     def start_load(self, meta: JaxkvConnectorMetadata) -> None:
-        if not isinstance(meta, JaxkvConnectorMetadata):
-            raise TypeError(f"expected JaxkvConnectorMetadata, got {type(meta).__name__}")
         worker = self._ready()
         if meta.reset:
             self._reset(meta.generation)
