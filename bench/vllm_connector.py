@@ -27,6 +27,7 @@ Results: bench/results/vllm_connector.json and docs/vllm_connector.png (--quick:
 stay).
 """
 
+# engine venv: integration/vllm/.venv (integration/vllm/run.sh runs this benchmark's --quick there)
 from __future__ import annotations
 
 import json
