@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds integration/tpu_inference/.venv (once; later runs reuse it) with tpu-inference 0.25.0, the vLLM it
-# was released with and jaxkv, then runs the tests in integration/tpu_inference in it.
+# was released with and jaxkv, then runs the tests in integration/tpu_inference in it (extra arguments go to
+# pytest), then bench/tpu_offload_trace.py --quick (tpu-inference's connector on the multi-turn trace; its JSON
+# goes to a temporary directory, removed at the end).
 #
 # vLLM: tpu-inference declares no vLLM dependency; its release 0.25.0 pairs with `vllm-tpu==0.25.0` (which pins
 # tpu-inference==0.25.0). PyPI has no CPU build of vLLM 0.25 (the `vllm` wheels are CUDA builds, and need
@@ -16,7 +18,7 @@ done_marker=$venv/.jaxkv-setup-tpu-inference-0.25.0
 python=python3.11
 command -v "$python" >/dev/null || python=python3
 "$python" -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version' || {
-  echo "setup.sh: needs Python 3.11 (tpu-inference 0.25.0's pins install there), found $("$python" --version)" >&2
+  echo "run.sh: needs Python 3.11 (tpu-inference 0.25.0's pins install there), found $("$python" --version)" >&2
   exit 1
 }
 
@@ -32,8 +34,14 @@ if [ ! -f "$done_marker" ]; then
   touch "$done_marker"
 fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$repo[remote]"
-echo "setup.sh: install took $(($(date +%s) - start)) s; venv $(du -sh "$venv" | cut -f1);" \
+echo "run.sh: install took $(($(date +%s) - start)) s; venv $(du -sh "$venv" | cut -f1);" \
   "$("$venv/bin/python" -m pip list 2>/dev/null | grep -E '^(tpu_inference|tpu-inference|vllm-tpu|jax|torch) ' | tr -s ' ' | paste -sd, -)"
 
 cd "$repo"
-exec "$venv/bin/python" -m pytest -q -p no:cacheprovider integration/tpu_inference "$@"
+"$venv/bin/python" -m pytest -q -p no:cacheprovider integration/tpu_inference "$@"
+
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+"$venv/bin/python" bench/tpu_offload_trace.py --quick --json "$scratch/tpu_offload_trace.json"
+"$venv/bin/python" -c 'import json, sys; runs = json.load(open(sys.argv[1]))["runs"]; assert [r["name"] for r in runs] == ["tpu_inference", "route_a"], runs' \
+  "$scratch/tpu_offload_trace.json"
