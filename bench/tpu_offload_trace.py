@@ -82,7 +82,7 @@ os.environ.setdefault("TPU_INFERENCE_LOGGING_LEVEL", "WARNING")
 try:
     import tpu_inference  # noqa: F401
 except ImportError as e:
-    if VENV_PYTHON.exists() and Path(sys.executable).resolve() != VENV_PYTHON.resolve():
+    if VENV_PYTHON.exists() and Path(sys.prefix).resolve() != VENV_PYTHON.parent.parent.resolve():
         os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), __file__, *sys.argv[1:]])
     print(f"tpu_offload_trace: not run: tpu_inference is not importable here ({e}); build its venv with")
     print("  bash integration/tpu_inference/run.sh   and run this with integration/tpu_inference/.venv/bin/python")
@@ -451,7 +451,7 @@ def main() -> None:
     print(
         f"trace: {args.conversations} chats x {args.turns} turns (chats of a turn concurrent, turns sequential), "
         f"system {args.system_tokens}, user {args.user_tokens}, reply {args.reply_tokens} tokens: "
-        f"{prompt_tokens} prompt tokens, {shape['trace_blocks']} full blocks; block {B} tokens = "
+        f"{prompt_tokens} prompt tokens, {shape['trace_blocks']} full prompt blocks summed over requests; block {B} tokens = "
         f"{shape['chunk_bytes']} B ({LAYERS} layers x {KV_HEADS} kv heads x {HEAD_DIM} bf16, TP {TP}); "
         f"host {args.host_blocks} blocks ({args.host_blocks * shape['chunk_bytes'] / 2**20:.1f} MiB) in both runs"
     )
