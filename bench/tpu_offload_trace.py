@@ -65,6 +65,7 @@ The JSON (`--json PATH`, and printed) has these keys:
 - "not_measured": a list of sentences (what the module docstring says above, and anything skipped at run time).
 """
 
+# engine venv: integration/tpu_inference/.venv (integration/tpu_inference/run.sh runs this benchmark's --quick there)
 from __future__ import annotations
 
 import os
