@@ -10,7 +10,31 @@ any connector replay exactly the same prompts. Each request also generates
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
+
+
+def add_arguments(p: argparse.ArgumentParser, *, host_blocks: int) -> None:
+    """The trace's command-line options (and the host budget in blocks), the same in every script replaying it."""
+    p.add_argument("--conversations", type=int, default=8)
+    p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--system-tokens", type=int, default=256)
+    p.add_argument("--user-tokens", type=int, default=64)
+    p.add_argument("--reply-tokens", type=int, default=32)
+    p.add_argument("--host-blocks", type=int, default=host_blocks, help="host memory budget, in blocks")
+
+
+def from_arguments(args: argparse.Namespace, vocab: int = 1000) -> list[list[tuple[str, list[int]]]]:
+    """`multi_turn` as the options of `add_arguments` say."""
+    return multi_turn(
+        args.conversations,
+        args.turns,
+        system_tokens=args.system_tokens,
+        user_tokens=args.user_tokens,
+        reply_tokens=args.reply_tokens,
+        vocab=vocab,
+    )
 
 
 def multi_turn(

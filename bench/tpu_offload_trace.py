@@ -60,7 +60,7 @@ The JSON (`--json PATH`, and printed) has these keys:
   "prompt_tokens", "served_tokens" (scheduler-matched tokens, summed over requests), "loaded_blocks",
   "loaded_blocks_from_memory", "loaded_blocks_from_disk", "chunks_saved", "bytes_saved",
   "save_steps" (steps that saved), "save_s_median", "memcpy_s_median", "save_vs_memcpy_median",
-  "save_s_total", "load_read_s_median" (null when nothing loaded), "spills" (route (a): chunks moved to disk; else
+  "save_s_total", "load_read_s_median" (null when nothing loaded), "load_read_s_total" (0 when nothing loaded), "spills" (route (a): chunks moved to disk; else
   null), "by_request": {request id: {"prompt_tokens", "served_tokens", "loaded_blocks", "from_disk"}};
 - "not_measured": a list of sentences (what the module docstring says above, and anything skipped at run time).
 """
@@ -116,7 +116,7 @@ from vllm.v1.request import Request  # noqa: E402
 
 sys.path.insert(0, str(HERE))
 import _common  # noqa: E402
-from _trace import multi_turn  # noqa: E402
+import _trace  # noqa: E402
 
 from jaxkv.integrations import tpu_inference as route_a  # noqa: E402
 from jaxkv.tiers.blockformat import HEADER_BYTES, BlockKey, trailer_bytes  # noqa: E402
@@ -342,6 +342,7 @@ def summarize(name, stats: Stats, backend, *, num_cpu_chunks, host_bytes, disk_b
         "save_vs_memcpy_median": med(ratios) if ratios else None,
         "save_s_total": sum(stats.save_s),
         "load_read_s_median": med(stats.load_s) if stats.load_s else None,
+        "load_read_s_total": sum(stats.load_s),
         "spills": getattr(backend, "spills", None),
         "by_request": stats.by_request,
     }
@@ -399,13 +400,8 @@ def run_both(trace, args, shape: dict, work: Path) -> list[dict]:
 
 def main() -> None:
     p = _common.parser(__doc__)
-    p.add_argument("--conversations", type=int, default=8)
-    p.add_argument("--turns", type=int, default=4)
-    p.add_argument("--system-tokens", type=int, default=256)
-    p.add_argument("--user-tokens", type=int, default=64)
-    p.add_argument("--reply-tokens", type=int, default=32)
+    _trace.add_arguments(p, host_blocks=256)
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--host-blocks", type=int, default=256, help="host memory budget in blocks, both runs")
     p.add_argument(
         "--disk-blocks", type=int, default=None, help="route (a)'s disk, in blocks (default: the trace's blocks)"
     )
@@ -424,14 +420,7 @@ def main() -> None:
     logging.getLogger("vllm").setLevel(logging.WARNING)
     init_none_hash(sha256)
 
-    trace = multi_turn(
-        args.conversations,
-        args.turns,
-        system_tokens=args.system_tokens,
-        user_tokens=args.user_tokens,
-        reply_tokens=args.reply_tokens,
-        vocab=1000,
-    )
+    trace = _trace.from_arguments(args)
     B = args.block_size
     per_turn = [sum(-(-len(prompt) // B) for _, prompt in turn) for turn in trace]
     shape = {

@@ -8,6 +8,7 @@ jax.config.update("jax_platforms", "cpu")
 
 
 import pytest  # noqa: E402
+from redis_server import redis_server  # noqa: E402,F401  (a fresh redis-server per test)
 
 
 @pytest.fixture(params=["native", "xla"])
@@ -29,18 +30,6 @@ def host_backend(request, monkeypatch):
 
     monkeypatch.setattr(host, "_auto_backend", lambda: request.param)
     return request.param
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    """A fresh redis-server on a free 127.0.0.1 port, no persistence; always stopped (by pid)."""
-    from redis_server import RedisServer
-
-    s = RedisServer(tmp_path / "redis")
-    try:
-        yield s.start()
-    finally:
-        s.stop()
 
 
 @pytest.fixture

@@ -17,16 +17,4 @@ jax.config.update("jax_num_cpu_devices", 8)
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parents[1] / "tests")]  # harness; the core suite's redis server helper
 
-import pytest  # noqa: E402
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    """A fresh redis-server on a free 127.0.0.1 port (the core suite's helper); always stopped (by pid)."""
-    from redis_server import RedisServer
-
-    s = RedisServer(tmp_path / "redis")
-    try:
-        yield s.start()
-    finally:
-        s.stop()
+from redis_server import redis_server  # noqa: E402,F401  (the core suite's fixture)

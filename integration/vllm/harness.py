@@ -299,10 +299,15 @@ class Engine:
         tp: int = 4,
         prefix_caching: bool = True,
         on_load_failure: str = "recompute",
+        batched_tokens: int = 64,
     ):
         init_none_hash(sha256)
         self.config = vllm_config(
-            extra, num_blocks=num_blocks, prefix_caching=prefix_caching, on_load_failure=on_load_failure
+            extra,
+            num_blocks=num_blocks,
+            prefix_caching=prefix_caching,
+            on_load_failure=on_load_failure,
+            batched_tokens=batched_tokens,
         )
         kv_config = kv_cache_config(num_blocks, kv_heads)
         self.scheduler = Scheduler(
