@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds integration/tpu_inference/.venv (once; later runs reuse it) with tpu-inference 0.25.0, the vLLM it
+# Builds a venv (once, under $JAXKV_VENVS, default ~/.cache/jaxkv-venvs; later runs and clones reuse it;
+# integration/tpu_inference/.venv links to it) with tpu-inference 0.25.0, the vLLM it
 # was released with and jaxkv, then runs the tests in integration/tpu_inference in it (extra arguments go to
 # pytest), then bench/tpu_offload_trace.py --quick (tpu-inference's connector on the multi-turn trace; its JSON
 # goes to a temporary directory, removed at the end).
@@ -12,7 +13,9 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-venv=$here/.venv
+# The venv lives outside the work tree (a clean clone, CI's, reuses it); integration/tpu_inference/.venv links to it.
+venvs=${JAXKV_VENVS:-${XDG_CACHE_HOME:-$HOME/.cache}/jaxkv-venvs}
+venv=$venvs/tpu-inference-0.25.0-py311
 done_marker=$venv/.jaxkv-setup-tpu-inference-0.25.0
 
 python=python3.11
@@ -24,7 +27,8 @@ command -v "$python" >/dev/null || python=python3
 
 start=$(date +%s)
 if [ ! -f "$done_marker" ]; then
-  rm -rf "$venv"
+  rm -rf "$venv"  # a build this script began and did not finish
+  mkdir -p "$venvs"
   "$python" -m venv "$venv"
   pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
   "${pip[@]}" tpu-inference==0.25.0
@@ -33,6 +37,7 @@ if [ ! -f "$done_marker" ]; then
     "${pip[@]}" --no-build-isolation vllm-tpu==0.25.0
   touch "$done_marker"
 fi
+ln -sfn "$venv" "$here/.venv"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$repo[remote]"
 echo "run.sh: install took $(($(date +%s) - start)) s; venv $(du -sh "$venv" | cut -f1);" \
   "$("$venv/bin/python" -m pip list 2>/dev/null | grep -E '^(tpu_inference|tpu-inference|vllm-tpu|jax|torch) ' | tr -s ' ' | paste -sd, -)"
