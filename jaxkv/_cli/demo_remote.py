@@ -117,8 +117,10 @@ def _delete_prefix(client, prefix: str, shown: str) -> int:
     """Delete the keys under `prefix` (one DEL per key: works on a cluster too); how many. Logs a failure."""
     import redis
 
+    from jaxkv.tiers.remote import glob_escape
+
     try:
-        keys = list(client.scan_iter(match=prefix + "*", count=1000))
+        keys = list(client.scan_iter(match=glob_escape(prefix.encode()) + b"*", count=1000))
         pipe = client.pipeline(transaction=False)
         for key in keys:
             pipe.delete(key)
