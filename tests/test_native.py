@@ -203,7 +203,9 @@ def test_batches_above_the_streaming_threshold_are_bit_exact(d2h_path, copy_poli
     slots = rng.permutation(64).astype(np.int32)
     engine = OffloadEngine(src, 64, d2h_path=d2h_path)
     assert engine.h2d_path == "pool"
+    before = native.copy_stats()
     engine.d2h(src, ids, slots).synchronize()
+    streamed(before, 2 * 64 * params.shard_bytes_per_page(2))  # one batch per shard
 
     def by_tp(array):  # each shard's bytes, in TP order (the order of a host row's units)
         pieces = sorted(array.addressable_shards, key=lambda s: s.index[4].start or 0)
@@ -214,8 +216,10 @@ def test_batches_above_the_streaming_threshold_are_bit_exact(d2h_path, copy_poli
     assert engine.host_pool[slots].tobytes() == want.tobytes()  # D2H: copy_rows / the gather kernel
 
     dst = allocate_buffer(params, tp_mesh(2), 80)
+    before = native.copy_stats()
     dst, t = engine.h2d(dst, slots, ids)  # H2D: scatter_from_pool, streaming
     t.synchronize()
+    streamed(before, 2 * 64 * params.shard_bytes_per_page(2))
     got = by_tp(dst.values)
     for sh_src, sh_dst in zip(shards, got, strict=True):
         assert sh_dst[ids].tobytes() == sh_src[ids].tobytes()
@@ -224,8 +228,29 @@ def test_batches_above_the_streaming_threshold_are_bit_exact(d2h_path, copy_poli
     # The plain scatter kernel (KVCacheMemory.write_pages), streaming too.
     unit = dst.to_memory()[0]
     rows = rng.integers(0, 256, size=(64, unit.bytes_per_page), dtype=np.uint8)
+    before = native.copy_stats()
     new_unit = unit.write_pages(ids, rows)
     assert np.asarray(new_unit.read_pages(ids)).tobytes() == rows.tobytes()
+    streamed(before, 2 * rows.nbytes)  # the scatter, then the gather that reads it back
+
+
+def streamed(before: native.CopyStats, nbytes: int) -> None:
+    """The copies since `before` streamed `nbytes` in batches split over two threads (the paths under test)."""
+    done = native.copy_stats() - before
+    assert done.streamed_bytes == nbytes and done.streamed_batches == done.batches > 0, done
+    assert done.split_batches == done.batches, done
+
+
+@needs_library
+def test_batches_below_the_threshold_neither_stream_nor_split(copy_policy):
+    copy_policy("stream=never,split=never")
+    before = native.copy_stats()
+    rows = np.random.default_rng(1).integers(0, 256, size=(64, 1 << 16), dtype=np.uint8)
+    out = np.zeros_like(rows)
+    native.copy_rows(out, np.arange(64, dtype=np.int32), rows, np.arange(64, dtype=np.int32)[::-1].copy())
+    assert out.tobytes() == rows[::-1].tobytes()
+    done = native.copy_stats() - before
+    assert done.batches == 1 and done.streamed_batches == done.split_batches == done.streamed_bytes == 0, done
 
 
 MIB = 2**20

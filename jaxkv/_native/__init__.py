@@ -124,6 +124,9 @@ def library() -> ctypes.CDLL | None:
         lib.jaxkv_copy_policy_set.argtypes = [ctypes.c_char_p]
         lib.jaxkv_copy_policy_current.restype = None
         lib.jaxkv_copy_policy_current.argtypes = [ctypes.c_void_p]
+    if hasattr(lib, "jaxkv_copy_stats"):
+        lib.jaxkv_copy_stats.restype = None
+        lib.jaxkv_copy_stats.argtypes = [ctypes.c_void_p]
         spec = os.environ.get("JAXKV_COPY_POLICY", "")
         if _choose(lib, spec, 0, 1, 64) is None:
             warnings.warn(f"jaxkv: ignored JAXKV_COPY_POLICY: {_bad_spec(lib, spec)}", stacklevel=2)
@@ -222,6 +225,33 @@ def copy_policy() -> CopyPolicy:
     out = (ctypes.c_int64 * 5)()
     lib.jaxkv_copy_policy_current(out)
     return _policy(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class CopyStats:
+    """What the native page copies did since the process started (`copy_stats`)."""
+
+    batches: int
+    """Batches copied (one per gather, scatter or row copy call)."""
+    streamed_batches: int
+    """Of them, copied with streaming (non-temporal) stores."""
+    streamed_bytes: int
+    """Bytes of the streamed batches."""
+    split_batches: int
+    """Of them, split between two threads."""
+
+    def __sub__(self, other: CopyStats) -> CopyStats:
+        return CopyStats(*(a - b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other), strict=True)))
+
+
+def copy_stats() -> CopyStats:
+    """Counters of the native page copies: which path each batch took (subtract two snapshots for one call's)."""
+    lib = _library_or_raise()
+    if not hasattr(lib, "jaxkv_copy_stats"):
+        raise RuntimeError(f"{library_path()} predates copy_stats; reinstall jaxkv to rebuild it")
+    out = (ctypes.c_int64 * 4)()
+    lib.jaxkv_copy_stats(out)
+    return CopyStats(*(int(v) for v in out))
 
 
 def set_copy_policy(spec: str | None = None) -> CopyPolicy:

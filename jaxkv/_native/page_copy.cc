@@ -179,6 +179,9 @@ std::atomic<int64_t> g_store_bytes{16};
 CopyPolicy g_policy{};  // written under g_policy_mutex, for reporting
 std::mutex g_policy_mutex;
 
+// What the copies did (`jaxkv_copy_stats`): tests assert the path a batch took, not only its bytes.
+std::atomic<int64_t> g_batches{0}, g_streamed_batches{0}, g_streamed_bytes{0}, g_split_batches{0};
+
 // (Re)choose the process's policy from the machine and `spec`; 0 or 1 + the bad offset.
 int SetPolicy(const char* spec) {
   CopyPolicy policy;
@@ -302,10 +305,18 @@ void ForPages(int64_t k, size_t batch_bytes, Body body) {
     body(begin, end, stream);
     FenceStreams(stream);
   };
+  g_batches.fetch_add(1, std::memory_order_relaxed);
+#ifdef JAXKV_STREAM_STORES
+  if (stream) {
+    g_streamed_batches.fetch_add(1, std::memory_order_relaxed);
+    g_streamed_bytes.fetch_add(batch, std::memory_order_relaxed);
+  }
+#endif
   if (k < 2 || batch < g_split_min_bytes.load(std::memory_order_relaxed)) {
     run(int64_t{0}, k);
     return;
   }
+  g_split_batches.fetch_add(1, std::memory_order_relaxed);
   const int64_t half = k / 2;
   std::thread other([&run, half, k] { run(half, k); });
   run(int64_t{0}, half);
@@ -586,6 +597,12 @@ extern "C" void jaxkv_copy_policy_current(int64_t* out) {
   std::lock_guard<std::mutex> lock(g_policy_mutex);
   out[0] = g_policy.l3_bytes, out[1] = g_policy.cores;
   out[2] = g_policy.stream_min_bytes, out[3] = g_policy.split_min_bytes, out[4] = g_policy.store_bytes;
+}
+
+// Batches copied so far, of which streamed (and their bytes) and split over two threads.
+extern "C" void jaxkv_copy_stats(int64_t* out) {
+  out[0] = g_batches.load(), out[1] = g_streamed_batches.load();
+  out[2] = g_streamed_bytes.load(), out[3] = g_split_batches.load();
 }
 
 // Rechoose the policy from the machine with `spec`'s overrides (tests and
