@@ -135,7 +135,7 @@ def scenarios(args, turns, last, work: Path) -> list[dict]:
     disk = {**host, "disk_directory": str(work / "blocks"), "disk_bytes": 1 << 30}
     rows = []
 
-    def scenario(name, extra, trace, *, tp=4, keep=False, prefix_caching=True, batched_tokens=64):
+    def scenario(name, extra, trace, *, tp=4, keep=False, prefix_caching=True, batched_tokens=64, reply_tokens=None):
         blocks = args.device_blocks if prefix_caching else 8 * args.device_blocks  # no device cache: room for a turn
         engine = Engine(
             extra,
@@ -146,7 +146,7 @@ def scenarios(args, turns, last, work: Path) -> list[dict]:
             batched_tokens=batched_tokens,
         )
         try:
-            replay(engine, trace, args.reply_tokens)
+            replay(engine, trace, args.reply_tokens if reply_tokens is None else reply_tokens)
             rows.append(account(name, engine, trace))
         finally:
             if not keep:
@@ -154,9 +154,10 @@ def scenarios(args, turns, last, work: Path) -> list[dict]:
         return engine
 
     scenario("vLLM alone", None, turns)
-    # As tpu-inference's run of the same trace (bench/tpu_offload_trace.py): every hit is the connector's, and
-    # each turn's prefills run in one step (a token budget that holds them all).
-    scenario("jaxkv host, no device cache", host, turns, prefix_caching=False, batched_tokens=1 << 14)
+    # As tpu-inference's run of the same trace (bench/tpu_offload_trace.py): every hit is the connector's, each
+    # turn's prefills run in one step (a token budget that holds them all), and no decode steps (its driver runs
+    # none; its connector saves no decode tokens by default): one sampled token per request.
+    scenario("jaxkv host, no device cache", host, turns, prefix_caching=False, batched_tokens=1 << 14, reply_tokens=1)
     scenario("+ jaxkv host", host, turns)
     scenario("+ jaxkv host+disk", disk, turns)
     scenario("restart, last turn (disk)", disk, last)
@@ -278,7 +279,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ("jaxkv_disk", "jaxkv disk"),
         ("jaxkv_remote", "jaxkv Redis"),
     ]
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = plt.subplots(figsize=(10, 4.6))
     left = np.zeros(len(rows))
     for key, label in kinds:
         vals = np.array([r.get(key, 0) / r["prompt_tokens"] for r in rows])
@@ -287,7 +288,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_yticks(range(len(rows)), [r["scenario"] for r in rows])
     ax.invert_yaxis()
     ax.set_xlabel("share of prompt tokens")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=len(kinds), fontsize=8, frameon=False)
     ax.set_title("Where prompt tokens came from (vLLM 0.33 scheduler, jaxkv connector)")
     path.parent.mkdir(parents=True, exist_ok=True)
     _common.save_figure(fig, path)
