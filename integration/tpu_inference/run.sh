@@ -44,6 +44,8 @@ echo "run.sh: install took $(($(date +%s) - start)) s; venv $(du -sh "$venv" | c
 
 cd "$repo"
 "$venv/bin/python" -m pytest -q -p no:cacheprovider integration/tpu_inference "$@"
+# The module imports tpu-inference: its types are checked here, against tpu-inference's sources.
+PYRIGHT_PYTHON_IGNORE_WARNINGS=1 .venv/bin/pyright --venvpath "$here" jaxkv/integrations/tpu_inference.py
 
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
