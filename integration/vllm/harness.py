@@ -21,8 +21,10 @@ the wrong block, a stale block or garbage fails the step it is used in.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
+import shutil
 import tempfile
 import time
 
@@ -79,6 +81,7 @@ def model_dir() -> str:
         from transformers import LlamaConfig
 
         _MODEL_DIR = tempfile.mkdtemp(prefix="jaxkv-vllm-model-")
+        atexit.register(shutil.rmtree, _MODEL_DIR, ignore_errors=True)  # the directory this process made
         LlamaConfig(
             vocab_size=VOCAB,
             hidden_size=128,
