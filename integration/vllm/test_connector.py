@@ -20,6 +20,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCache
 from jaxkv.integrations.vllm import JaxkvConnector, JaxkvConnectorMetadata
 
 MiB = 1 << 20
+BLOCK_BYTES = 3 * BLOCK * 8 * 2 * 32 * 2  # harness: 3 layers, 8 KV heads x (K, V) x 32 dims, bf16
 PREFIX, SUFFIX = 100, 40  # 6 full blocks of shared prefix
 
 
@@ -132,6 +133,24 @@ def test_a_restart_serves_the_prefix_from_disk(tmp_path):
         assert second.connector.served == {}
         run_one(second, "b", b)
         assert second.connector.served == {"disk": 6 * BLOCK}
+    finally:
+        second.close()
+
+
+def test_a_prefix_longer_than_host_memory_loads_what_host_slots_hold(tmp_path):
+    """Loads pass through host memory: a restart with 4 host slots serves 4 of the 6 blocks on disk."""
+    a, b = shared_prompts(2, PREFIX, SUFFIX, seed=14)
+    first = Engine(with_disk(tmp_path), tp=4, prefix_caching=False)
+    try:
+        run_one(first, "a", a)
+    finally:
+        first.close()
+    small = {**with_disk(tmp_path), "host_bytes": 4 * BLOCK_BYTES}
+    second = Engine(small, tp=4, prefix_caching=False)
+    try:
+        assert second.connector.store.host.num_slots == 4
+        run_one(second, "b", b)
+        assert second.connector.served == {"disk": 4 * BLOCK}
     finally:
         second.close()
 

@@ -426,6 +426,8 @@ class _SchedulerSide:
         state = self.requests.get(request.request_id) or _Request(request)
         self.requests[request.request_id] = state
         held = len(self.store.lookup(self._hashes(state, limit)))
+        # A load passes through host memory: at most its slots' worth of blocks at once.
+        held = min(held, local + self.store.host.num_slots)
         if held <= local:
             return 0
         self.matched_blocks[request.request_id] = (local, held - local)
