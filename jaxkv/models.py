@@ -35,26 +35,31 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxkv._checks import check_non_negative_int, check_positive_int
-from jaxkv.attention.xla import IMPLS, paged_attention_shard
-from jaxkv.layout.buffer import KVCacheBuffer, allocate_buffer, check_tp_mesh
-from jaxkv.layout.pages import PageIds, bucket, check_page_ids, check_unique
+from jaxkv._decoder import (
+    MIN_PREFILL_TOKENS,
+    PagedDecoder,
+    check_tp_split,
+    einsum,
+    forward,
+    gqa,
+    matmul,
+    rms_norm,
+    rope,
+    rope_inv_freq,
+)
+from jaxkv.attention.xla import IMPLS
+from jaxkv.layout.buffer import KVCacheBuffer
 from jaxkv.layout.params import KVCacheParams, KVCacheQuantConfig
-from jaxkv.prefix.pool import NULL_PAGE
 
-MIN_PREFILL_TOKENS = 16
-"""Smallest token bucket of a multi-token step. Buckets 2, 4 and 8 would each compile a program of their
-own for a few tokens (seconds each: docs/benchmarks.md, "Measurements behind the rules", "Toy model");
-padding them to 16 costs a tiny model nothing measurable."""
+__all__ = ["MIN_PREFILL_TOKENS", "TinyConfig", "TinyModel"]
 
 KINDS = ("mha", "mla")
 UNQUANTIZED_CACHE_DTYPES = ("bfloat16", "float16", "float32")
@@ -72,11 +77,6 @@ ROPE_THETA = 10_000.0
 """RoPE base frequency (Llama 2)."""
 
 NORM_EPS = 1e-6
-_HIGHEST = lax.Precision.HIGHEST  # full float32 matmuls on every backend
-
-
-_einsum = functools.partial(jnp.einsum, precision=_HIGHEST)
-_matmul = functools.partial(jnp.matmul, precision=_HIGHEST)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +158,16 @@ class TinyConfig:
     def cache_head_dim(self) -> int:
         """Width of one cached vector: head_dim (mha) or kv_lora_rank + rope_dim (mla)."""
         return self.head_dim if self.kind == "mha" else self.kv_lora_rank + self.rope_dim
+
+    @property
+    def norm_eps(self) -> float:
+        """RMSNorm's epsilon (`NORM_EPS`)."""
+        return NORM_EPS
+
+    @property
+    def rope_inv_freq(self) -> tuple[float, ...]:
+        """RoPE's inverse frequencies over the rotated width: head_dim (mha) or rope_dim (mla), base `ROPE_THETA`."""
+        return rope_inv_freq(ROPE_THETA, self.head_dim if self.kind == "mha" else self.rope_dim)
 
     @property
     def mlp_dim(self) -> int:
@@ -247,71 +257,27 @@ def _init_weights(c: TinyConfig, shapes: dict, rng: np.random.Generator) -> dict
 # -- the per-shard forward pass -------------------------------------------------------
 
 
-def _rms_norm(x: jax.Array, weight: jax.Array) -> jax.Array:
-    return x * lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + NORM_EPS) * weight
-
-
-def _rope(x: jax.Array, pos: jax.Array) -> jax.Array:
-    """Rotate x [T, heads, d] by its positions pos [T] (rotate-half convention)."""
-    half = x.shape[-1] // 2
-    freqs = ROPE_THETA ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles = pos.astype(jnp.float32)[:, None] * freqs  # [T, half]
-    cos, sin = jnp.cos(angles)[:, None], jnp.sin(angles)[:, None]
-    x1, x2 = x[..., :half], x[..., half:]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
-def _gqa(c: TinyConfig, w: dict, h: jax.Array, pos, cache, attend) -> tuple[jax.Array, KVCacheBuffer]:
-    """This shard's heads of Llama-style attention; returns its partial output [T, d] and the cache."""
-    q = _rope(_einsum("td,dhk->thk", h, w["wq"]), pos)
-    k = _rope(_einsum("td,dhk->thk", h, w["wk"]), pos)
-    v = _einsum("td,dhk->thk", h, w["wv"])
-    out, cache = attend(cache, q, k, v, softmax_scale=1 / math.sqrt(c.head_dim), value_dim=None)
-    return _einsum("thk,hkd->td", out, w["wo"]), cache
-
-
 def _mla(c: TinyConfig, w: dict, h: jax.Array, pos, cache, attend) -> tuple[jax.Array, KVCacheBuffer]:
     """This shard's heads of absorbed multi-head latent attention; the latent is computed on every shard."""
-    q = _einsum("td,dhk->thk", h, w["wq"])
-    q_nope, q_rope = q[..., : c.head_dim], _rope(q[..., c.head_dim :], pos)
-    latent = _matmul(h, w["w_dkv"])  # replicated weights: every shard computes the same latent
-    c_kv = _rms_norm(latent[:, : c.kv_lora_rank], w["kv_norm"])
-    k_rope = _rope(latent[:, None, c.kv_lora_rank :], pos)  # one RoPE key shared by all heads
+    q = einsum("td,dhk->thk", h, w["wq"])
+    q_nope, q_rope = q[..., : c.head_dim], rope(q[..., c.head_dim :], pos, c.rope_inv_freq)
+    latent = matmul(h, w["w_dkv"])  # replicated weights: every shard computes the same latent
+    c_kv = rms_norm(latent[:, : c.kv_lora_rank], w["kv_norm"], c.norm_eps)
+    k_rope = rope(latent[:, None, c.kv_lora_rank :], pos, c.rope_inv_freq)  # one RoPE key shared by all heads
     cached = jnp.concatenate([c_kv[:, None], k_rope], axis=-1)  # [T, 1, kv_lora_rank + rope_dim]
-    q_absorbed = jnp.concatenate([_einsum("thk,hkr->thr", q_nope, w["w_uk"]), q_rope], axis=-1)
+    q_absorbed = jnp.concatenate([einsum("thk,hkr->thr", q_nope, w["w_uk"]), q_rope], axis=-1)
     scale = 1 / math.sqrt(c.head_dim + c.rope_dim)  # of the un-absorbed query/key width
     out, cache = attend(cache, q_absorbed, cached, None, softmax_scale=scale, value_dim=c.kv_lora_rank)
-    return _einsum("thk,hkd->td", _einsum("thr,hrk->thk", out, w["w_uv"]), w["wo"]), cache
-
-
-def _attend_one(cache, q, k, v, *, layer: int, page_table, start_pos, q_len, **kw):
-    """`paged_attention_shard` for one sequence: a batch of 1 in, [T, heads, dv] out."""
-    v = None if v is None else v[None]
-    out, cache = paged_attention_shard(
-        cache, layer, q[None], k[None], v, page_table[None], start_pos[None], q_len[None], **kw
-    )
-    return out[0], cache
+    return einsum("thk,hkd->td", einsum("thr,hrk->thk", out, w["w_uv"]), w["wo"]), cache
 
 
 def _forward(c: TinyConfig, tp_axis: str, weights, cache, tokens, start_pos, q_len, page_table):
     """One sequence on one shard: tokens [T] (padded) at start_pos..; returns (logits [T, vocab], cache)."""
-    pos = start_pos + jnp.arange(tokens.shape[0])
-    attention = _mla if c.kind == "mla" else _gqa
-    x = weights["embed"][tokens]
-    for layer in range(c.n_layers):
-        w = {name: a[layer] for name, a in weights["layers"].items()}
-        attend = functools.partial(
-            _attend_one, layer=layer, page_table=page_table, start_pos=start_pos, q_len=q_len, impl=c.attention
-        )
-        out, cache = attention(c, w, _rms_norm(x, w["attn_norm"]), pos, cache, attend)
-        x = x + lax.psum(out, tp_axis)
-        h = _rms_norm(x, w["mlp_norm"])
-        mlp = jax.nn.silu(_matmul(h, w["w_gate"])) * _matmul(h, w["w_up"])
-        x = x + lax.psum(_matmul(mlp, w["w_down"]), tp_axis)
-    return _matmul(_rms_norm(x, weights["final_norm"]), weights["unembed"]), cache
+    attention = _mla if c.kind == "mla" else gqa
+    return forward(c, tp_axis, attention, weights, cache, tokens, start_pos, q_len, page_table)
 
 
-class TinyModel:
+class TinyModel(PagedDecoder):
     """A `TinyConfig` decoder with random weights, sharded over `mesh`'s `tp_axis`.
 
     Reads and writes a paged cache laid out by `cache_params`; `prefill` runs
@@ -322,13 +288,7 @@ class TinyModel:
     def __init__(self, config: TinyConfig, mesh: Mesh, tp_axis: str = "tp"):
         if not isinstance(config, TinyConfig):
             raise ValueError(f"config must be a TinyConfig, got {type(config).__name__}")
-        tp = check_tp_mesh(mesh, tp_axis)
-        for field, n in config.tp_split().items():
-            if n % tp:
-                raise ValueError(
-                    f"{field} ({n}) must be divisible by the TP degree ({tp}) of mesh axis {tp_axis!r}, "
-                    f"but {n} % {tp} = {n % tp}"
-                )
+        tp = check_tp_split(config.tp_split(), mesh, tp_axis)
         self.config = config
         """The model's shape and seed."""
         self.mesh = mesh
@@ -343,108 +303,7 @@ class TinyModel:
         self.weights = jax.tree.map(lambda w, spec: jax.device_put(w, NamedSharding(mesh, spec)), weights, specs)
         """Global float32 weights, sharded as Megatron-style TP."""
 
-        replicated = self.cache_params.replicated(tp)
-        cache_spec = P() if replicated else P(None, None, None, None, tp_axis, None)
-        self._cache_sharding = NamedSharding(mesh, cache_spec)
-        scale_spec = cache_spec if self.cache_params.quant is not None else None
-        cache_specs = KVCacheBuffer.tree_unflatten(replicated, (cache_spec, scale_spec))
-        step = jax.shard_map(
-            functools.partial(_forward, config, tp_axis),
-            mesh=mesh,
-            in_specs=(specs, cache_specs, P(), P(), P(), P()),
-            out_specs=(P(), cache_specs),
-            check_vma=False,
-        )
-        # Pin the returned cache to allocate_buffer's sharding: shard_map would spell a replicated
-        # spec P() as P(None, ...), a different jit cache key on the next call.
-        cache_shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), cache_specs)
-        self._step = jax.jit(step, donate_argnums=1, out_shardings=(NamedSharding(mesh, P()), cache_shardings))
-
-    def allocate_cache(self, num_pages: int) -> KVCacheBuffer:
-        """A zeroed cache of `num_pages` pages (page 0 is the null page) for this model."""
-        return allocate_buffer(self.cache_params, self.mesh, num_pages, tp_axis=self.tp_axis)
-
-    def prefill(
-        self,
-        cache: KVCacheBuffer,
-        token_ids: Sequence[int] | np.ndarray | jax.Array,
-        start_pos: int,
-        page_table: PageIds,
-    ) -> tuple[jax.Array, KVCacheBuffer]:
-        """Run token_ids (1-D ints, length T >= 1) at positions [start_pos, start_pos+T) for ONE sequence,
-        attending to the cached positions [0, start_pos) through page_table (1-D int32 page ids covering at least
-        ceil((start_pos+T)/page_size) pages; may be longer/padded with 0). Writes their K/V into the pages, cache
-        donated. Returns (logits float32 [T, vocab] as a jax.Array, new cache).
-
-        Internally T is padded to a power-of-two bucket (at least
-        `MIN_PREFILL_TOKENS` when T > 1: decode steps stay at T = 1) and the page table to
-        the power-of-two width >= its length (entries past the pages in use
-        become the null page): one compiled program per (token bucket, table
-        width bucket). A server that passes tables of one fixed width compiles
-        one program per token bucket, and attention then spans that width.
-        Returns once the step has run: the logits are cut to T on the host.
-        """
-        tokens = self._check_tokens(token_ids)
-        start_pos = check_non_negative_int("start_pos", start_pos)
-        self._check_cache(cache)
-        table = check_page_ids(page_table, cache.total_num_pages, name="page_table")
-        n, page_size = tokens.size, self.config.page_size
-        end = start_pos + n
-        used = -(-end // page_size)
-        if table.size < used:
-            raise ValueError(
-                f"page_table has {table.size} pages but positions [0, {end}) need ceil({end} / {page_size}) = {used}"
-            )
-        in_use = table[:used]
-        if (in_use == NULL_PAGE).any():
-            i = int(np.argmax(in_use == NULL_PAGE))
-            raise ValueError(
-                f"page_table[{i}] is the null page {NULL_PAGE}, but positions [{i * page_size}, "
-                f"{(i + 1) * page_size}) need a real page: pad with {NULL_PAGE} only past entry {used - 1}"
-            )
-        check_unique(in_use, name="page_table")
-        padded_tokens = np.zeros(bucket(n) if n == 1 else max(bucket(n), MIN_PREFILL_TOKENS), np.int32)
-        padded_tokens[:n] = tokens
-        padded_table = np.full(bucket(table.size), NULL_PAGE, np.int32)
-        padded_table[:used] = in_use
-        logits, cache = self._step(self.weights, cache, padded_tokens, np.int32(start_pos), np.int32(n), padded_table)
-        # Cut the padding on the host: slicing on device compiles one program per distinct T
-        # (docs/benchmarks.md, "Toy model"). The copy waits for the step, so prefill returns when it is done.
-        return jax.device_put(np.asarray(logits)[:n], self.mesh.devices.flat[0]), cache
-
-    def _check_tokens(self, token_ids) -> np.ndarray:
-        tokens = np.asarray(token_ids)
-        if tokens.ndim != 1 or tokens.size == 0 or not np.issubdtype(tokens.dtype, np.integer):
-            raise ValueError(
-                f"token_ids must be a non-empty 1-D sequence of ints, got shape {tokens.shape} dtype {tokens.dtype}"
-            )
-        lo, hi = int(tokens.min()), int(tokens.max())
-        if lo < 0 or hi >= self.config.vocab:
-            raise ValueError(f"token_ids contains {lo if lo < 0 else hi}, outside [0, vocab={self.config.vocab})")
-        return tokens.astype(np.int32)
-
-    def _check_cache(self, cache) -> None:
-        if not isinstance(cache, KVCacheBuffer):
-            raise ValueError(f"cache must be a KVCacheBuffer, got {type(cache).__name__}")
-        arrays = [cache.values] + ([] if cache.scales is None else [cache.scales])
-        if any(a.is_deleted() for a in arrays):
-            raise ValueError(
-                "cache has been donated (its arrays are deleted); pass the cache the last prefill returned"
-            )
-        p = self.cache_params
-        want = (p.kv_dim, p.num_layers, p.page_size, p.n_kv_heads, p.head_dim)
-        got = tuple(cache.values.shape[1:])
-        if got != want or cache.values.dtype != p.dtype or (cache.scales is None) != (p.quant is None):
-            raise ValueError(
-                f"cache {cache!r} does not match this model's cache_params: expected values "
-                f"{p.dtype.name}[pages, {', '.join(map(str, want))}]"
-                f"{'' if p.quant is None else ' with scales'}; allocate it with model.allocate_cache(num_pages)"
-            )
-        if not all(a.sharding.is_equivalent_to(self._cache_sharding, a.ndim) for a in arrays):
-            raise ValueError(
-                f"cache is placed as {cache.values.sharding}, but this model runs on {self._cache_sharding}; "
-                f"allocate it with model.allocate_cache(num_pages)"
-            )
+        self._build(functools.partial(_forward, config, tp_axis), specs, tp)
 
     def __repr__(self) -> str:
         return f"TinyModel({self.config}, TP {self.mesh.shape[self.tp_axis]} on {self.tp_axis!r})"
