@@ -13,7 +13,7 @@ and "layers", each entry stacked on a leading layer axis. GQA layers hold
 "attn_norm", "mlp_norm" [L, d]; "wq" [L, d, H, k], "wk"/"wv" [L, d, KV, k]
 (column-parallel over heads); "wo" [L, H, k, d] (row-parallel, psum after);
 "w_gate"/"w_up" [L, d, F] and "w_down" [L, F, d]; optionally "bq" [L, H, k],
-"bk"/"bv" [L, KV, k] (Qwen2) and "q_norm"/"k_norm" [L, k] (Qwen3's QK-norm).
+"bk"/"bv" [L, KV, k] (Qwen2), "bo" [L, d] (Llama's attention_bias) and "q_norm"/"k_norm" [L, k] (Qwen3's QK-norm).
 """
 
 from __future__ import annotations
@@ -34,13 +34,20 @@ from jaxkv._checks import check_non_negative_int
 from jaxkv.attention.xla import paged_attention_shard
 from jaxkv.layout.buffer import KVCacheBuffer, allocate_buffer, check_tp_mesh
 from jaxkv.layout.pages import PageIds, bucket, check_page_ids, check_unique
-from jaxkv.layout.params import KVCacheParams
+from jaxkv.layout.params import KVCacheParams, KVCacheQuantConfig
 from jaxkv.prefix.pool import NULL_PAGE
 
 MIN_PREFILL_TOKENS = 16
 """Smallest token bucket of a multi-token step. Buckets 2, 4 and 8 would each compile a program of their
 own for a few tokens (seconds each: docs/benchmarks.md, "Measurements behind the rules", "Toy model");
 padding them to 16 costs a tiny model nothing measurable."""
+
+UNQUANTIZED_CACHE_DTYPES = ("bfloat16", "float16", "float32")
+QUANTIZED_CACHE_DTYPES = ("float8_e4m3fn", "float8_e5m2", "int8")
+
+QUANT_GROUP = 32
+"""Largest scale group of a quantized cache; the granularity used is its gcd
+with the cached widths, so an MLA group never straddles latent and RoPE key."""
 
 _HIGHEST = lax.Precision.HIGHEST  # full float32 matmuls on every backend
 
@@ -65,6 +72,36 @@ class DecoderConfig(Protocol):
     def norm_eps(self) -> float: ...  # RMSNorm's epsilon
     @property
     def rope_inv_freq(self) -> tuple[float, ...]: ...  # RoPE's inverse frequencies, one per rotated pair
+
+
+def paged_cache_params(
+    cache_dtype: str,
+    *,
+    n_kv_heads: int,
+    head_dim: int,
+    num_layers: int,
+    page_size: int,
+    is_mla: bool = False,
+    widths: Sequence[int] = (),
+) -> KVCacheParams:
+    """The cache layout of a decoder: `cache_dtype` one of `UNQUANTIZED_CACHE_DTYPES` or `QUANTIZED_CACHE_DTYPES`
+    (float32 scales, in groups of gcd(`QUANT_GROUP`, *`widths`): `widths` are the parts of a cached vector a
+    group must not straddle)."""
+    dtypes = UNQUANTIZED_CACHE_DTYPES + QUANTIZED_CACHE_DTYPES
+    if cache_dtype not in dtypes:
+        raise ValueError(f"cache_dtype must be one of {', '.join(dtypes)}, got {cache_dtype!r}")
+    quant = None
+    if cache_dtype in QUANTIZED_CACHE_DTYPES:
+        quant = KVCacheQuantConfig(jnp.float32, granularity=math.gcd(QUANT_GROUP, *(widths or (head_dim,))))
+    return KVCacheParams(
+        dtype=jnp.dtype(cache_dtype),
+        n_kv_heads=n_kv_heads,
+        head_dim=head_dim,
+        num_layers=num_layers,
+        page_size=page_size,
+        is_mla=is_mla,
+        quant=quant,
+    )
 
 
 def rope_inv_freq(theta: float, dim: int) -> tuple[float, ...]:
@@ -131,6 +168,8 @@ def forward(c: DecoderConfig, tp_axis: str, attention: Attention, weights, cache
         )
         out, cache = attention(c, w, rms_norm(x, w["attn_norm"], c.norm_eps), pos, cache, attend)
         x = x + lax.psum(out, tp_axis)
+        if "bo" in w:  # the output projection's bias (Llama's attention_bias), once: after the sum over shards
+            x = x + w["bo"]
         h = rms_norm(x, w["mlp_norm"], c.norm_eps)
         mlp = jax.nn.silu(matmul(h, w["w_gate"])) * matmul(h, w["w_up"])
         x = x + lax.psum(matmul(mlp, w["w_down"]), tp_axis)

@@ -45,33 +45,30 @@ from jax.sharding import PartitionSpec as P
 from jaxkv._checks import check_non_negative_int, check_positive_int
 from jaxkv._decoder import (
     MIN_PREFILL_TOKENS,
+    QUANTIZED_CACHE_DTYPES,
+    UNQUANTIZED_CACHE_DTYPES,
     PagedDecoder,
     check_tp_split,
     einsum,
     forward,
     gqa,
     matmul,
+    paged_cache_params,
     rms_norm,
     rope,
     rope_inv_freq,
 )
 from jaxkv.attention.xla import IMPLS
 from jaxkv.layout.buffer import KVCacheBuffer
-from jaxkv.layout.params import KVCacheParams, KVCacheQuantConfig
+from jaxkv.layout.params import KVCacheParams
 
 __all__ = ["MIN_PREFILL_TOKENS", "TinyConfig", "TinyModel"]
 
 KINDS = ("mha", "mla")
-UNQUANTIZED_CACHE_DTYPES = ("bfloat16", "float16", "float32")
-QUANTIZED_CACHE_DTYPES = ("float8_e4m3fn", "float8_e5m2", "int8")
 
 MLP_EXPANSION = 2
 """SwiGLU hidden width in units of d_model (Llama uses about 8/3; 2 keeps the
 model tiny and the width divisible by small TP degrees)."""
-
-QUANT_GROUP = 32
-"""Largest scale group of a quantized cache; the granularity used is its gcd
-with the cached widths, so an MLA group never straddles latent and RoPE key."""
 
 ROPE_THETA = 10_000.0
 """RoPE base frequency (Llama 2)."""
@@ -182,18 +179,14 @@ class TinyConfig:
 
 def _cache_params(config: TinyConfig) -> KVCacheParams:
     mla = config.kind == "mla"
-    quant = None
-    if config.cache_dtype in QUANTIZED_CACHE_DTYPES:
-        widths = (config.kv_lora_rank, config.rope_dim) if mla else (config.head_dim,)
-        quant = KVCacheQuantConfig(jnp.float32, granularity=math.gcd(QUANT_GROUP, *widths))
-    return KVCacheParams(
-        dtype=jnp.dtype(config.cache_dtype),
+    return paged_cache_params(
+        config.cache_dtype,
         n_kv_heads=1 if mla else config.n_kv_heads,
         head_dim=config.cache_head_dim,
         num_layers=config.n_layers,
         page_size=config.page_size,
         is_mla=mla,
-        quant=quant,
+        widths=(config.kv_lora_rank, config.rope_dim) if mla else (config.head_dim,),
     )
 
 
