@@ -44,7 +44,7 @@ def hf_config(c: TinyConfig = TINY, **overrides) -> dict:
 def hf_tensors(model: TinyModel) -> dict[str, np.ndarray]:
     """TinyModel's weights in Hugging Face's layout: linear weights [out, in], heads flattened."""
     w = jax.tree.map(np.asarray, model.weights)
-    d = model.config.d_model
+    d = TINY.d_model
     out = {
         "model.embed_tokens.weight": w["embed"],
         "model.norm.weight": w["final_norm"],
