@@ -212,6 +212,14 @@ def _hf_name(gguf_name: str) -> str:
     raise GGUFError(f"tensor {gguf_name} has no Hugging Face llama counterpart (rope_freqs, biases: not converted)")
 
 
+def _gguf_name(hf_name: str) -> str:
+    for gguf_name, name in _TOP_TENSORS.items():
+        if name == hf_name:
+            return gguf_name
+    _, _, layer, rest = hf_name.split(".", 3)  # model.layers.N.<name>
+    return f"blk.{layer}.{next(g for g, h in _LAYER_TENSORS.items() if h == rest)}"
+
+
 def _weights(tensors: dict[str, Any], config: dict[str, Any]) -> dict[str, np.ndarray]:
     dequantize = _gguf_package("gguf.quants").dequantize
 
@@ -228,7 +236,10 @@ def _weights(tensors: dict[str, Any], config: dict[str, Any]) -> dict[str, np.nd
             raise GGUFError(f"tensor {name} ({names[name]}) is not expected for llama.block_count and the config")
     missing = sorted(set(expected) - set(names.values()))
     if missing:
-        raise GGUFError(f"tensor {missing[0]} is missing from the GGUF file ({len(missing)} missing in all)")
+        raise GGUFError(
+            f"tensor {_gguf_name(missing[0])} ({missing[0]}) is missing from the GGUF file"
+            f" ({len(missing)} missing in all)"
+        )
     out = {}
     for name, tensor in tensors.items():
         hf = names[name]
