@@ -70,6 +70,9 @@ class DemoConfig:
     """Paged attention implementation: 'auto', 'xla' or 'pallas' (on CPU in Pallas' interpret mode: slow)."""
     progress: bool = True
     """Show progress on stderr."""
+    checkpoint: str | None = None
+    """A Hugging Face checkpoint directory (config.json + *.safetensors, `jaxkv.hf`) to serve instead of the tiny
+    random model: `model` is then ignored, and the workload's token ids are drawn from its vocabulary."""
 
     def max_prompt_tokens(self) -> int:
         return self.system_tokens + self.turns * (self.user_tokens + self.reply_tokens)
@@ -212,16 +215,14 @@ def run_demo(cfg: DemoConfig) -> dict:
 
             shared = stack.enter_context(shared_server(cfg.remote, out))
         mesh = jax.make_mesh((tp,), ("tp",), devices=devices[:tp])
+        cache_dtype = "bfloat16" if cfg.dtype == "bf16" else "float8_e4m3fn"
         try:
-            model = TinyModel(
-                TinyConfig(
-                    kind=cfg.model,
-                    cache_dtype="bfloat16" if cfg.dtype == "bf16" else "float8_e4m3fn",
-                    seed=cfg.seed,
-                    attention=cfg.attention,
-                ),
-                mesh,
-            )
+            if cfg.checkpoint is not None:
+                model = _load_checkpoint(cfg, cfg.checkpoint, mesh, page_size, cache_dtype)
+            else:
+                model = TinyModel(
+                    TinyConfig(kind=cfg.model, cache_dtype=cache_dtype, seed=cfg.seed, attention=cfg.attention), mesh
+                )
         except ValueError as e:
             raise DemoError(str(e)) from e
 
@@ -241,6 +242,17 @@ def run_demo(cfg: DemoConfig) -> dict:
         disk_dir = Path(tempfile.mkdtemp(prefix="disk-", dir=out))
         stack.callback(shutil.rmtree, disk_dir, ignore_errors=True)
         return _serve(cfg, jax, jaxkv, model, events, layout, disk_dir, out, devices, shared)
+
+
+def _load_checkpoint(cfg: DemoConfig, directory: str, mesh, page_size: int, cache_dtype: str):
+    """`--checkpoint`'s model; DemoError when the hf extra is missing (ValueError for a checkpoint that does not fit)."""
+    try:
+        import jaxkv.hf
+    except ImportError as e:
+        raise DemoError(f"--checkpoint needs the hf extra (pip install 'jaxkv[hf]'): {e}") from e
+    return jaxkv.hf.load_checkpoint(
+        directory, mesh, page_size=page_size, cache_dtype=cache_dtype, attention=cfg.attention
+    )
 
 
 def _serve(cfg, jax, jaxkv, model, events, layout, disk_dir, out, devices, shared) -> dict:
