@@ -14,6 +14,8 @@ and "layers", each entry stacked on a leading layer axis. GQA layers hold
 (column-parallel over heads); "wo" [L, H, k, d] (row-parallel, psum after);
 "w_gate"/"w_up" [L, d, F] and "w_down" [L, F, d]; optionally "bq" [L, H, k],
 "bk"/"bv" [L, KV, k] (Qwen2), "bo" [L, d] (Llama's attention_bias) and "q_norm"/"k_norm" [L, k] (Qwen3's QK-norm).
+MLA layers (`mla`: TinyModel's "mla" kind, DeepSeek-V2/V3 checkpoints) hold the latent projections instead of
+"wq"/"wk"/"wv" (see `mla`).
 """
 
 from __future__ import annotations
@@ -141,6 +143,46 @@ def gqa(c: DecoderConfig, w: dict, h: jax.Array, pos, cache, attend) -> tuple[ja
     k = rope(project("k"), pos, c.rope_inv_freq)
     out, cache = attend(cache, q, k, project("v"), softmax_scale=1 / math.sqrt(c.head_dim), value_dim=None)
     return einsum("thk,hkd->td", out, w["wo"]), cache
+
+
+MLA_LATENT_NORM_EPS = 1e-6
+"""Epsilon of MLA's latent RMSNorms (of c_kv, and of the query latent): DeepSeek-V2/V3 build them as
+`DeepseekV2RMSNorm(kv_lora_rank)` with the class default 1e-6, not config.json's `rms_norm_eps`."""
+
+
+class MLAConfig(DecoderConfig, Protocol):
+    """What `mla` reads beyond `DecoderConfig`; `head_dim` is the width of the no-RoPE query/key part."""
+
+    @property
+    def kv_lora_rank(self) -> int: ...  # width of the cached latent c_kv
+    @property
+    def rope_dim(self) -> int: ...  # width of the decoupled RoPE query/key part
+
+
+def mla(c: MLAConfig, w: dict, h: jax.Array, pos, cache, attend) -> tuple[jax.Array, KVCacheBuffer]:
+    """This shard's heads of absorbed multi-head latent attention; the latent is computed on every shard.
+
+    The cache holds `[c_kv | k_rope]` per token (one vector, replicated over TP). Each head's no-RoPE query is
+    multiplied by its key up-projection `w_uk` into latent space, so scores are `[q_nope W_UK | q_rope] .
+    [c_kv | k_rope]` against the cache as is, and the attention-weighted latent is up-projected by `w_uv`
+    afterwards. Weights: "wq" [d, H, k + r] (or a query LoRA: "wq_a" [d, q_rank], "q_a_norm" [q_rank], "wq_b"
+    [q_rank, H, k + r]), "w_dkv" [d, kv_lora_rank + r], "kv_norm" [kv_lora_rank], "w_uk" [H, k, kv_lora_rank],
+    "w_uv" [H, kv_lora_rank, v], "wo" [H, v, d]; k = `head_dim`, r = `rope_dim`.
+    """
+    if "wq_a" in w:  # DeepSeek's q_lora_rank: down-project, normalise, up-project per head
+        q_latent = rms_norm(matmul(h, w["wq_a"]), w["q_a_norm"], MLA_LATENT_NORM_EPS)
+        q = einsum("tr,rhk->thk", q_latent, w["wq_b"])
+    else:
+        q = einsum("td,dhk->thk", h, w["wq"])
+    q_nope, q_rope = q[..., : c.head_dim], rope(q[..., c.head_dim :], pos, c.rope_inv_freq)
+    latent = matmul(h, w["w_dkv"])  # replicated weights: every shard computes the same latent
+    c_kv = rms_norm(latent[:, : c.kv_lora_rank], w["kv_norm"], MLA_LATENT_NORM_EPS)
+    k_rope = rope(latent[:, None, c.kv_lora_rank :], pos, c.rope_inv_freq)  # one RoPE key shared by all heads
+    cached = jnp.concatenate([c_kv[:, None], k_rope], axis=-1)  # [T, 1, kv_lora_rank + rope_dim]
+    q_absorbed = jnp.concatenate([einsum("thk,hkr->thr", q_nope, w["w_uk"]), q_rope], axis=-1)
+    scale = 1 / math.sqrt(c.head_dim + c.rope_dim)  # of the un-absorbed query/key width
+    out, cache = attend(cache, q_absorbed, cached, None, softmax_scale=scale, value_dim=c.kv_lora_rank)
+    return einsum("thk,hkd->td", einsum("thr,hrk->thk", out, w["w_uv"]), w["wo"]), cache
 
 
 Attention = Callable[..., tuple[jax.Array, KVCacheBuffer]]

@@ -37,7 +37,6 @@ import functools
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -49,17 +48,13 @@ from jaxkv._decoder import (
     UNQUANTIZED_CACHE_DTYPES,
     PagedDecoder,
     check_tp_split,
-    einsum,
     forward,
     gqa,
-    matmul,
+    mla,
     paged_cache_params,
-    rms_norm,
-    rope,
     rope_inv_freq,
 )
 from jaxkv.attention.xla import IMPLS
-from jaxkv.layout.buffer import KVCacheBuffer
 from jaxkv.layout.params import KVCacheParams
 
 __all__ = ["MIN_PREFILL_TOKENS", "TinyConfig", "TinyModel"]
@@ -250,23 +245,9 @@ def _init_weights(c: TinyConfig, shapes: dict, rng: np.random.Generator) -> dict
 # -- the per-shard forward pass -------------------------------------------------------
 
 
-def _mla(c: TinyConfig, w: dict, h: jax.Array, pos, cache, attend) -> tuple[jax.Array, KVCacheBuffer]:
-    """This shard's heads of absorbed multi-head latent attention; the latent is computed on every shard."""
-    q = einsum("td,dhk->thk", h, w["wq"])
-    q_nope, q_rope = q[..., : c.head_dim], rope(q[..., c.head_dim :], pos, c.rope_inv_freq)
-    latent = matmul(h, w["w_dkv"])  # replicated weights: every shard computes the same latent
-    c_kv = rms_norm(latent[:, : c.kv_lora_rank], w["kv_norm"], c.norm_eps)
-    k_rope = rope(latent[:, None, c.kv_lora_rank :], pos, c.rope_inv_freq)  # one RoPE key shared by all heads
-    cached = jnp.concatenate([c_kv[:, None], k_rope], axis=-1)  # [T, 1, kv_lora_rank + rope_dim]
-    q_absorbed = jnp.concatenate([einsum("thk,hkr->thr", q_nope, w["w_uk"]), q_rope], axis=-1)
-    scale = 1 / math.sqrt(c.head_dim + c.rope_dim)  # of the un-absorbed query/key width
-    out, cache = attend(cache, q_absorbed, cached, None, softmax_scale=scale, value_dim=c.kv_lora_rank)
-    return einsum("thk,hkd->td", einsum("thr,hrk->thk", out, w["w_uv"]), w["wo"]), cache
-
-
 def _forward(c: TinyConfig, tp_axis: str, weights, cache, tokens, start_pos, q_len, page_table):
     """One sequence on one shard: tokens [T] (padded) at start_pos..; returns (logits [T, vocab], cache)."""
-    attention = _mla if c.kind == "mla" else gqa
+    attention = mla if c.kind == "mla" else gqa
     return forward(c, tp_axis, attention, weights, cache, tokens, start_pos, q_len, page_table)
 
 

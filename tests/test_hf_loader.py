@@ -128,7 +128,7 @@ def refusal_cases():
     """(name, how the checkpoint is spoiled, tp, the message's start)."""
     return [
         ("unknown model_type", {"config": {"model_type": "gpt2"}}, 1,
-         "config.json: model_type 'gpt2' is not supported; expected one of ['llama', 'qwen2', 'qwen3']"),
+         "config.json: model_type 'gpt2' is not supported; expected one of ['deepseek_v2', 'deepseek_v3', 'llama', 'qwen2', 'qwen3']"),
         ("missing tensor", {"drop": "model.layers.1.mlp.up_proj.weight"}, 1,
          "checkpoint: tensor 'model.layers.1.mlp.up_proj.weight' is missing; expected shape [128, 64]"),
         ("wrong shape", {"reshape": ("model.layers.0.self_attn.k_proj.weight", (32, 64))}, 1,

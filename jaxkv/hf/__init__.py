@@ -18,7 +18,7 @@ per tensor: jaxkv/hf/_plan.py), register it with
 `ARCHITECTURES["<model_type>"] = build`, and import the module below.
 """
 
-from jaxkv.hf import llama  # noqa: F401  (registers llama, qwen2, qwen3)
+from jaxkv.hf import deepseek, llama  # noqa: F401  (registers deepseek_v2, deepseek_v3, llama, qwen2, qwen3)
 from jaxkv.hf._loader import CheckpointModel, load_checkpoint
 from jaxkv.hf._plan import ARCHITECTURES, ModelPlan, Weight, config_field
 
