@@ -3,8 +3,8 @@
 As test_reference.py does for the GQA families: a small random-initialised model from `DeepseekV2Config` /
 `DeepseekV3Config` (2 dense layers: `first_k_dense_replace` = `num_hidden_layers`, since jaxkv refuses MoE
 layers), saved with `save_pretrained` and loaded into jaxkv's absorbed MLA over the latent cache. Checked:
-prefill logits within float32 1e-4 relative, 32 greedy tokens identical to `generate(do_sample=False)` at TP 1
-and 2 (XLA) and TP 2 (Pallas, interpret mode), and a second request sharing a two-page prefix, served from
+prefill logits within float32 1e-4 relative, 32 greedy tokens identical to `generate(do_sample=False)` at TP 1,
+2 and 4 (XLA) and TP 2 (Pallas, interpret mode), and a second request sharing a two-page prefix, served from
 device, host memory, disk and Redis, token-identical; and an FP8 latent cache's logit error (measured 0.066-0.076
 relative, 11-16x bfloat16's 0.0042-0.0062: e4m3's 3 mantissa bits against bfloat16's 7).
 """
@@ -101,7 +101,7 @@ def reference(name: str) -> Reference:
     return _references[name]
 
 
-CASES = [(a, tp, "xla") for a in ARCHS for tp in (1, 2)] + [(a, 2, "pallas") for a in ARCHS]
+CASES = [(a, tp, "xla") for a in ARCHS for tp in (1, 2, 4)] + [(a, 2, "pallas") for a in ARCHS]
 
 
 @pytest.mark.parametrize(("arch", "tp", "impl"), CASES, ids=[f"{a}-tp{tp}-{impl}" for a, tp, impl in CASES])
