@@ -129,8 +129,8 @@ def refusal_cases():
         ("moe layers", {"config": {"first_k_dense_replace": 1}}, 1,
          "config.json: first_k_dense_replace (1) < num_hidden_layers (2) makes layers 1..1 mixture-of-experts "
          "(n_routed_experts 64), which is not supported"),
-        ("yarn", {"config": {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10_000.0, "factor": 40.0}}}, 1,
-         "config.json: rope_type 'yarn' is not supported; expected one of ('default', 'linear', 'llama3')"),
+        ("rope type", {"config": {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10_000.0, "factor": 4.0}}},
+         1, "config.json: rope_type 'dynamic' is not supported; expected one of ('default', 'linear', 'llama3')"),
         ("heads vs tp", {"config": {"num_attention_heads": 6, "num_key_value_heads": 6}}, 4,
          "num_attention_heads (6) must be divisible by the TP degree (4) of mesh axis 'tp', but 6 % 4 = 2"),
         ("missing tensor", {"drop": "model.layers.1.self_attn.kv_b_proj.weight"}, 2,

@@ -10,23 +10,26 @@ RoPE: DeepSeek rotates interleaved pairs (x0, x1), (x2, x3), ... of the RoPE dim
 default); jaxkv's `rope` rotates halves (x_i, x_{i + r/2}). The loader permutes the RoPE rows of `q_proj` /
 `q_b_proj` and `kv_a_proj_with_mqa` to evens-then-odds, so rotating halves of the permuted vector is the
 interleaved rotation of the original; scores are dot products over the same permutation of q and k, hence
-unchanged. The softmax scale is (qk_nope_head_dim + qk_rope_head_dim) ** -0.5.
+unchanged. The softmax scale is (qk_nope_head_dim + qk_rope_head_dim) ** -0.5. RoPE scalings: default,
+linear, llama3 and yarn (DeepSeek-V2/V3's own: its frequencies as transformers computes them; its mscale on the
+softmax and attention_factor on cos/sin are folded into the query weights at load).
 
 Refused with one line: mixture-of-experts layers (`first_k_dense_replace` < `num_hidden_layers` with
-`n_routed_experts` set: only dense MLPs are implemented), RoPE scalings other than default / linear / llama3
-(V3's yarn, whose mscale also changes the softmax scale), `attention_bias`, activations other than SiLU.
+`n_routed_experts` set: only dense MLPs are implemented), other RoPE scalings, `attention_bias`, activations
+other than SiLU.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
 from jaxkv._decoder import mla, paged_cache_params
 from jaxkv.attention.xla import IMPLS
 from jaxkv.hf._plan import ARCHITECTURES, ModelPlan, SafeSlice, Weight, as_is, config_field, heads_in, transposed
-from jaxkv.hf.llama import scaled_inv_freq
+from jaxkv.hf.llama import _rope_parameters, scaled_inv_freq
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 
@@ -63,6 +66,9 @@ class DeepseekConfig:
     """RoPE's inverse frequencies over qk_rope_head_dim, scaled as config.json says."""
     interleaved: bool
     """Whether the checkpoint's RoPE dims are interleaved pairs (permuted to halves at load)."""
+    query_scale: tuple[float, float]
+    """(no-RoPE, RoPE) factors folded into the query weights at load: yarn's softmax mscale squared on both, times
+    yarn's cos/sin amplitude (`attention_factor`) squared on the RoPE part; (1, 1) for plain RoPE."""
     page_size: int
     """Tokens per cache page."""
     cache_dtype: str
@@ -86,12 +92,6 @@ def _refuse_unsupported(hf: dict, n_layers: int) -> None:
             f"config.json: first_k_dense_replace ({dense}) < num_hidden_layers ({n_layers}) makes layers "
             f"{dense}..{n_layers - 1} mixture-of-experts (n_routed_experts {experts}), which is not supported; "
             f"expected first_k_dense_replace >= num_hidden_layers (dense MLP layers only)"
-        )
-    rope = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else hf.get("rope_scaling")
-    if isinstance(rope, dict) and rope.get("mscale_all_dim"):
-        raise ValueError(
-            f"config.json: RoPE mscale_all_dim ({rope['mscale_all_dim']}) is not supported (it scales the softmax); "
-            f"expected none"
         )
     heads, kv_heads = hf.get("num_attention_heads"), hf.get("num_key_value_heads")
     if kv_heads is not None and kv_heads != heads:
@@ -126,8 +126,9 @@ def build(hf: dict, *, page_size: int = 16, cache_dtype: str = "bfloat16", atten
         q_lora_rank=None if q_lora is None else config_field(hf, "q_lora_rank"),
         mlp_dim=config_field(hf, "intermediate_size"),
         norm_eps=config_field(hf, "rms_norm_eps", float, default=1e-6),
-        rope_inv_freq=scaled_inv_freq(hf, rope_dim),
+        rope_inv_freq=_inv_freq(hf, rope_dim),
         interleaved=model_type == "deepseek_v2" or config_field(hf, "rope_interleave", bool, default=True),
+        query_scale=_query_scale(hf),
         page_size=page_size,
         cache_dtype=cache_dtype,
         attention=attention,
@@ -164,6 +165,60 @@ def build(hf: dict, *, page_size: int = 16, cache_dtype: str = "bfloat16", atten
     )
 
 
+# -- RoPE: transformers' yarn (`_compute_yarn_parameters`, `yarn_apply_mscale`), else llama.py's scalings --------
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _inv_freq(hf: dict, rope_dim: int) -> tuple[float, ...]:
+    """RoPE's inverse frequencies over the RoPE dims: yarn as transformers computes it (the DeepSeek-V3 scaling),
+    else `jaxkv.hf.llama.scaled_inv_freq` (default, linear, llama3; others refused)."""
+    p = _rope_parameters(hf)
+    if p["rope_type"] != "yarn":
+        return scaled_inv_freq(hf, rope_dim)
+    base, factor = config_field(p, "rope_theta", float), config_field(p, "factor", float)
+    context = config_field(p, "original_max_position_embeddings", float)
+    beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:  # the dim whose wavelength fits `rotations` times in `context`
+        return rope_dim * math.log(context / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rope_dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    out = []
+    for i in range(rope_dim // 2):
+        extrapolated = base ** (-2 * i / rope_dim)
+        keep = 1 - min(max((i - low) / (high - low), 0.0), 1.0)  # 1: original frequency, 0: slowed by `factor`
+        out.append(extrapolated / factor * (1 - keep) + extrapolated * keep)
+    return tuple(out)
+
+
+def _query_scale(hf: dict) -> tuple[float, float]:
+    """See `DeepseekConfig.query_scale`. transformers multiplies the softmax scale by mscale(factor,
+    mscale_all_dim) ** 2 for any non-default RoPE with `mscale_all_dim`, and yarn's cos/sin by its
+    `attention_factor`: both scale the scores linearly, so they fold into the query (the cache keeps plain keys)."""
+    p = _rope_parameters(hf)
+    softmax = 1.0
+    if p["rope_type"] != "default" and p.get("mscale_all_dim"):
+        softmax = _yarn_mscale(config_field(p, "factor", float), p["mscale_all_dim"]) ** 2
+    amplitude = 1.0
+    if p["rope_type"] == "yarn":
+        amplitude = p.get("attention_factor")
+        if amplitude is None:
+            factor, mscale, mscale_all_dim = config_field(p, "factor", float), p.get("mscale"), p.get("mscale_all_dim")
+            if mscale and mscale_all_dim:
+                amplitude = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+            else:
+                amplitude = _yarn_mscale(factor)
+    return softmax, softmax * amplitude**2
+
+
 # -- readers ------------------------------------------------------------------------------------------------
 
 
@@ -178,11 +233,14 @@ def _query_heads(source: str, c: DeepseekConfig, width: int) -> Weight:
     reordered (`_rope_order`)."""
     per_head = c.head_dim + c.rope_dim
     order = np.concatenate([np.arange(c.head_dim), c.head_dim + _rope_order(c)])
+    nope_scale, rope_scale = c.query_scale
+    scale = np.repeat(np.asarray([nope_scale, rope_scale], np.float32), [c.head_dim, c.rope_dim])[:, None]
 
     def read(t: SafeSlice, part: slice) -> np.ndarray:
         start, stop, _ = part.indices(c.n_heads)
-        rows = t[start * per_head : stop * per_head].reshape(-1, per_head, width)
-        return rows[:, order].transpose(2, 0, 1)
+        rows = np.asarray(t[start * per_head : stop * per_head], np.float32).reshape(-1, per_head, width)
+        rows = rows[:, order] if c.query_scale == (1.0, 1.0) else rows[:, order] * scale
+        return rows.transpose(2, 0, 1)
 
     return Weight(source, (c.n_heads * per_head, width), (width, c.n_heads, per_head), 1, read)
 
