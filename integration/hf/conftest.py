@@ -16,3 +16,7 @@ import torch  # noqa: E402
 torch.set_num_threads(1)  # tiny models: threads cost more than they save, and the JAX side shares the 2 cores
 
 from redis_server import redis_server  # noqa: E402,F401  (a fresh redis-server per test)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a real model's checks (minutes on 2 cores); deselect with -m 'not slow'")
