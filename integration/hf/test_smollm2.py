@@ -381,3 +381,25 @@ def test_follow_up_turn_from_every_tier(checkpoint, hf_model, tokenizer, tmp_pat
         got = {k: n for k, n in req.tokens_from.items() if n}
         assert got == {source: shared}, f"{source}: prefix came from {req.tokens_from}"
         check_same(tokenizer, tokens, want, f"turn 2, prefix from {source}")
+
+
+@pytest.mark.slow
+def test_jaxkv_generate_cli_continues_as_transformers(checkpoint, hf_model, tokenizer, capsys):
+    """`jaxkv generate --checkpoint DIR --prompt TEXT`: the checkpoint's tokenizer.json, greedy on jaxkv's cache."""
+    from jaxkv._cli import main
+
+    prompt = "The three primary colors are"
+    ids = np.asarray(tokenizer(prompt).input_ids)
+    want = hf_generate(hf_model, ids)
+    assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", prompt, "--max-tokens", str(NEW_TOKENS)]) == 0
+    printed = capsys.readouterr().out
+    expected = prompt + tokenizer.decode(want, skip_special_tokens=True)
+    assert printed.rstrip("\n") == expected.rstrip("\n"), (printed, expected)
+
+
+def test_jaxkv_generate_refuses_a_directory_without_a_tokenizer(tmp_path, capsys):
+    from jaxkv._cli import main
+
+    (tmp_path / "config.json").write_text("{}")
+    assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "hi"]) == 2
+    assert "has no tokenizer.json" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The `jaxkv` command line: `jaxkv layout` and `jaxkv demo`.
+"""The `jaxkv` command line: `jaxkv layout`, `jaxkv demo` and `jaxkv generate`.
 
 `jaxkv demo` serves a synthetic multi-turn chat workload through the whole
 stack (manager, tiered store, offload worker, a tiny model) and reports
@@ -310,6 +310,20 @@ def _demo(args) -> int:
     return 0 if all(bi["identical"] == bi["turns_compared"] for bi in checks) else 1
 
 
+def _generate(args) -> int:
+    from jaxkv._cli.errors import DemoError
+    from jaxkv._cli.generate import generate
+
+    try:
+        generate(args.checkpoint, args.prompt, max_tokens=args.max_tokens, tp=args.tp, ignore_eos=args.ignore_eos)
+    except DemoError as e:
+        return _fail("generate", str(e))
+    except KeyboardInterrupt:
+        print("\njaxkv generate: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="jaxkv", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"jaxkv {__version__}")
@@ -364,6 +378,17 @@ def main(argv: list[str] | None = None) -> int:
         "of the tiny random model; needs jaxkv[hf]",
     )
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    gen = sub.add_parser(
+        "generate",
+        help="greedy text from a Hugging Face checkpoint on jaxkv's paged cache",
+        description="Encode --prompt with the checkpoint's tokenizer.json, prefill it and decode greedily on "
+        "jaxkv's paged cache, printing the continuation as it comes. Needs jaxkv[hf].",
+    )
+    gen.add_argument("--checkpoint", metavar="DIR", required=True, help="config.json + *.safetensors + tokenizer.json")
+    gen.add_argument("--prompt", required=True, help="the text to continue (as is: no chat template is applied)")
+    gen.add_argument("--max-tokens", type=_positive_int, default=32, help="tokens to generate at most (default 32)")
+    gen.add_argument("--tp", type=_positive_int, default=1, help="TP degree (default 1)")
+    gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     layout = sub.add_parser("layout", help="allocate a sharded cache and print its layout and units")
     layout.add_argument("--tp", type=_positive_int, default=4, help="TP degree (default 4)")
     layout.add_argument(
@@ -392,15 +417,17 @@ def main(argv: list[str] | None = None) -> int:
     layout.add_argument("--pages", type=_positive_int, default=64, help="pages in the cache (default 64)")
     args, extra = parser.parse_known_args(argv)
     if extra:  # reported by the subcommand's parser, so the line starts with "jaxkv <command>:"
-        {"demo": demo, "layout": layout}[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+        {"demo": demo, "layout": layout, "generate": gen}[args.command].error(
+            f"unrecognized arguments: {' '.join(extra)}"
+        )
 
     import jax
 
     # Only the CPU backend reads this; on GPUs/TPUs the real devices are used.
     jax.config.update("jax_num_cpu_devices", SIMULATED_CPU_DEVICES)
-    if args.command == "demo":
+    if args.command in ("demo", "generate"):
         _use_compilation_cache(jax)
-    return {"layout": _layout, "demo": _demo}[args.command](args)
+    return {"layout": _layout, "demo": _demo, "generate": _generate}[args.command](args)
 
 
 def _use_compilation_cache(jax) -> None:
