@@ -5,7 +5,8 @@
 Each process has 4 simulated CPU devices; together they form an 8-way TP mesh
 (process 0 holds TP shards 0-3, process 1 shards 4-7). A worker writes what it
 saw to OUT_DIR/<scenario>-<process>.json for the test to compare, and always
-ends with os._exit: no teardown in the runtime can hang the test. Scenarios:
+ends with os._exit: no teardown in the runtime can hang the test. Process 0,
+which hosts the coordination service, exits last. Scenarios:
 
 - ``roundtrip``: engine d2h/h2d with both kernel families (native CPU, and the
   pure-XLA path GPUs/TPUs use) for MHA, quantized MHA and MLA; a
@@ -682,10 +683,41 @@ def main() -> None:
     except BaseException as e:
         result = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
     result["seconds"] = time.perf_counter() - t0
+    result["pid"] = os.getpid()
     result_path.write_text(json.dumps(result))
     sys.stdout.flush()
     sys.stderr.flush()
+    if process == 0 and scenario != "kill":
+        # Process 0 hosts the coordination service: were it to exit first, a
+        # peer still between the last barrier and its own exit would see the
+        # service vanish and abort (SIGABRT) before writing its report.
+        wait_for_peers_to_exit(out, scenario)
     os._exit(0 if result["ok"] else 1)
+
+
+def wait_for_peers_to_exit(out: Path, scenario: str, timeout_s: float = 30.0) -> None:
+    """Until every other process has written its report and exited (or `timeout_s` passed)."""
+    deadline = time.monotonic() + timeout_s
+    for peer in range(1, NUM_PROCESSES):
+        path = out / f"{scenario}-{peer}.json"
+        while time.monotonic() < deadline:
+            try:
+                pid = json.loads(path.read_text())["pid"]
+            except (OSError, ValueError, KeyError):
+                time.sleep(0.01)  # not written yet, or written halfway
+                continue
+            if not process_running(pid):
+                break
+            time.sleep(0.01)
+
+
+def process_running(pid: int) -> bool:
+    """Whether `pid` is alive (an exited child its parent has not reaped yet counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 if __name__ == "__main__":
