@@ -234,6 +234,41 @@ def test_batches_above_the_streaming_threshold_are_bit_exact(d2h_path, copy_poli
     streamed(before, 2 * rows.nbytes)  # the scatter, then the gather that reads it back
 
 
+@needs_library
+def test_a_padded_load_copies_and_splits_only_its_real_pages(copy_policy):
+    # 40 pages pad to a bucket of 64. The kernel used to run the policy over all 64: padding counted toward the
+    # streaming threshold, and the two-thread split gave one thread pages 0-31 and the other 8 real pages and
+    # 24 of padding (a 96-page load split 64 / 32: 0.75x of memcpy instead of 1.2x).
+    import jax.numpy as jnp
+
+    import jaxkv
+
+    params = jaxkv.KVCacheParams(jnp.bfloat16, **STREAMED)
+    page = params.shard_bytes_per_page(2)
+    # Streams from 48 pages' bytes: the padded batch (64 pages) would stream, the real one (40) must not.
+    copy_policy(f"stream={48 * page},split=1")
+    src, _, _ = random_buffer(params, 2, num_pages=80, seed=5)
+    rng = np.random.default_rng(2)
+    ids = rng.permutation(80)[:40].astype(np.int32)
+    slots = rng.permutation(40).astype(np.int32)
+    engine = OffloadEngine(src, 40)
+    engine.d2h(src, ids, slots).synchronize()
+    dst = allocate_buffer(params, tp_mesh(2), 80)
+    before = native.copy_stats()
+    dst, t = engine.h2d(dst, slots, ids)
+    t.synchronize()
+    done = native.copy_stats() - before
+    assert done.batches == done.split_batches == 2 and done.streamed_batches == 0, done  # one batch per shard
+    for a, b in zip(src.values.addressable_shards, dst.values.addressable_shards, strict=True):
+        want = np.asarray(a.data).view(np.uint8).reshape(80, -1)[ids]
+        assert np.asarray(b.data).view(np.uint8).reshape(80, -1)[ids].tobytes() == want.tobytes()
+    copy_policy(f"stream={40 * page},split=1")  # exactly the real batch: streams, and counts its 40 pages only
+    before = native.copy_stats()
+    dst, t = engine.h2d(dst, slots, ids)
+    t.synchronize()
+    streamed(before, 2 * 40 * page)
+
+
 def streamed(before: native.CopyStats, nbytes: int) -> None:
     """The copies since `before` streamed `nbytes` in batches split over two threads (the paths under test)."""
     done = native.copy_stats() - before

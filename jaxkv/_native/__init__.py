@@ -47,7 +47,13 @@ import numpy as np
 LIBRARY = {"darwin": "libjaxkv_native.dylib", "win32": "jaxkv_native.dll"}.get(sys.platform, "libjaxkv_native.so")
 """File name of the built library (CMake's name for the `jaxkv_native` target on this platform)."""
 
-FFI_TARGETS = ("jaxkv_page_gather", "jaxkv_page_scatter", "jaxkv_page_scatter_from_pool", "jaxkv_token_scatter")
+FFI_TARGETS = (
+    "jaxkv_page_gather",
+    "jaxkv_page_scatter",
+    "jaxkv_page_scatter_from_pool",
+    "jaxkv_token_scatter",
+    "jaxkv_done",
+)
 """XLA FFI handlers in page_copy.cc, registered under these names for platform 'cpu'."""
 
 

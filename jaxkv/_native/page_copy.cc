@@ -15,6 +15,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include <sched.h>   // sched_getaffinity: the cores this process may use
 #include <unistd.h>  // sysconf: the L3 size where sysfs does not say
@@ -323,6 +324,24 @@ void ForPages(int64_t k, size_t batch_bytes, Body body) {
   other.join();
 }
 
+// One page to move: where its bytes go and where they come from.
+struct PageMove {
+  uint8_t* dst;
+  const uint8_t* src;
+};
+
+// Copies every move (`page_bytes` each) under the copy policy. Callers list
+// only the pages that really move, so bucket padding neither tips a batch past
+// a threshold nor leaves the second thread a half of padding while the first
+// copies real pages (a 96-page load padded to 128 split 64 / 32).
+void MovePages(const std::vector<PageMove>& moves, size_t page_bytes) {
+  const int64_t n = static_cast<int64_t>(moves.size());
+  if (n == 0) return;
+  ForPages(n, static_cast<size_t>(n) * page_bytes, [&](int64_t begin, int64_t end, bool stream) {
+    for (int64_t i = begin; i < end; ++i) CopyPage(moves[i].dst, moves[i].src, page_bytes, stream);
+  });
+}
+
 // Bytes of one page of `cache` ([num_pages, ...]).
 size_t PageBytes(const ffi::AnyBuffer& cache) {
   auto dims = cache.dimensions();
@@ -375,13 +394,14 @@ ffi::Error PageScatter(ffi::AnyBuffer cache, ffi::Buffer<ffi::S32> ids,
   if (dst != src) std::memcpy(dst, src, cache.size_bytes());  // not donated: copy first
   const uint8_t* r = rows.typed_data();
   const int32_t* id = ids.typed_data();
-  ForPages(k, k * page_bytes, [&](int64_t begin, int64_t end, bool stream) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t p = id[i];
-      if (p < 0 || p >= num_pages) continue;
-      CopyPage(dst + p * page_bytes, r + i * page_bytes, page_bytes, stream);
-    }
-  });
+  std::vector<PageMove> moves;
+  moves.reserve(k);
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t p = id[i];
+    if (p < 0 || p >= num_pages) continue;
+    moves.push_back({dst + p * page_bytes, r + i * page_bytes});
+  }
+  MovePages(moves, page_bytes);
   return ffi::Error::Success();
 }
 
@@ -412,14 +432,15 @@ ffi::Error PageScatterFromPool(ffi::AnyBuffer cache, ffi::Buffer<ffi::S32> ids,
   const uint8_t* rows = pool.typed_data();
   const int32_t* id = ids.typed_data();
   const int32_t* slot = slots.typed_data();
-  ForPages(k, k * page_bytes, [&](int64_t begin, int64_t end, bool stream) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t p = id[i];
-      const int64_t s = slot[i];
-      if (p < 0 || p >= num_pages || s < 0 || s >= num_rows) continue;
-      CopyPage(dst + p * page_bytes, rows + s * row_bytes + off, page_bytes, stream);
-    }
-  });
+  std::vector<PageMove> moves;
+  moves.reserve(k);
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t p = id[i];
+    const int64_t s = slot[i];
+    if (p < 0 || p >= num_pages || s < 0 || s >= num_rows) continue;
+    moves.push_back({dst + p * page_bytes, rows + s * row_bytes + off});
+  }
+  MovePages(moves, page_bytes);
   return ffi::Error::Success();
 }
 
@@ -460,7 +481,20 @@ ffi::Error TokenScatter(ffi::AnyBuffer cache, ffi::Buffer<ffi::S32> pages, ffi::
   return ffi::Error::Success();
 }
 
+// done[0] = 1, once `array` exists: a marker that a write into `array` ended.
+// A custom call reads no byte of `array`; on XLA:CPU even a one-element slice
+// of a just-written cache ran as a fusion costing ~1 ms per 24 MiB load
+// (docs/benchmarks.md, "The copy policy on a smaller L3").
+ffi::Error Done(ffi::AnyBuffer array, ffi::ResultBuffer<ffi::U8> done) {
+  (void)array;
+  done->typed_data()[0] = 1;
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxkv_done, Done,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::Buffer<ffi::U8>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxkv_token_scatter, TokenScatter,
                               ffi::Ffi::Bind()

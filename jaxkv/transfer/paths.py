@@ -466,9 +466,9 @@ def _build_arrays_gather(device: jax.Device, kb: int, memory_kind: str):  # pyri
     return jax.jit(pages, out_shardings=host)
 
 
-def _with_done(shard: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`shard` and its first element: a marker that exists only after the write that produced `shard`."""
-    return shard, shard.reshape(-1)[:1]
+def _with_done(shard: jax.Array, native_kernels: bool) -> tuple[jax.Array, jax.Array]:
+    """`shard` and a marker that exists only after the write that produced `shard` (`_pages.done_marker`)."""
+    return shard, _pages.done_marker(shard, native_kernels=native_kernels)
 
 
 def build_h2d(leaves, path: H2DPath):
@@ -482,12 +482,13 @@ def build_h2d(leaves, path: H2DPath):
     """
     devices = [d for _, a in leaves for d in a.sharding.device_set]
     _, scatter = _pages.kernels(devices)
+    native_kernels = _pages.native_enabled(devices)
     bodies = []
     for cache, array in leaves:
         write, in_specs = path.body(cache, array, scatter)
         off_spec = P() if cache.replicates_kv_across_tp else P(cache.tp_axis)
         body = jax.shard_map(
-            lambda shard, ids, src, write=write: _with_done(write(shard, ids, src)),
+            lambda shard, ids, src, write=write: _with_done(write(shard, ids, src), native_kernels),
             mesh=_mesh(array),
             in_specs=in_specs,
             out_specs=(_spec(array), off_spec),
