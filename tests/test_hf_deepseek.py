@@ -3,40 +3,32 @@ DeepSeek's layout (interleaved RoPE pairs, kv_b_proj holding both up-projections
 TP 1, 2 and 4; a query-LoRA checkpoint runs alike at TP 1 and 4; MoE layers and unsupported RoPE are refused.
 The comparison against transformers itself is integration/hf/test_deepseek_reference.py."""
 
-import jax
+import hf_checkpoints
 import numpy as np
 import pytest
-from test_hf_loader import PAGE_SIZE, run, tp_mesh, write
+from hf_checkpoints import PAGE_SIZE, VOCAB, run, tp_mesh, write
 
 import jaxkv.hf
 from jaxkv.models import TinyConfig, TinyModel
 
-TINY = TinyConfig(kind="mla", vocab=128, d_model=64, n_layers=2, n_heads=8, head_dim=16, kv_lora_rank=32,
+TINY = TinyConfig(kind="mla", vocab=VOCAB, d_model=64, n_layers=2, n_heads=8, head_dim=16, kv_lora_rank=32,
                   rope_dim=16, page_size=PAGE_SIZE, cache_dtype="float32")  # fmt: skip
 
 
 def hf_config(c: TinyConfig = TINY, **overrides) -> dict:
     """config.json of a dense DeepSeek-V2 checkpoint shaped like `c` (as transformers 5 writes it)."""
-    return {
-        "model_type": "deepseek_v2",
-        "vocab_size": c.vocab,
-        "hidden_size": c.d_model,
-        "num_hidden_layers": c.n_layers,
-        "num_attention_heads": c.n_heads,
+    fields = {
         "num_key_value_heads": c.n_heads,
         "qk_nope_head_dim": c.head_dim,
         "qk_rope_head_dim": c.rope_dim,
         "v_head_dim": c.head_dim,
         "kv_lora_rank": c.kv_lora_rank,
         "q_lora_rank": None,
-        "intermediate_size": c.mlp_dim,
         "first_k_dense_replace": c.n_layers,
         "n_routed_experts": 64,
-        "rms_norm_eps": 1e-6,
-        "hidden_act": "silu",
         "rope_parameters": {"rope_theta": 10_000.0, "rope_type": "default"},
-        "tie_word_embeddings": False,
-    } | overrides
+    }
+    return hf_checkpoints.decoder_config(c, "deepseek_v2", **fields) | overrides
 
 
 def interleaved(rope_dim: int) -> np.ndarray:
@@ -45,36 +37,25 @@ def interleaved(rope_dim: int) -> np.ndarray:
 
 
 def hf_tensors(model: TinyModel) -> dict[str, np.ndarray]:
-    """TinyModel's MLA weights in DeepSeek's layout: linear weights [out, in], RoPE dims as interleaved pairs."""
-    w = jax.tree.map(np.asarray, model.weights)
+    """TinyModel's MLA weights in DeepSeek's layout: linear weights [out, in], RoPE dims as interleaved pairs,
+    kv_b_proj holding each head's key and value up-projections."""
     c = model.config
     d, k, rank = c.d_model, c.head_dim, c.kv_lora_rank
     assert isinstance(c, TinyConfig)
     back = interleaved(c.rope_dim)
-    out = {
-        "model.embed_tokens.weight": w["embed"],
-        "model.norm.weight": w["final_norm"],
-        "lm_head.weight": w["unembed"].T,
-    }
-    for i in range(c.n_layers):
-        lw = {name: a[i] for name, a in w["layers"].items()}
+
+    def attention(lw: dict) -> dict:
         q = np.concatenate([lw["wq"][..., :k], lw["wq"][..., k:][..., back]], axis=-1)  # [d, H, k + r]
         dkv = np.concatenate([lw["w_dkv"][:, :rank], lw["w_dkv"][:, rank:][:, back]], axis=-1)
         kv_b = np.concatenate([lw["w_uk"], lw["w_uv"].transpose(0, 2, 1)], axis=1)  # [H, k + v, rank]
-        p = f"model.layers.{i}."
-        out |= {
-            p + "input_layernorm.weight": lw["attn_norm"],
-            p + "post_attention_layernorm.weight": lw["mlp_norm"],
-            p + "self_attn.q_proj.weight": q.reshape(d, -1).T,
-            p + "self_attn.kv_a_proj_with_mqa.weight": dkv.T,
-            p + "self_attn.kv_a_layernorm.weight": lw["kv_norm"],
-            p + "self_attn.kv_b_proj.weight": kv_b.reshape(-1, rank),
-            p + "self_attn.o_proj.weight": lw["wo"].reshape(-1, d).T,
-            p + "mlp.gate_proj.weight": lw["w_gate"].T,
-            p + "mlp.up_proj.weight": lw["w_up"].T,
-            p + "mlp.down_proj.weight": lw["w_down"].T,
+        return {
+            "q_proj.weight": q.reshape(d, -1).T,
+            "kv_a_proj_with_mqa.weight": dkv.T,
+            "kv_a_layernorm.weight": lw["kv_norm"],
+            "kv_b_proj.weight": kv_b.reshape(-1, rank),
         }
-    return {name: np.ascontiguousarray(a) for name, a in out.items()}
+
+    return hf_checkpoints.decoder_tensors(model, attention)
 
 
 @pytest.fixture(scope="module")
@@ -145,18 +126,5 @@ def refusal_cases():
     ("spoil", "tp", "message"), [c[1:] for c in refusal_cases()], ids=[c[0] for c in refusal_cases()]
 )
 def test_refusals_before_any_device_write(tmp_path, reference, monkeypatch, spoil, tp, message):
-    tensors = dict(reference[0])
-    config = hf_config(**spoil.get("config", {}))
-    if "drop" in spoil:
-        del tensors[spoil["drop"]]
-    if "reshape" in spoil:
-        name, shape = spoil["reshape"]
-        tensors[name] = np.zeros(shape, np.float32)
-    placed = []
-    real = jax.make_array_from_callback
-    monkeypatch.setattr(jax, "make_array_from_callback", lambda *a, **k: placed.append(a) or real(*a, **k))
-    with pytest.raises(ValueError) as e:
-        jaxkv.hf.load_checkpoint(write(tmp_path, config, tensors), tp_mesh(tp))
-    assert str(e.value).startswith(message), str(e.value)
-    assert "\n" not in str(e.value)
-    assert placed == []
+    checkpoint = write(tmp_path, hf_config(**spoil.get("config", {})), hf_checkpoints.spoiled(reference[0], spoil))
+    hf_checkpoints.assert_refused_before_placing(monkeypatch, checkpoint, tp_mesh(tp), message)

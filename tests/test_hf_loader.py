@@ -1,87 +1,36 @@
 """jaxkv.hf.load_checkpoint on tiny checkpoints written here (no torch): TinyModel's weights in Hugging Face's
 layout load into the same logits at TP 1, 2 and 4; mismatched checkpoints are refused before any device write."""
 
-import json
-
-import jax
+import hf_checkpoints
 import ml_dtypes
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
+from hf_checkpoints import PAGE_SIZE, VOCAB, run, tp_mesh, write
 
 import jaxkv.hf
 from jaxkv.models import TinyConfig, TinyModel
 
-PAGE_SIZE = 16
-TINY = TinyConfig(kind="mha", vocab=128, d_model=64, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=16,
+TINY = TinyConfig(kind="mha", vocab=VOCAB, d_model=64, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=16,
                   page_size=PAGE_SIZE, cache_dtype="float32")  # fmt: skip
-PROMPT = np.random.default_rng(1).integers(0, TINY.vocab, 40)
-PAGES = np.arange(1, 4, dtype=np.int32)
-
-
-def tp_mesh(tp):
-    return jax.make_mesh((tp,), ("tp",), devices=jax.devices()[:tp])
 
 
 def hf_config(c: TinyConfig = TINY, **overrides) -> dict:
     """config.json of a Llama checkpoint shaped like `c` (TinyModel's RoPE base and RMSNorm epsilon)."""
-    return {
-        "model_type": "llama",
-        "vocab_size": c.vocab,
-        "hidden_size": c.d_model,
-        "num_hidden_layers": c.n_layers,
-        "num_attention_heads": c.n_heads,
-        "num_key_value_heads": c.n_kv_heads,
-        "head_dim": c.head_dim,
-        "intermediate_size": c.mlp_dim,
-        "rms_norm_eps": 1e-6,
-        "hidden_act": "silu",
-        "rope_theta": 10_000.0,
-        "tie_word_embeddings": False,
-    } | overrides
+    fields = {"num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim, "rope_theta": 10_000.0}
+    return hf_checkpoints.decoder_config(c, "llama", **fields) | overrides
 
 
 def hf_tensors(model: TinyModel) -> dict[str, np.ndarray]:
-    """TinyModel's weights in Hugging Face's layout: linear weights [out, in], heads flattened."""
-    w = jax.tree.map(np.asarray, model.weights)
-    d = TINY.d_model
-    out = {
-        "model.embed_tokens.weight": w["embed"],
-        "model.norm.weight": w["final_norm"],
-        "lm_head.weight": w["unembed"].T,
-    }
-    for i in range(model.config.n_layers):
-        lw = {k: v[i] for k, v in w["layers"].items()}
-        p = f"model.layers.{i}."
-        out |= {
-            p + "input_layernorm.weight": lw["attn_norm"],
-            p + "post_attention_layernorm.weight": lw["mlp_norm"],
-            p + "self_attn.q_proj.weight": lw["wq"].reshape(d, -1).T,
-            p + "self_attn.k_proj.weight": lw["wk"].reshape(d, -1).T,
-            p + "self_attn.v_proj.weight": lw["wv"].reshape(d, -1).T,
-            p + "self_attn.o_proj.weight": lw["wo"].reshape(-1, d).T,
-            p + "mlp.gate_proj.weight": lw["w_gate"].T,
-            p + "mlp.up_proj.weight": lw["w_up"].T,
-            p + "mlp.down_proj.weight": lw["w_down"].T,
-        }
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}
-
-
-def write(directory, config: dict, tensors: dict, shards: int = 1):
-    """A checkpoint directory: config.json and the tensors in `shards` files (an index file when more than one)."""
-    (directory / "config.json").write_text(json.dumps(config))
-    names = sorted(tensors)
-    if shards == 1:
-        save_file(tensors, str(directory / "model.safetensors"))
-        return directory
-    weight_map = {}
-    for s in range(shards):
-        file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        part = {n: tensors[n] for n in names[s::shards]}
-        save_file(part, str(directory / file))
-        weight_map |= dict.fromkeys(part, file)
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    return directory
+    """TinyModel's weights in Hugging Face's layout: q/k/v projections [heads * head_dim, d]."""
+    d = model.config.d_model
+    return hf_checkpoints.decoder_tensors(
+        model,
+        lambda lw: {
+            "q_proj.weight": lw["wq"].reshape(d, -1).T,
+            "k_proj.weight": lw["wk"].reshape(d, -1).T,
+            "v_proj.weight": lw["wv"].reshape(d, -1).T,
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -89,12 +38,6 @@ def reference():
     """TinyModel at TP 1, its weights in HF layout, and its logits over PROMPT."""
     model = TinyModel(TINY, tp_mesh(1))
     return hf_tensors(model), run(model)
-
-
-def run(model):
-    first, cache = model.prefill(model.allocate_cache(4), PROMPT[:24], 0, PAGES)
-    rest, _ = model.prefill(cache, PROMPT[24:], 24, PAGES)  # the second chunk attends to the first's pages
-    return np.concatenate([np.asarray(first), np.asarray(rest)])
 
 
 def test_tiny_model_weights_load_at_every_tp_degree(tmp_path, reference):
@@ -150,26 +93,10 @@ def refusal_cases():
     ("spoil", "tp", "message"), [c[1:] for c in refusal_cases()], ids=[c[0] for c in refusal_cases()]
 )
 def test_refusals_before_any_device_write(tmp_path, reference, monkeypatch, spoil, tp, message):
-    tensors, _ = reference
-    tensors = dict(tensors)
     config = hf_config(**spoil.get("config", {}))
-    config = {k: v for k, v in config.items() if v is not None}
-    if "drop" in spoil:
-        del tensors[spoil["drop"]]
-    if "reshape" in spoil:
-        name, shape = spoil["reshape"]
-        tensors[name] = np.zeros(shape, np.float32)
-    if "retype" in spoil:
-        name, dtype = spoil["retype"]
-        tensors[name] = tensors[name].astype(dtype)
-    placed = []
-    real = jax.make_array_from_callback
-    monkeypatch.setattr(jax, "make_array_from_callback", lambda *a, **k: placed.append(a) or real(*a, **k))
-    with pytest.raises(ValueError) as e:
-        jaxkv.hf.load_checkpoint(write(tmp_path, config, tensors), tp_mesh(tp))
-    assert str(e.value).startswith(message), str(e.value)
-    assert "\n" not in str(e.value)
-    assert placed == []  # nothing half-loaded: the refusal came before the first weight was placed
+    config = {k: v for k, v in config.items() if v is not None}  # {"field": None}: the field is missing
+    checkpoint = write(tmp_path, config, hf_checkpoints.spoiled(reference[0], spoil))
+    hf_checkpoints.assert_refused_before_placing(monkeypatch, checkpoint, tp_mesh(tp), message)
 
 
 def test_rope_scaling_llama3():

@@ -14,7 +14,9 @@ config.json's `model_type` in `ARCHITECTURES`: `llama`, `qwen2`, `qwen3`
 (jaxkv/hf/llama.py). To add one, write a module whose `build(hf_config, *,
 page_size, cache_dtype, attention)` returns a `ModelPlan` (the config the
 forward pass reads, the cache layout, the attention function, and a `Weight`
-per tensor: jaxkv/hf/_plan.py), register it with
+per tensor: jaxkv/hf/_plan.py; the checks and weights every architecture
+shares, the norms, SwiGLU MLP and embeddings around its attention, are in
+jaxkv/hf/_common.py), register it with
 `ARCHITECTURES["<model_type>"] = build`, and import the module below.
 """
 

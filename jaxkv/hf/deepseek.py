@@ -27,7 +27,7 @@ import math
 import numpy as np
 
 from jaxkv._decoder import mla, paged_cache_params
-from jaxkv.attention.xla import IMPLS
+from jaxkv.hf._common import check_attention, check_pallas, decoder_layer, decoder_weights, refuse_non_swiglu
 from jaxkv.hf._plan import ARCHITECTURES, ModelPlan, SafeSlice, Weight, as_is, config_field, heads_in, transposed
 from jaxkv.hf.llama import _rope_parameters, scaled_inv_freq
 
@@ -78,11 +78,7 @@ class DeepseekConfig:
 
 
 def _refuse_unsupported(hf: dict, n_layers: int) -> None:
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"config.json: hidden_act {act!r} is not supported; expected 'silu' (SwiGLU)")
-    if hf.get("mlp_bias"):
-        raise ValueError("config.json: mlp_bias true is not supported; expected false")
+    refuse_non_swiglu(hf)
     if hf.get("attention_bias"):
         raise ValueError("config.json: attention_bias true is not supported; expected false")
     dense = hf.get("first_k_dense_replace", 0)
@@ -104,8 +100,7 @@ def _refuse_unsupported(hf: dict, n_layers: int) -> None:
 def build(hf: dict, *, page_size: int = 16, cache_dtype: str = "bfloat16", attention: str = "auto") -> ModelPlan:
     """The plan of a `deepseek_v2` or `deepseek_v3` checkpoint (see the module docstring)."""
     model_type = hf["model_type"]
-    if attention not in IMPLS:
-        raise ValueError(f"attention must be one of {IMPLS}, got {attention!r}")
+    check_attention(attention)
     n_layers = config_field(hf, "num_hidden_layers")
     _refuse_unsupported(hf, n_layers)
     rope_dim = config_field(hf, "qk_rope_head_dim")
@@ -143,19 +138,9 @@ def build(hf: dict, *, page_size: int = 16, cache_dtype: str = "bfloat16", atten
         is_mla=True,
         widths=(config.kv_lora_rank, rope_dim),
     )
-    if attention == "pallas":
-        from jaxkv.attention import pallas
-
-        granularity = None if params.quant is None else params.quant.granularity
-        problem = pallas.unsupported(
-            page_size=page_size,
-            head_dim=latent_width,
-            groups=n_heads,
-            value_dim=config.kv_lora_rank,
-            granularity=granularity,
-        )
-        if problem is not None:
-            raise ValueError(problem)
+    check_pallas(
+        attention, params, page_size=page_size, head_dim=latent_width, groups=n_heads, value_dim=config.kv_lora_rank
+    )
     return ModelPlan(
         config=config,
         cache_params=params,
@@ -267,33 +252,26 @@ def _latent_up(source: str, c: DeepseekConfig, which: str) -> Weight:
 
 
 def _weights(hf: dict, c: DeepseekConfig) -> dict:
-    d, f = c.d_model, c.mlp_dim
-    attn, mlp = "model.layers.{layer}.self_attn.", "model.layers.{layer}.mlp."
-    layers = {
-        "attn_norm": as_is("model.layers.{layer}.input_layernorm.weight", (d,)),
-        "mlp_norm": as_is("model.layers.{layer}.post_attention_layernorm.weight", (d,)),
-        "w_dkv": _latent_down(attn + "kv_a_proj_with_mqa.weight", c),
-        "kv_norm": as_is(attn + "kv_a_layernorm.weight", (c.kv_lora_rank,)),
-        "w_uk": _latent_up(attn + "kv_b_proj.weight", c, "uk"),
-        "w_uv": _latent_up(attn + "kv_b_proj.weight", c, "uv"),
-        "wo": heads_in(attn + "o_proj.weight", c.n_heads, c.v_head_dim, d),
-        "w_gate": transposed(mlp + "gate_proj.weight", f, d, split=1),
-        "w_up": transposed(mlp + "up_proj.weight", f, d, split=1),
-        "w_down": transposed(mlp + "down_proj.weight", d, f, split=0),
-    }
+    d = c.d_model
+    attn = "model.layers.{layer}.self_attn."
+    layers = decoder_layer(
+        d,
+        c.mlp_dim,
+        {
+            "w_dkv": _latent_down(attn + "kv_a_proj_with_mqa.weight", c),
+            "kv_norm": as_is(attn + "kv_a_layernorm.weight", (c.kv_lora_rank,)),
+            "w_uk": _latent_up(attn + "kv_b_proj.weight", c, "uk"),
+            "w_uv": _latent_up(attn + "kv_b_proj.weight", c, "uv"),
+            "wo": heads_in(attn + "o_proj.weight", c.n_heads, c.v_head_dim, d),
+        },
+    )
     if c.q_lora_rank is None:
         layers["wq"] = _query_heads(attn + "q_proj.weight", c, d)
     else:
         layers["wq_a"] = transposed(attn + "q_a_proj.weight", c.q_lora_rank, d)
         layers["q_a_norm"] = as_is(attn + "q_a_layernorm.weight", (c.q_lora_rank,))
         layers["wq_b"] = _query_heads(attn + "q_b_proj.weight", c, c.q_lora_rank)
-    tied = bool(hf.get("tie_word_embeddings", False))
-    return {
-        "embed": as_is("model.embed_tokens.weight", (c.vocab, d)),
-        "final_norm": as_is("model.norm.weight", (d,)),
-        "unembed": transposed("model.embed_tokens.weight" if tied else "lm_head.weight", c.vocab, d),
-        "layers": layers,
-    }
+    return decoder_weights(hf, c.vocab, d, layers)
 
 
 for _model_type in MODEL_TYPES:

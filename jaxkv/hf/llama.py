@@ -15,17 +15,8 @@ import dataclasses
 import math
 
 from jaxkv._decoder import gqa, paged_cache_params, rope_inv_freq
-from jaxkv.attention.xla import IMPLS
-from jaxkv.hf._plan import (
-    ARCHITECTURES,
-    ModelPlan,
-    as_is,
-    config_field,
-    heads_bias,
-    heads_in,
-    heads_out,
-    transposed,
-)
+from jaxkv.hf._common import check_attention, check_pallas, decoder_layer, decoder_weights, refuse_non_swiglu
+from jaxkv.hf._plan import ARCHITECTURES, ModelPlan, as_is, config_field, heads_bias, heads_in, heads_out
 
 ROPE_TYPES = ("default", "linear", "llama3")
 """RoPE scalings this loader implements; others ("dynamic", "yarn", "longrope", ...) are refused."""
@@ -106,11 +97,7 @@ def scaled_inv_freq(hf: dict, head_dim: int) -> tuple[float, ...]:
 
 
 def _refuse_unsupported(hf: dict, model_type: str) -> None:
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"config.json: hidden_act {act!r} is not supported; expected 'silu' (SwiGLU)")
-    if hf.get("mlp_bias"):
-        raise ValueError("config.json: mlp_bias true is not supported; expected false")
+    refuse_non_swiglu(hf)
     if hf.get("use_sliding_window"):
         raise ValueError("config.json: use_sliding_window true is not supported; expected false (full attention)")
     kinds = set(hf.get("layer_types") or ["full_attention"])
@@ -122,8 +109,7 @@ def build(hf: dict, *, page_size: int = 16, cache_dtype: str = "bfloat16", atten
     """The plan of a `llama`, `qwen2` or `qwen3` checkpoint (see the module docstring)."""
     model_type = hf["model_type"]
     _refuse_unsupported(hf, model_type)
-    if attention not in IMPLS:
-        raise ValueError(f"attention must be one of {IMPLS}, got {attention!r}")
+    check_attention(attention)
     d = config_field(hf, "hidden_size")
     n_heads = config_field(hf, "num_attention_heads")
     n_kv = config_field(hf, "num_key_value_heads", default=n_heads)
@@ -153,15 +139,7 @@ def build(hf: dict, *, page_size: int = 16, cache_dtype: str = "bfloat16", atten
     params = paged_cache_params(
         cache_dtype, n_kv_heads=n_kv, head_dim=head_dim, num_layers=config.n_layers, page_size=page_size
     )
-    if attention == "pallas":
-        from jaxkv.attention import pallas
-
-        granularity = None if params.quant is None else params.quant.granularity
-        problem = pallas.unsupported(
-            page_size=page_size, head_dim=head_dim, groups=n_heads // n_kv, value_dim=head_dim, granularity=granularity
-        )
-        if problem is not None:
-            raise ValueError(problem)
+    check_pallas(attention, params, page_size=page_size, head_dim=head_dim, groups=n_heads // n_kv, value_dim=head_dim)
     return ModelPlan(
         config=config,
         cache_params=params,
@@ -172,19 +150,18 @@ def build(hf: dict, *, page_size: int = 16, cache_dtype: str = "bfloat16", atten
 
 
 def _weights(hf: dict, c: CheckpointConfig) -> dict:
-    d, hd, f = c.d_model, c.head_dim, c.mlp_dim
-    attn, mlp = "model.layers.{layer}.self_attn.", "model.layers.{layer}.mlp."
-    layers = {
-        "attn_norm": as_is("model.layers.{layer}.input_layernorm.weight", (d,)),
-        "mlp_norm": as_is("model.layers.{layer}.post_attention_layernorm.weight", (d,)),
-        "wq": heads_out(attn + "q_proj.weight", c.n_heads, hd, d),
-        "wk": heads_out(attn + "k_proj.weight", c.n_kv_heads, hd, d),
-        "wv": heads_out(attn + "v_proj.weight", c.n_kv_heads, hd, d),
-        "wo": heads_in(attn + "o_proj.weight", c.n_heads, hd, d),
-        "w_gate": transposed(mlp + "gate_proj.weight", f, d, split=1),
-        "w_up": transposed(mlp + "up_proj.weight", f, d, split=1),
-        "w_down": transposed(mlp + "down_proj.weight", d, f, split=0),
-    }
+    d, hd = c.d_model, c.head_dim
+    attn = "model.layers.{layer}.self_attn."
+    layers = decoder_layer(
+        d,
+        c.mlp_dim,
+        {
+            "wq": heads_out(attn + "q_proj.weight", c.n_heads, hd, d),
+            "wk": heads_out(attn + "k_proj.weight", c.n_kv_heads, hd, d),
+            "wv": heads_out(attn + "v_proj.weight", c.n_kv_heads, hd, d),
+            "wo": heads_in(attn + "o_proj.weight", c.n_heads, hd, d),
+        },
+    )
     qkv_bias = c.model_type == "qwen2" or bool(hf.get("attention_bias"))
     if qkv_bias:
         for name, heads in (("q", c.n_heads), ("k", c.n_kv_heads), ("v", c.n_kv_heads)):
@@ -194,13 +171,7 @@ def _weights(hf: dict, c: CheckpointConfig) -> dict:
     if c.model_type == "qwen3":
         layers["q_norm"] = as_is(attn + "q_norm.weight", (hd,))
         layers["k_norm"] = as_is(attn + "k_norm.weight", (hd,))
-    tied = bool(hf.get("tie_word_embeddings", False))
-    return {
-        "embed": as_is("model.embed_tokens.weight", (c.vocab, d)),
-        "final_norm": as_is("model.norm.weight", (d,)),
-        "unembed": transposed("model.embed_tokens.weight" if tied else "lm_head.weight", c.vocab, d),
-        "layers": layers,
-    }
+    return decoder_weights(hf, c.vocab, d, layers)
 
 
 for _model_type in ("llama", "qwen2", "qwen3"):
