@@ -164,6 +164,30 @@ def test_copy_rows_argument_errors_name_the_argument(change, message):
 
 
 @needs_library
+def test_copy_pages_moves_every_pair_in_one_batch_and_refuses_before_moving(copy_policy):
+    rng = np.random.default_rng(4)
+    srcs = [rng.integers(0, 256, size=(9, w), dtype=np.uint8) for w in (48, 16)]
+    pool = np.zeros((5, 64), np.uint8)
+    dsts = [pool[:, :48], pool[:, 48:]]  # a host row's units side by side, as the D2H fills them
+    ids, slots = np.array([7, 0, 3], np.int32), np.array([4, 1, 2], np.int32)
+    copy_policy("stream=never,split=never")
+    before = native.copy_stats()
+    assert native.copy_pages([(d, slots) for d in dsts], [(s, ids) for s in srcs])
+    assert (native.copy_stats() - before).batches == 1
+    want = np.zeros_like(pool)
+    want[slots] = np.concatenate([s[ids] for s in srcs], axis=1)
+    assert pool.tobytes() == want.tobytes()
+
+    fresh = np.zeros_like(pool)
+    bad = np.array([7, 9, 3], np.int32)
+    with pytest.raises(ValueError, match=r"src_rows\[1\]\[1\] is 9, outside the valid range \[0, 9\)"):
+        native.copy_pages([(fresh[:, :48], slots), (fresh[:, 48:], slots)], [(srcs[0], ids), (srcs[1], bad)])
+    with pytest.raises(ValueError, match=r"dst\[0\] and src\[0\] rows must have one width"):
+        native.copy_pages([(fresh[:, :40], slots)], [(srcs[0], ids)])
+    assert not fresh.any(), "a refused copy moved bytes"
+
+
+@needs_library
 def test_copy_rows_refuses_a_read_only_dst():
     dst = np.zeros((2, 8), np.uint8)
     dst.flags.writeable = False
@@ -205,7 +229,9 @@ def test_batches_above_the_streaming_threshold_are_bit_exact(d2h_path, copy_poli
     assert engine.h2d_path == "pool"
     before = native.copy_stats()
     engine.d2h(src, ids, slots).synchronize()
-    streamed(before, 2 * 64 * params.shard_bytes_per_page(2))  # one batch per shard
+    streamed(before, 2 * 64 * params.shard_bytes_per_page(2))
+    # The host path copies both shards' pages in one batch; the xla path gathers per shard.
+    assert (native.copy_stats() - before).batches == (1 if d2h_path == "host" else 2)
 
     def by_tp(array):  # each shard's bytes, in TP order (the order of a host row's units)
         pieces = sorted(array.addressable_shards, key=lambda s: s.index[4].start or 0)

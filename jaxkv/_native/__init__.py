@@ -123,6 +123,9 @@ def library() -> ctypes.CDLL | None:
     lib.jaxkv_copy_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]  # dst, stride, rows
     lib.jaxkv_copy_rows.argtypes += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]  # src, stride, rows
     lib.jaxkv_copy_rows.argtypes += [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    if hasattr(lib, "jaxkv_copy_pages"):
+        lib.jaxkv_copy_pages.restype = None
+        lib.jaxkv_copy_pages.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64]
     if hasattr(lib, "jaxkv_copy_policy_choose"):  # absent from a library built before the copy policy
         lib.jaxkv_copy_policy_choose.restype = ctypes.c_int
         lib.jaxkv_copy_policy_choose.argtypes = [ctypes.c_char_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
@@ -315,6 +318,50 @@ def copy_rows(dst: np.ndarray, dst_rows: np.ndarray, src: np.ndarray, src_rows: 
     if bad >= 0:
         name, rows, limit = ("dst_rows", d, len(dst)) if not 0 <= d[bad] < len(dst) else ("src_rows", s, len(src))
         raise ValueError(f"{name}[{bad}] is {int(rows[bad])}, outside the valid range [0, {limit})")
+
+
+def copy_pages(dst: list[tuple[np.ndarray, np.ndarray]], src: list[tuple[np.ndarray, np.ndarray]]) -> bool:
+    """`copy_rows` for several (dst, dst_rows) / (src, src_rows) pairs at once, as one batch; False without it.
+
+    Pair i copies `dst_i[dst_rows_i[j]] = src_i[src_rows_i[j]]`. One batch, so
+    the copy policy (streaming stores, a second thread) is chosen from the
+    bytes of every pair together, and the two threads split them all. Checked
+    as `copy_rows` checks (ValueError naming the argument, before any byte
+    moves). False when the library lacks the entry point (the caller copies
+    pair by pair).
+    """
+    lib = library()
+    if lib is None or not hasattr(lib, "jaxkv_copy_pages"):
+        return False
+    if len(dst) != len(src):
+        raise ValueError(f"dst and src must pair up, got {len(dst)} and {len(src)} pairs")
+    dst_addresses, src_addresses, sizes = [], [], []
+    for i, ((d, d_rows), (s, s_rows)) in enumerate(zip(dst, src, strict=True)):
+        _check_rows_array(f"dst[{i}]", d)
+        _check_rows_array(f"src[{i}]", s)
+        if d.shape[1] != s.shape[1]:
+            raise ValueError(f"dst[{i}] and src[{i}] rows must have one width, got {d.shape[1]} and {s.shape[1]}")
+        if not d.flags.writeable:
+            raise ValueError(f"dst[{i}] must be writeable")
+        _check_row_ids(f"dst_rows[{i}]", d_rows)
+        _check_row_ids(f"src_rows[{i}]", s_rows)
+        if d_rows.size != s_rows.size:
+            raise ValueError(
+                f"dst_rows[{i}] and src_rows[{i}] must have one length, got {d_rows.size} and {s_rows.size}"
+            )
+        for name, rows, a in ((f"dst_rows[{i}]", d_rows, d), (f"src_rows[{i}]", s_rows, s)):
+            bad = np.flatnonzero((rows < 0) | (rows >= len(a)))
+            if bad.size:
+                j = int(bad[0])
+                raise ValueError(f"{name}[{j}] is {int(rows[j])}, outside the valid range [0, {len(a)})")
+        dst_addresses.append(np.uint64(d.ctypes.data) + d_rows.astype(np.uint64) * np.uint64(d.strides[0]))
+        src_addresses.append(np.uint64(s.ctypes.data) + s_rows.astype(np.uint64) * np.uint64(s.strides[0]))
+        sizes.append(np.full(d_rows.size, d.shape[1], np.int64))
+    if not sizes:
+        return True
+    d_all, s_all, n_all = (np.ascontiguousarray(np.concatenate(x)) for x in (dst_addresses, src_addresses, sizes))
+    lib.jaxkv_copy_pages(d_all.ctypes.data, s_all.ctypes.data, n_all.ctypes.data, n_all.size)
+    return True
 
 
 def transpose_chunks(dst: np.ndarray, src: np.ndarray, rows: int, cols: int, chunk_bytes: int) -> bool:

@@ -552,6 +552,21 @@ extern "C" int64_t jaxkv_copy_rows(uint8_t* dst, int64_t dst_stride, int64_t dst
   return -1;
 }
 
+// Plain C entry point: for i < n, copy sizes[i] bytes from src[i] to dst[i],
+// all as one batch under the copy policy. The caller computed the addresses
+// from arrays it holds and checked them: the D2H of a sharded cache moves
+// every shard's pages in one batch, so the policy sees what the whole
+// transfer touches (at TP 4 a 16 MiB transfer is four 4 MiB batches, each
+// under the streaming threshold on its own) and both threads share it.
+extern "C" void jaxkv_copy_pages(uint8_t* const* dst, const uint8_t* const* src, const int64_t* sizes, int64_t n) {
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; ++i) total += sizes[i];
+  if (n == 0) return;
+  ForPages(n, static_cast<size_t>(total), [&](int64_t begin, int64_t end, bool stream) {
+    for (int64_t i = begin; i < end; ++i) CopyPage(dst[i], src[i], static_cast<size_t>(sizes[i]), stream);
+  });
+}
+
 namespace {
 
 // Transpose a `[rows, cols]` matrix of `chunk`-byte elements into `[cols, rows]`

@@ -106,13 +106,19 @@ class D2HFromHostMemory(D2HPath):
 
     def copy(self, units, shards, ids, slots, nbytes) -> Transfer:
         ctx = self.ctx
-        for shard, offset, width in zip(shards, ctx.unit_offsets, ctx.unit_widths, strict=True):
-            # A transient, zero-copy view; it blocks until the shard's producer
-            # finished and is dropped before returning (a live numpy view would
-            # disable donation of the cache).
-            view = np.asarray(shard).reshape(ctx.num_device_pages, -1).view(np.uint8)
-            copy_rows(ctx.pool[:, offset : offset + width], slots, view, ids, on_cpu=True)
-            del view
+        # Transient, zero-copy views; each blocks until its shard's producer
+        # finished, and all are dropped before returning (a live numpy view
+        # would disable donation of the cache).
+        views = [np.asarray(shard).reshape(ctx.num_device_pages, -1).view(np.uint8) for shard in shards]
+        rows = [
+            ctx.pool[:, offset : offset + width]
+            for offset, width in zip(ctx.unit_offsets, ctx.unit_widths, strict=True)
+        ]
+        # Every shard's pages in one batch: the copy policy sees the whole transfer.
+        if not native.copy_pages([(r, slots) for r in rows], [(v, ids) for v in views]):
+            for row, view in zip(rows, views, strict=True):
+                copy_rows(row, slots, view, ids, on_cpu=True)
+        del views
         return completed("d2h", ids.size, nbytes)
 
 
