@@ -271,8 +271,9 @@ def test_a_padded_load_copies_and_splits_only_its_real_pages(copy_policy):
 
     params = jaxkv.KVCacheParams(jnp.bfloat16, **STREAMED)
     page = params.shard_bytes_per_page(2)
-    # Streams from 48 pages' bytes: the padded batch (64 pages) would stream, the real one (40) must not.
-    copy_policy(f"stream={48 * page},split=1")
+    # Streams from 48 pages' bytes a shard (the policy reads a load's bytes over both shards): the padded
+    # batch (64 pages) would stream, the real one (40) must not.
+    copy_policy(f"stream={2 * 48 * page},split=1")
     src, _, _ = random_buffer(params, 2, num_pages=80, seed=5)
     rng = np.random.default_rng(2)
     ids = rng.permutation(80)[:40].astype(np.int32)
@@ -288,11 +289,37 @@ def test_a_padded_load_copies_and_splits_only_its_real_pages(copy_policy):
     for a, b in zip(src.values.addressable_shards, dst.values.addressable_shards, strict=True):
         want = np.asarray(a.data).view(np.uint8).reshape(80, -1)[ids]
         assert np.asarray(b.data).view(np.uint8).reshape(80, -1)[ids].tobytes() == want.tobytes()
-    copy_policy(f"stream={40 * page},split=1")  # exactly the real batch: streams, and counts its 40 pages only
+    copy_policy(f"stream={2 * 40 * page},split=1")  # exactly the real load: streams, and counts its 40 pages only
     before = native.copy_stats()
     dst, t = engine.h2d(dst, slots, ids)
     t.synchronize()
     streamed(before, 2 * 40 * page)
+
+
+@needs_library
+def test_a_sharded_load_streams_by_the_whole_loads_bytes(copy_policy):
+    # Two shards, one kernel each: each copies half the load. Streaming is chosen from the whole load, so a
+    # threshold between one shard's bytes and both shards' streams both kernels.
+    import jax.numpy as jnp
+
+    import jaxkv
+
+    params = jaxkv.KVCacheParams(jnp.bfloat16, **STREAMED)
+    shard_batch = 32 * params.shard_bytes_per_page(2)
+    copy_policy(f"stream={shard_batch + 1},split=never")
+    src, _, _ = random_buffer(params, 2, num_pages=40, seed=6)
+    ids = np.arange(32, dtype=np.int32)[::-1].copy()
+    engine = OffloadEngine(src, 32)
+    engine.d2h(src, ids, ids).synchronize()
+    dst = allocate_buffer(params, tp_mesh(2), 40)
+    before = native.copy_stats()
+    dst, t = engine.h2d(dst, ids, ids)
+    t.synchronize()
+    done = native.copy_stats() - before
+    assert done.batches == done.streamed_batches == 2 and done.streamed_bytes == 2 * shard_batch, done
+    for a, b in zip(src.values.addressable_shards, dst.values.addressable_shards, strict=True):
+        want = np.asarray(a.data).view(np.uint8).reshape(40, -1)[ids]
+        assert np.asarray(b.data).view(np.uint8).reshape(40, -1)[ids].tobytes() == want.tobytes()
 
 
 def streamed(before: native.CopyStats, nbytes: int) -> None:

@@ -294,14 +294,17 @@ inline void FenceStreams(bool stream) {
 }
 
 // body(begin, end, stream) over pages [0, k), `stream` saying whether to copy
-// with non-temporal stores (the batch is past the cache): on this thread, or
-// halved with a second thread for a large batch. Each half's streaming stores
-// are fenced on the thread that made them.
+// with non-temporal stores (the transfer is past the cache): on this thread,
+// or halved with a second thread for a large batch. Each half's streaming
+// stores are fenced on the thread that made them. `group`: how many kernels
+// of one transfer copy a batch like this one (a sharded cache's load runs one
+// per device); streaming is chosen from the whole transfer's bytes, which
+// pass through the one L3 whatever order the kernels run in.
 template <typename Body>
-void ForPages(int64_t k, size_t batch_bytes, Body body) {
+void ForPages(int64_t k, size_t batch_bytes, Body body, int64_t group = 1) {
   EnsurePolicy();
   const int64_t batch = static_cast<int64_t>(batch_bytes);
-  const bool stream = batch >= g_stream_min_bytes.load(std::memory_order_relaxed);
+  const bool stream = batch * (group < 1 ? 1 : group) >= g_stream_min_bytes.load(std::memory_order_relaxed);
   auto run = [&body, stream](int64_t begin, int64_t end) {
     body(begin, end, stream);
     FenceStreams(stream);
@@ -334,12 +337,15 @@ struct PageMove {
 // only the pages that really move, so bucket padding neither tips a batch past
 // a threshold nor leaves the second thread a half of padding while the first
 // copies real pages (a 96-page load padded to 128 split 64 / 32).
-void MovePages(const std::vector<PageMove>& moves, size_t page_bytes) {
+void MovePages(const std::vector<PageMove>& moves, size_t page_bytes, int64_t group = 1) {
   const int64_t n = static_cast<int64_t>(moves.size());
   if (n == 0) return;
-  ForPages(n, static_cast<size_t>(n) * page_bytes, [&](int64_t begin, int64_t end, bool stream) {
-    for (int64_t i = begin; i < end; ++i) CopyPage(moves[i].dst, moves[i].src, page_bytes, stream);
-  });
+  ForPages(
+      n, static_cast<size_t>(n) * page_bytes,
+      [&](int64_t begin, int64_t end, bool stream) {
+        for (int64_t i = begin; i < end; ++i) CopyPage(moves[i].dst, moves[i].src, page_bytes, stream);
+      },
+      group);
 }
 
 // Bytes of one page of `cache` ([num_pages, ...]).
@@ -411,7 +417,7 @@ ffi::Error PageScatter(ffi::AnyBuffer cache, ffi::Buffer<ffi::S32> ids,
 // saves the staging copy.
 ffi::Error PageScatterFromPool(ffi::AnyBuffer cache, ffi::Buffer<ffi::S32> ids,
                                ffi::Buffer<ffi::U8> pool, ffi::Buffer<ffi::S32> slots,
-                               ffi::Buffer<ffi::S32> offset, ffi::Result<ffi::AnyBuffer> out) {
+                               ffi::Buffer<ffi::S32> offset, ffi::Result<ffi::AnyBuffer> out, int64_t group) {
   const int64_t num_pages = cache.dimensions()[0];
   const size_t page_bytes = PageBytes(cache);
   const int64_t k = static_cast<int64_t>(ids.element_count());
@@ -440,7 +446,7 @@ ffi::Error PageScatterFromPool(ffi::AnyBuffer cache, ffi::Buffer<ffi::S32> ids,
     if (p < 0 || p >= num_pages || s < 0 || s >= num_rows) continue;
     moves.push_back({dst + p * page_bytes, rows + s * row_bytes + off});
   }
-  MovePages(moves, page_bytes);
+  MovePages(moves, page_bytes, group);
   return ffi::Error::Success();
 }
 
@@ -525,7 +531,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxkv_page_scatter_from_pool, PageScatterFromPool,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("group"));
 
 // Plain C entry point (called through ctypes, not XLA): for i < k, copy
 // `nbytes` from row src_rows[i] of `src` to row dst_rows[i] of `dst` (rows

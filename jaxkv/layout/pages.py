@@ -108,16 +108,17 @@ def scatter_page_bytes_native(shard: jax.Array, page_ids: jax.Array, page_bytes:
 
 
 def scatter_page_bytes_from_pool(
-    shard: jax.Array, page_ids: jax.Array, pool: jax.Array, slots: jax.Array, offset: jax.Array
+    shard: jax.Array, page_ids: jax.Array, pool: jax.Array, slots: jax.Array, offset: jax.Array, *, group: int = 1
 ) -> jax.Array:
     """`shard` with page `page_ids[i]` set from `pool[slots[i], offset:offset + bytes_per_page]`.
 
     Native (XLA:CPU) only: the pool is the engine's host page pool, placed on
-    the device without a copy. offset: [1] int32.
+    the device without a copy. offset: [1] int32. group: the shards one load
+    writes like this one (the copy policy streams by the whole load's bytes).
     """
     out = jax.ShapeDtypeStruct(shard.shape, shard.dtype)
     call = jax.ffi.ffi_call("jaxkv_page_scatter_from_pool", out, input_output_aliases={0: 0})
-    return call(shard, page_ids, pool, slots, offset)
+    return call(shard, page_ids, pool, slots, offset, group=np.int64(group))
 
 
 def done_marker(array: jax.Array, *, native_kernels: bool) -> jax.Array:

@@ -230,9 +230,11 @@ class H2DFromPool(H2DPath):
         rows_spec = P() if cache.replicates_kv_across_tp else P(cache.tp_axis, None)
         off_spec = P() if cache.replicates_kv_across_tp else P(cache.tp_axis)
 
+        group = len(array.sharding.addressable_devices)  # the shards this process writes, one kernel each
+
         def write(shard, ids, src):
             pool, offsets, slots = src
-            return _pages.scatter_page_bytes_from_pool(shard, ids, pool, slots, offsets)
+            return _pages.scatter_page_bytes_from_pool(shard, ids, pool, slots, offsets, group=group)
 
         return write, (_spec(array), P(), (rows_spec, off_spec, _slots_spec(array)))
 
