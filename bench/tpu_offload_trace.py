@@ -18,16 +18,16 @@ jitted gathers; a server compiles them once at start-up; its numbers are thrown 
    `TPU_OFFLOAD_NUM_CPU_CHUNKS` = `--host-blocks` + `--disk-blocks` chunks (default: every block of the trace).
    `--disk-blocks 0`: no disk, the same chunk count as run 1 (the backend swapped, nothing else).
 
-How a turn is driven (the existing integration/tpu_inference/test_connector.py's way, with vLLM's own `Request`
-objects, block hasher, `KVCacheBlocks` and `SchedulerOutput`; vLLM's `Scheduler` itself is not run): the
+How a turn is driven (integration/tpu_inference/offload_driver.py, which integration/tpu_inference/test_connector.py
+drives too; here with vLLM's own `Request` objects and block hasher; vLLM's `Scheduler` itself is not run): the
 conversations of a turn run **concurrently**: every chat asks the connector's scheduler for matched tokens
 (`get_num_new_matched_tokens`), gets fresh device blocks (`update_state_after_alloc`), then all are prefilled in
 **one** engine step (their whole uncached prompt scheduled at once) and finished in the next step; turns run one
 after another, so each chat's turns run sequentially. Decode steps are not driven: the connector does not save
 decode tokens by default (`TPU_OFFLOAD_DECODE_SAVE=0`) and no later prompt contains a generated token.
 
-The device cache: one random-bits bf16 array per layer in tpu-inference's layout (blocks, block size, kv heads, 2,
-head dim), sharded over kv heads. Each request gets device blocks that no earlier request used in its turn and
+The device cache: one random-bits bf16 array per layer (NaN payloads included) in tpu-inference's layout (blocks,
+block size, kv heads, 2, head dim), sharded over kv heads. Each request gets device blocks that no earlier request used in its turn and
 there is no device prefix cache in this driver, so every hit comes from the connector's host store; the device
 cache holds a turn's blocks (nothing is preempted) and the staging budget (`TPU_OFFLOAD_NUM_STAGING_BLOCKS`)
 holds a turn's loads and saves together, so neither limits what the connector serves.
@@ -102,21 +102,15 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", "cpu")
 
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-from tpu_inference.offload.tpu_offload_connector import TPUOffloadConnector  # noqa: E402
 from vllm import SamplingParams  # noqa: E402
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole  # noqa: E402
 from vllm.utils.hashing import sha256  # noqa: E402
-from vllm.v1.core.kv_cache_manager import KVCacheBlocks  # noqa: E402
-from vllm.v1.core.kv_cache_utils import KVCacheBlock, get_request_block_hasher, init_none_hash  # noqa: E402
-from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput  # noqa: E402
-from vllm.v1.outputs import KVConnectorOutput  # noqa: E402
+from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash  # noqa: E402
 from vllm.v1.request import Request  # noqa: E402
 
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(HERE.parent / "integration" / "tpu_inference")]
 import _common  # noqa: E402
 import _trace  # noqa: E402
+from offload_driver import allocate, connectors, device_cache, engine_step, scheduler_output  # noqa: E402
 
 from jaxkv.integrations import tpu_inference as route_a  # noqa: E402
 from jaxkv.tiers.blockformat import HEADER_BYTES, BlockKey, trailer_bytes  # noqa: E402
@@ -134,60 +128,6 @@ NOT_MEASURED = [
     "model compute, decode steps (no decode saves by default) and vLLM's own device prefix cache (not in this "
     "driver: every hit is the connector's)",
 ]
-
-
-class Runner:
-    """What the connector's worker reads from tpu-inference's model runner."""
-
-    def __init__(self, kv_caches, mesh):
-        self.kv_caches, self.mesh, self.devices = kv_caches, mesh, list(mesh.devices.flat)
-
-    def get_kv_cache_layout(self):
-        return "NHD"
-
-
-def config(block_size: int):
-    """The three fields the connector reads from a `VllmConfig` (tpu-inference's own tests pass the same)."""
-    from types import SimpleNamespace
-
-    return SimpleNamespace(
-        model_config=SimpleNamespace(model="trace-model"),
-        cache_config=SimpleNamespace(block_size=block_size),
-        kv_transfer_config=SimpleNamespace(ip="127.0.0.1", port=0),
-    )
-
-
-def device_cache(mesh, num_blocks: int, block_size: int):
-    """One random-bits array per layer: (blocks, block_size, kv heads, 2, head_dim), kv heads over the mesh."""
-    sharding = NamedSharding(mesh, P(None, None, "model"))
-    rng = np.random.default_rng(7)
-    shape = (num_blocks, block_size, KV_HEADS, 2, HEAD_DIM)
-    return [
-        jax.device_put(rng.integers(0, 1 << 16, size=shape, dtype=np.uint16).view(DTYPE), sharding)
-        for _ in range(LAYERS)
-    ]
-
-
-def scheduler_output(new=(), finished=()):
-    out = SchedulerOutput.make_empty()
-    out.scheduled_new_reqs = [
-        NewRequestData(
-            req_id=req.request_id,
-            prompt_token_ids=req.prompt_token_ids,
-            mm_features=[],
-            sampling_params=None,
-            pooling_params=None,
-            block_ids=(blocks,),
-            num_computed_tokens=computed,
-            lora_request=None,
-        )
-        for req, blocks, computed in new
-    ]
-    out.scheduled_cached_reqs = CachedRequestData.make_empty()
-    out.num_scheduled_tokens = {req.request_id: req.num_tokens - computed for req, _, computed in new}
-    out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
-    out.finished_req_ids = set(finished)
-    return out
 
 
 class Memcpy:
@@ -217,60 +157,22 @@ class Stats:
         self.by_request: dict[str, dict] = {}
 
 
-def engine_step(scheduler, worker, out, stats: Stats, memcpy: Memcpy, chunk_bytes: int) -> None:
-    """One step as vLLM runs it: metadata to the worker, load (up to the device write), save, the report back."""
-    meta = scheduler.build_connector_meta(out)
-    worker.bind_connector_metadata(meta)
-    cw = worker.connector_worker
-    backend = cw.cpu_backend
-    t_load, loaded_any = 0.0, False
-    for req in meta.requests_meta:
-        spec = req.load_spec
-        if spec is None or not spec.can_load:
-            continue
-        # the worker's start_load_kv up to its device write: backend.get, then host->device into its staging sharding
-        reads_before = getattr(backend, "disk_reads", 0)
-        t0 = time.perf_counter()
-        values = [backend.get(c) for c in spec.src_chunks]
-        if any(v is None for v in values):
-            raise RuntimeError(
-                f"{req.req_id}: the backend lost chunks the scheduler planned to load: {spec.src_chunks}"
-            )
-        jax.block_until_ready([jax.device_put(v, cw.expanded_device_sharding) for v in values])
-        t_load += time.perf_counter() - t0
-        loaded_any = True
-        from_disk = getattr(backend, "disk_reads", 0) - reads_before
+def record(step, stats: Stats, memcpy: Memcpy, chunk_bytes: int) -> None:
+    """One engine step's loads and saves into `stats`; the memcpy baseline timed right after it."""
+    for rid, values in step.loaded.items():
         stats.loaded += len(values)
-        stats.from_disk += from_disk
-        row = stats.by_request[req.req_id]
+        stats.from_disk += step.from_disk[rid]
+        row = stats.by_request[rid]
         row["loaded_blocks"] += len(values)
-        row["from_disk"] += from_disk
-        cw.offload_stats.record_load(req=req.req_id, loaded_chunk_ids=spec.src_chunks)  # as start_load_kv does
-        spec.can_load = False  # done above; the worker's own pass skips it (its device write cannot run here)
-    if loaded_any:
-        stats.load_s.append(t_load)
-    worker.start_load_kv(None)
-
-    saved = [r.save_spec for r in meta.requests_meta if r.save_spec is not None and not r.save_spec.skip_save]
-    t0 = time.perf_counter()
-    worker.wait_for_save()  # the gather, synchronous; the D2H and backend.add go to the save thread
-    for future, _ in cw._pending_save_futures:
-        future.result()
-    seconds = time.perf_counter() - t0
-    chunks = sum(len(s.dst_chunks) for s in saved)
-    if chunks:
-        nbytes = chunks * chunk_bytes  # every chunk is one block of every layer (checked after the run)
-        stats.chunks_saved += chunks
+        row["from_disk"] += step.from_disk[rid]
+    if step.loaded:
+        stats.load_s.append(step.load_s)
+    if step.saved_chunks:
+        nbytes = step.saved_chunks * chunk_bytes  # every chunk is one block of every layer (checked after the run)
+        stats.chunks_saved += step.saved_chunks
         stats.bytes_saved += nbytes
-        stats.save_s.append(seconds)
+        stats.save_s.append(step.save_s)
         stats.memcpy_s.append(memcpy.seconds(nbytes))
-
-    sending, receiving = worker.get_finished(set())
-    report = worker.get_kv_connector_stats()
-    worker.clear_connector_metadata()
-    scheduler.update_connector_output(
-        KVConnectorOutput(finished_sending=sending, finished_recving=receiving, kv_connector_stats=report)
-    )
 
 
 def replay(trace, args, *, num_cpu_chunks: int, device_blocks: int, staging: int, memcpy: Memcpy, chunk_bytes: int):
@@ -280,9 +182,8 @@ def replay(trace, args, *, num_cpu_chunks: int, device_blocks: int, staging: int
     os.environ["TPU_OFFLOAD_SKIP_JAX_PRECOMPILE"] = "1"  # its precompile includes the Pallas load kernel
     B = args.block_size
     mesh = jax.make_mesh((TP,), ("model",), devices=jax.devices()[:TP])
-    scheduler = TPUOffloadConnector(config(B), KVConnectorRole.SCHEDULER)
-    worker = TPUOffloadConnector(config(B), KVConnectorRole.WORKER)
-    worker.connector_worker.register_runner(Runner(device_cache(mesh, device_blocks, B), mesh))
+    caches = device_cache(mesh, layers=LAYERS, blocks=device_blocks, block_size=B, kv_heads=KV_HEADS, head_dim=HEAD_DIM)
+    scheduler, worker = connectors(mesh, caches, B)
     hasher = get_request_block_hasher(B, sha256)
     stats = Stats()
     for turn in trace:
@@ -293,7 +194,7 @@ def replay(trace, args, *, num_cpu_chunks: int, device_blocks: int, staging: int
             n = -(-len(prompt) // B)
             blocks = list(range(next_block, next_block + n))
             next_block += n
-            scheduler.update_state_after_alloc(req, KVCacheBlocks(([KVCacheBlock(b) for b in blocks],)), to_load)
+            allocate(scheduler, req, blocks, to_load)
             stats.served_tokens += to_load
             stats.by_request[rid] = {
                 "prompt_tokens": len(prompt),
@@ -302,13 +203,12 @@ def replay(trace, args, *, num_cpu_chunks: int, device_blocks: int, staging: int
                 "from_disk": 0,
             }
             new.append((req, blocks, to_load))
-        engine_step(scheduler, worker, scheduler_output(new=new), stats, memcpy, chunk_bytes)
+        record(engine_step(scheduler, worker, scheduler_output(new=new)), stats, memcpy, chunk_bytes)
         for req, _, _ in new:
             req.num_computed_tokens = req.num_tokens
             scheduler.request_finished(req, [])
-        engine_step(
-            scheduler, worker, scheduler_output(finished=[r.request_id for r, _, _ in new]), stats, memcpy, chunk_bytes
-        )
+        finished = scheduler_output(finished=[r.request_id for r, _, _ in new])
+        record(engine_step(scheduler, worker, finished), stats, memcpy, chunk_bytes)
     worker.connector_worker.save_executor.shutdown(wait=True)
     backend = worker.connector_worker.cpu_backend
     on_disk = set(backend.on_disk()) if hasattr(backend, "on_disk") else set()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds a venv (once, under $JAXKV_VENVS, default ~/.cache/jaxkv-venvs; later runs and clones reuse it;
-# integration/tpu_inference/.venv links to it) with tpu-inference 0.25.0, the vLLM it
+# Builds a venv (once, integration/_venv.sh: under $JAXKV_VENVS, default ~/.cache/jaxkv-venvs; later runs and clones
+# reuse it; integration/tpu_inference/.venv links to it) with tpu-inference 0.25.0, the vLLM it
 # was released with and jaxkv, then runs the tests in integration/tpu_inference in it (extra arguments go to
 # pytest), then bench/tpu_offload_trace.py --quick (tpu-inference's connector on the multi-turn trace; its JSON
 # goes to a temporary directory, removed at the end).
@@ -13,10 +13,8 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-# The venv lives outside the work tree (a clean clone, CI's, reuses it); integration/tpu_inference/.venv links to it.
-venvs=${JAXKV_VENVS:-${XDG_CACHE_HOME:-$HOME/.cache}/jaxkv-venvs}
-venv=$venvs/tpu-inference-0.25.0-py311
-done_marker=$venv/.jaxkv-setup-tpu-inference-0.25.0
+# shellcheck source-path=SCRIPTDIR
+. "$here/../_venv.sh"  # jaxkv_venv, which sets venv
 
 python=python3.11
 command -v "$python" >/dev/null || python=python3
@@ -25,22 +23,14 @@ command -v "$python" >/dev/null || python=python3
   exit 1
 }
 
-start=$(date +%s)
-if [ ! -f "$done_marker" ]; then
-  rm -rf "$venv"  # a build this script began and did not finish
-  mkdir -p "$venvs"
-  "$python" -m venv "$venv"
-  pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
+build() {
   "${pip[@]}" tpu-inference==0.25.0
   "${pip[@]}" "setuptools==78.1.0" "setuptools-scm>=8" "setuptools-rust>=1.9.0" wheel jinja2 cmake ninja "packaging>=24.2"
   VLLM_TARGET_DEVICE=empty VLLM_VERSION_OVERRIDE=0.25.0 CARGO_NET_OFFLINE=true \
     "${pip[@]}" --no-build-isolation vllm-tpu==0.25.0
-  touch "$done_marker"
-fi
-ln -sfn "$venv" "$here/.venv"
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$repo[remote]"
-echo "run.sh: install took $(($(date +%s) - start)) s; venv $(du -sh "$venv" | cut -f1);" \
-  "$("$venv/bin/python" -m pip list 2>/dev/null | grep -E '^(tpu_inference|tpu-inference|vllm-tpu|jax|torch) ' | tr -s ' ' | paste -sd, -)"
+}
+jaxkv_venv tpu-inference-0.25.0-py311 .jaxkv-setup-tpu-inference-0.25.0 "$python" build remote \
+  'tpu_inference|tpu-inference|vllm-tpu|jax|torch'
 
 cd "$repo"
 "$venv/bin/python" -m pytest -q -p no:cacheprovider integration/tpu_inference "$@"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The vLLM integration, in its own venv (vLLM brings torch and ~200 packages; the core suite stays free of them):
-#   1. builds the venv once (under $JAXKV_VENVS, default ~/.cache/jaxkv-venvs; integration/vllm/.venv links
-#      to it) (vllm 0.33.0 from PyPI, its CUDA build: on a CPU machine it imports
+#   1. builds the venv once (integration/_venv.sh: under $JAXKV_VENVS, default ~/.cache/jaxkv-venvs;
+#      integration/vllm/.venv links to it) (vllm 0.33.0 from PyPI, its CUDA build: on a CPU machine it imports
 #      with an "unspecified" platform, and the scheduler, requests and connector factory all run), then installs
 #      jaxkv into it editable with its test extra;
 #   2. runs integration/vllm's tests (jaxkv's connector under vLLM's own Scheduler);
@@ -11,23 +11,13 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-# The venv lives outside the work tree (a clean clone, CI's, reuses it) and integration/vllm/.venv links to it.
-venvs=${JAXKV_VENVS:-${XDG_CACHE_HOME:-$HOME/.cache}/jaxkv-venvs}
-venv=$venvs/vllm-0.33.0-py311
-marker=$venv/.jaxkv-vllm-0.33.0
+# shellcheck source-path=SCRIPTDIR
+. "$here/../_venv.sh"  # jaxkv_venv, which sets venv
 
-start=$(date +%s)
-if [ ! -f "$marker" ]; then
-  rm -rf "$venv"  # a build this script began and did not finish
-  mkdir -p "$venvs"
-  python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check vllm==0.33.0
-  touch "$marker"
-fi
-ln -sfn "$venv" "$here/.venv"
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$repo[test]"
-echo "integration/vllm: venv ready in $(($(date +%s) - start)) s:" \
-  "$("$venv/bin/python" -m pip list 2>/dev/null | grep -E '^(vllm|torch|jax|transformers) ' | tr -s ' ' | paste -sd, -)"
+build() {
+  "${pip[@]}" vllm==0.33.0
+}
+jaxkv_venv vllm-0.33.0-py311 .jaxkv-vllm-0.33.0 python3 build test 'vllm|torch|jax|transformers'
 
 cd "$repo"
 "$venv/bin/python" -m pytest -q -p no:cacheprovider integration/vllm "$@"
