@@ -17,13 +17,14 @@ from host memory, from disk after a restart and from Redis on a second instance,
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 import torch
 import transformers
+from _reference import NEW_TOKENS, PAGE_SIZE, check_logits, greedy, hf_generate, mesh, run_private
 
 import jaxkv
 import jaxkv.hf
@@ -31,11 +32,8 @@ from jaxkv.hf import gguf as convert_gguf
 
 gguf = pytest.importorskip("gguf")
 
-PAGE_SIZE = 16
 TABLE_PAGES = 16  # every page table has this width: one compiled program per token bucket
-NEW_TOKENS = 32
-RTOL = 1e-4
-"""Prefill logits: max |jaxkv - torch| / max |torch|, float32 weights and cache (test_reference.py's bound)."""
+EOS = 2  # <|im_end|>: greedy decoding stops there, as `generate` does
 
 QUESTION = "Explain in two sentences why the sky is blue."
 FOLLOW_UP = "And why is it red at sunset?"
@@ -56,8 +54,32 @@ def _gguf_path() -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return convert_gguf.convert(_gguf_path(), tmp_path_factory.mktemp("smollm2"))
+def gguf_parsed_once():
+    """The SmolLM2 file's path, with `gguf.GGUFReader` parsing it once for this module: jaxkv's converter, then
+    transformers' GGUF loader three times (the config, the tensors, the tokenizer) and the q/k test each parse
+    it (~7 s each on 2 cores: the 49152-token vocabulary is read field by field), and transformers builds
+    `gguf.get_tensor_name_map` once per module (~9 s). The file is memory-mapped read-only, so every reader of
+    the one parse sees the file's bytes; each side still decodes and dequantizes them on its own."""
+    smollm2 = _gguf_path()
+    reader = gguf.GGUFReader
+
+    @functools.cache
+    def parsed(path: str):
+        return reader(path)
+
+    def cached_reader(path, *args, **kwargs):
+        same = not args and not kwargs and Path(path).resolve() == smollm2.resolve()
+        return parsed(str(smollm2)) if same else reader(path, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf, "GGUFReader", cached_reader)
+        mp.setattr(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map))
+        yield smollm2
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, gguf_parsed_once) -> Path:
+    return convert_gguf.convert(gguf_parsed_once, tmp_path_factory.mktemp("smollm2"))
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +99,6 @@ def chat_ids(tokenizer, question: str) -> np.ndarray:
     return np.asarray(tokenizer(text, add_special_tokens=False).input_ids)
 
 
-def hf_generate(model, prompt: np.ndarray) -> np.ndarray:
-    """Greedy continuation: NEW_TOKENS tokens, or fewer ending in EOS."""
-    ids = torch.as_tensor(prompt[None])
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False)
-    return out[0, len(prompt) :].numpy()
-
-
 # -- the converter ---------------------------------------------------------------------------------------------
 
 
@@ -97,10 +111,10 @@ def test_config_from_metadata(checkpoint, hf_model):
     assert c.tie_word_embeddings and (c.bos_token_id, c.eos_token_id) == (1, 2)  # the file has no output.weight
 
 
-def test_weights_equal_transformers_gguf_loader(checkpoint, hf_model):
+def test_weights_equal_transformers_gguf_loader(checkpoint, hf_model, gguf_parsed_once):
     """transformers' GGUF loader (its own dequantization and q/k reordering) gives the same float32 bytes."""
     pytest.importorskip("accelerate", reason="transformers' GGUF loader needs accelerate")
-    path = _gguf_path()
+    path = gguf_parsed_once
     theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     ours = hf_model.state_dict()
     mine = theirs.state_dict()
@@ -124,13 +138,13 @@ def _llama_cpp_rope(x: np.ndarray, pos: np.ndarray, theta: float) -> np.ndarray:
     return out
 
 
-def test_qk_rows_give_llama_cpp_attention_scores_under_rotate_half_rope(hf_model):
+def test_qk_rows_give_llama_cpp_attention_scores_under_rotate_half_rope(hf_model, gguf_parsed_once):
     """Layer 0's q/k as stored in the file, under llama.cpp's RoPE, and as converted, under transformers'
     RoPE: the same q·k scores for every head pair. The file's rows as they are (not reordered) do not."""
     from gguf.quants import dequantize
     from transformers.models.llama import modeling_llama
 
-    reader = gguf.GGUFReader(str(_gguf_path()))
+    reader = gguf.GGUFReader(str(gguf_parsed_once))
     raw = {
         t.name: dequantize(t.data, t.tensor_type)
         for t in reader.tensors
@@ -168,8 +182,8 @@ def test_qk_rows_give_llama_cpp_attention_scores_under_rotate_half_rope(hf_model
     assert np.abs(as_stored - want).max() / scale > 1e-2  # the check can tell the two orders apart
 
 
-def test_tokenizer_matches_transformers_gguf_tokenizer_and_round_trips(checkpoint, tokenizer):
-    path = _gguf_path()
+def test_tokenizer_matches_transformers_gguf_tokenizer_and_round_trips(tokenizer, gguf_parsed_once):
+    path = gguf_parsed_once
     theirs = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     chat = tokenizer.apply_chat_template(
         [
@@ -261,27 +275,6 @@ def test_refusals_name_the_field_or_tensor(tmp_path, kwargs, message):
 # -- jaxkv on the real model -----------------------------------------------------------------------------------
 
 
-def mesh(tp: int):
-    return jax.make_mesh((tp,), ("tp",), devices=jax.devices()[:tp])
-
-
-def greedy(model, cache, prompt: np.ndarray, start: int, table, *, grow=None, eos: int = 2):
-    """Prefill prompt[start:] (prompt[:start] is cached), then decode greedily: NEW_TOKENS tokens, or fewer
-    ending in `eos` (as `generate` stops). `grow(token)` appends a token to the manager's request.
-    Returns (prompt logits, generated tokens, cache)."""
-    logits, cache = model.prefill(cache, prompt[start:], start, table())
-    prompt_logits = np.asarray(logits)
-    tokens = [int(np.argmax(prompt_logits[-1]))]
-    pos = len(prompt)
-    while len(tokens) < NEW_TOKENS and tokens[-1] != eos:
-        if grow is not None:
-            grow(tokens[-1])
-        logits, cache = model.prefill(cache, [tokens[-1]], pos, table())
-        tokens.append(int(np.argmax(np.asarray(logits)[-1])))
-        pos += 1
-    return prompt_logits, np.asarray(tokens), cache
-
-
 def check_same(tokenizer, got: np.ndarray, want: np.ndarray, label: str) -> None:
     if not np.array_equal(got, want):
         pytest.fail(
@@ -299,12 +292,9 @@ def test_jaxkv_matches_transformers(checkpoint, hf_model, tokenizer, tp):
     want = hf_generate(hf_model, prompt)
     assert len(want) == NEW_TOKENS and len(set(want.tolist())) > 16, tokenizer.decode(want)
     model = jaxkv.hf.load_checkpoint(checkpoint, mesh(tp), page_size=PAGE_SIZE, cache_dtype="float32")
-    table = np.arange(1, TABLE_PAGES + 1, dtype=np.int32)
-    logits, tokens, _ = greedy(model, model.allocate_cache(TABLE_PAGES + 1), prompt, 0, lambda: table)
-    err = float(np.abs(logits - want_logits).max() / np.abs(want_logits).max())
-    print(f"\nSmolLM2 TP {tp}: prefill logits ({len(prompt)} tokens) max relative error {err:.2e}")
-    print(f"SmolLM2 TP {tp}: {tokenizer.decode(tokens)!r}")
-    assert err < RTOL, f"TP {tp}: prefill logits max |diff| / max |ref| = {err:.3e} > {RTOL:g}"
+    logits, tokens = run_private(model, prompt, table_pages=TABLE_PAGES, num_pages=TABLE_PAGES + 1, eos=EOS)
+    print(f"\nSmolLM2 TP {tp}: {tokenizer.decode(tokens)!r}")
+    check_logits(logits, want_logits, f"SmolLM2 TP {tp} ({len(prompt)} tokens)")
     check_same(tokenizer, tokens, want, f"TP {tp}")
 
 
@@ -352,6 +342,7 @@ def test_follow_up_turn_from_every_tier(checkpoint, hf_model, tokenizer, tmp_pat
             req.num_cached_tokens,
             lambda: manager.page_table(rid, width=TABLE_PAGES),
             grow=lambda t: manager.append_tokens(rid, [t]),
+            eos=EOS,
         )
         plan = manager.commit(rid, len(prompt) + len(tokens) - 1) if store else None
         if plan is not None:
