@@ -213,7 +213,8 @@ def copy_policy():
 def test_batches_above_the_streaming_threshold_are_bit_exact(d2h_path, copy_policy):
     # The machine's threshold is an eighth of its L3 (6 MiB on a 48 MiB L3, 32.5 MiB on 260 MiB): fix it at
     # 4 MiB, under this batch, so the streaming and two-thread paths run whatever the L3.
-    assert copy_policy("stream=4M,split=4M").stream_min_bytes == 4 << 20
+    # Four cores: the two shards' load kernels may each split too.
+    assert copy_policy("stream=4M,split=4M,cores=4").stream_min_bytes == 4 << 20
     import jax.numpy as jnp
 
     import jaxkv
@@ -273,7 +274,7 @@ def test_a_padded_load_copies_and_splits_only_its_real_pages(copy_policy):
     page = params.shard_bytes_per_page(2)
     # Streams from 48 pages' bytes a shard (the policy reads a load's bytes over both shards): the padded
     # batch (64 pages) would stream, the real one (40) must not.
-    copy_policy(f"stream={2 * 48 * page},split=1")
+    copy_policy(f"stream={2 * 48 * page},split=1,cores=4")  # 4 cores: the two shards' kernels may split
     src, _, _ = random_buffer(params, 2, num_pages=80, seed=5)
     rng = np.random.default_rng(2)
     ids = rng.permutation(80)[:40].astype(np.int32)
@@ -289,7 +290,8 @@ def test_a_padded_load_copies_and_splits_only_its_real_pages(copy_policy):
     for a, b in zip(src.values.addressable_shards, dst.values.addressable_shards, strict=True):
         want = np.asarray(a.data).view(np.uint8).reshape(80, -1)[ids]
         assert np.asarray(b.data).view(np.uint8).reshape(80, -1)[ids].tobytes() == want.tobytes()
-    copy_policy(f"stream={2 * 40 * page},split=1")  # exactly the real load: streams, and counts its 40 pages only
+    # Exactly the real load: streams, and counts its 40 pages only.
+    copy_policy(f"stream={2 * 40 * page},split=1,cores=4")
     before = native.copy_stats()
     dst, t = engine.h2d(dst, slots, ids)
     t.synchronize()
@@ -297,7 +299,7 @@ def test_a_padded_load_copies_and_splits_only_its_real_pages(copy_policy):
 
 
 @needs_library
-def test_a_sharded_load_streams_by_the_whole_loads_bytes(copy_policy):
+def test_a_sharded_load_streams_by_the_whole_loads_bytes_and_splits_only_below_the_cores(copy_policy):
     # Two shards, one kernel each: each copies half the load. Streaming is chosen from the whole load, so a
     # threshold between one shard's bytes and both shards' streams both kernels.
     import jax.numpy as jnp
@@ -306,7 +308,8 @@ def test_a_sharded_load_streams_by_the_whole_loads_bytes(copy_policy):
 
     params = jaxkv.KVCacheParams(jnp.bfloat16, **STREAMED)
     shard_batch = 32 * params.shard_bytes_per_page(2)
-    copy_policy(f"stream={shard_batch + 1},split=never")
+    # Two cores, which the two shards' kernels (run at once by XLA:CPU) already fill: neither adds a thread.
+    copy_policy(f"stream={shard_batch + 1},split=1,cores=2")
     src, _, _ = random_buffer(params, 2, num_pages=40, seed=6)
     ids = np.arange(32, dtype=np.int32)[::-1].copy()
     engine = OffloadEngine(src, 32)
@@ -317,6 +320,7 @@ def test_a_sharded_load_streams_by_the_whole_loads_bytes(copy_policy):
     t.synchronize()
     done = native.copy_stats() - before
     assert done.batches == done.streamed_batches == 2 and done.streamed_bytes == 2 * shard_batch, done
+    assert done.split_batches == 0, done
     for a, b in zip(src.values.addressable_shards, dst.values.addressable_shards, strict=True):
         want = np.asarray(a.data).view(np.uint8).reshape(40, -1)[ids]
         assert np.asarray(b.data).view(np.uint8).reshape(40, -1)[ids].tobytes() == want.tobytes()

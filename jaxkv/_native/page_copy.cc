@@ -177,6 +177,7 @@ int64_t MachineCores() {
 std::atomic<int64_t> g_stream_min_bytes{-1};  // -1: not chosen yet
 std::atomic<int64_t> g_split_min_bytes{kNever};
 std::atomic<int64_t> g_store_bytes{16};
+std::atomic<int64_t> g_cores{1};
 CopyPolicy g_policy{};  // written under g_policy_mutex, for reporting
 std::mutex g_policy_mutex;
 
@@ -191,6 +192,7 @@ int SetPolicy(const char* spec) {
   std::lock_guard<std::mutex> lock(g_policy_mutex);
   g_policy = policy;
   g_split_min_bytes.store(policy.split_min_bytes);
+  g_cores.store(policy.cores);
   g_store_bytes.store(policy.store_bytes);
   g_stream_min_bytes.store(policy.stream_min_bytes);
   return 0;
@@ -299,12 +301,17 @@ inline void FenceStreams(bool stream) {
 // stores are fenced on the thread that made them. `group`: how many kernels
 // of one transfer copy a batch like this one (a sharded cache's load runs one
 // per device); streaming is chosen from the whole transfer's bytes, which
-// pass through the one L3 whatever order the kernels run in.
+// pass through the one L3 whatever order the kernels run in. XLA:CPU runs a
+// program's device kernels at once, so a group that already fills the cores
+// adds no second thread (TP 4 on 2 cores: 0.90-1.18x of np.copyto without,
+// 0.85-1.07x with; docs/benchmarks.md, "The copy policy on a smaller L3").
 template <typename Body>
 void ForPages(int64_t k, size_t batch_bytes, Body body, int64_t group = 1) {
   EnsurePolicy();
   const int64_t batch = static_cast<int64_t>(batch_bytes);
-  const bool stream = batch * (group < 1 ? 1 : group) >= g_stream_min_bytes.load(std::memory_order_relaxed);
+  if (group < 1) group = 1;
+  const bool stream = batch * group >= g_stream_min_bytes.load(std::memory_order_relaxed);
+  const bool may_split = group < g_cores.load(std::memory_order_relaxed);
   auto run = [&body, stream](int64_t begin, int64_t end) {
     body(begin, end, stream);
     FenceStreams(stream);
@@ -316,7 +323,7 @@ void ForPages(int64_t k, size_t batch_bytes, Body body, int64_t group = 1) {
     g_streamed_bytes.fetch_add(batch, std::memory_order_relaxed);
   }
 #endif
-  if (k < 2 || batch < g_split_min_bytes.load(std::memory_order_relaxed)) {
+  if (k < 2 || !may_split || batch < g_split_min_bytes.load(std::memory_order_relaxed)) {
     run(int64_t{0}, k);
     return;
   }
