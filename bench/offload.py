@@ -1,6 +1,6 @@
 """OffloadEngine throughput: batched page moves between the device cache and the host pool.
 
-    python bench/offload.py [--quick] [--out-json NAME]
+    python bench/offload.py [--quick] [--steps-only] [--out-json NAME]
 
 For MHA and MLA caches (TP 4, bfloat16) over a range of page sizes (host row
 bytes, `engine.row_bytes`) and batches, measures in one run:
@@ -21,6 +21,10 @@ bytes, `engine.row_bytes`) and batches, measures in one run:
   `jax.device_get(unit.shard[pid])` into a numpy pool row for D2H, and a
   non-donated `cache.values.at[pid].set(page)` per page for H2D.
 - Peak host memory (VmHWM) of one H2D (and D2H) in a large cache, numpy pool and arrays rows.
+- Between the user's own steps (`--steps-only` runs just this): MHA, 256 KiB
+  rows, 16-48 MiB batches, each transfer after a jitted, donated
+  `jaxkv.paged_attention` decode step, interleaved with `np.copyto` of the
+  same bytes (issue 24's scenario; goal >= 0.9x).
 
 GB/s counts page bytes moved: k * engine.row_bytes (an MLA row is counted once,
 though H2D writes it to every TP replica). Results: bench/results/NAME.json and
@@ -33,6 +37,7 @@ import contextlib
 import ctypes
 import gc
 import time
+from functools import partial
 from pathlib import Path
 
 import _common
@@ -336,6 +341,88 @@ def bench_throughput(layout, mesh, tp, page_kibs, batches, *, quick) -> list[dic
     return rows
 
 
+STEP_ROW = 256 * KIB
+STEP_BATCHES = (64, 96, 128, 192)  # 16-48 MiB: from half a 32 MiB L3 to past a 48 MiB one
+STEP_GOAL = 0.9  # issue 24: >= 0.9x np.copyto at >= 16 MiB batches
+
+
+def bench_between_steps(mesh, tp: int, batches, *, repeats: int) -> list[dict]:
+    """D2H and H2D of MHA pages with the user's own donated decode step before every transfer (issue 24).
+
+    The step is `jaxkv.paged_attention` writing one token and attending over
+    one page, in a jit that donates the cache, as a serving loop runs it. Per
+    round, interleaved: step, D2H (timed); step, H2D (timed); np.copyto of
+    the same bytes (timed); the medians of `repeats` rounds.
+    """
+    params = params_for("MHA", STEP_ROW, tp)
+    heads, dim = params.n_kv_heads, params.head_dim
+    q = jnp.ones((1, 1, heads, dim), DTYPE)
+    table, start, lens = jnp.zeros((1, 1), jnp.int32), jnp.zeros((1,), jnp.int32), jnp.ones((1,), jnp.int32)
+
+    @partial(jax.jit, donate_argnums=0)
+    def step(cache):
+        _, cache = jaxkv.paged_attention(cache, 0, q, q, q, table, start, lens)
+        return cache
+
+    rng = np.random.default_rng(24)
+    return [steps_case(step, params, mesh, k, rng, repeats) for k in batches]
+
+
+def steps_case(step, params, mesh, k: int, rng, repeats: int) -> dict:
+    """One batch of `bench_between_steps`: k random pages of a 2k-page cache into random slots and back."""
+    nbytes = k * STEP_ROW
+    state = {"cache": jaxkv.allocate_buffer(params, mesh, 2 * k)}
+    engine = jaxkv.OffloadEngine(state["cache"], k)
+    ids = rng.permutation(2 * k)[:k].astype(np.int32)
+    slots = rng.permutation(k).astype(np.int32)
+    src, dst = np.ones(nbytes, np.uint8), np.empty(nbytes, np.uint8)
+
+    def user_step():
+        state["cache"] = step(state["cache"])
+        jax.block_until_ready(state["cache"])
+
+    def d2h() -> float:
+        user_step()
+        t0 = time.perf_counter()
+        engine.d2h(state["cache"], ids, slots).synchronize()
+        return time.perf_counter() - t0
+
+    def h2d() -> float:
+        user_step()
+        t0 = time.perf_counter()
+        state["cache"], t = engine.h2d(state["cache"], slots, ids)
+        t.synchronize()
+        return time.perf_counter() - t0
+
+    median = _common.interleaved(
+        {"d2h": d2h, "h2d": h2d, "copy": _common.timed(lambda: np.copyto(dst, src))}, repeats=repeats
+    )
+    r = dict(batch=k, mib=nbytes / MIB, **{f"{n}_gbps": _common.gbps(nbytes, s) for n, s in median.items()})
+    r["d2h_limit"] = _common.ratio(r["d2h_gbps"], r["copy_gbps"])
+    r["h2d_limit"] = _common.ratio(r["h2d_gbps"], r["copy_gbps"])
+    r["ok"] = "ok" if min(r["d2h_limit"], r["h2d_limit"]) >= STEP_GOAL else "MISS"
+    return r
+
+
+def print_steps(rows: list[dict], tp: int) -> list[dict]:
+    _common.print_table(
+        f"between the user's own donated decode steps: MHA TP {tp} bf16, {STEP_ROW // KIB} KiB rows, GB/s of page "
+        f"bytes, medians of interleaved rounds; goal D2H and H2D >= {STEP_GOAL}x np.copyto",
+        rows,
+        [
+            ("batch", "pages", "d"),
+            ("mib", "MiB", ".0f"),
+            ("copy_gbps", "np copy", ".2f"),
+            ("d2h_gbps", "D2H", ".2f"),
+            ("h2d_gbps", "H2D", ".2f"),
+            ("d2h_limit", "D2H/lim", ".2f"),
+            ("h2d_limit", "H2D/lim", ".2f"),
+            ("ok", "goal", "s"),
+        ],
+    )
+    return rows
+
+
 def targets(rows: list[dict]) -> list[dict]:
     """Pass/miss for batches >= 64 pages of >= 64 KiB.
 
@@ -534,9 +621,15 @@ def main() -> None:
         help="results name: bench/results/NAME.json, docs/NAME.png (default offload; offload_quick with --quick, "
         "its figure beside the JSON)",
     )
+    parser.add_argument(
+        "--steps-only",
+        action="store_true",
+        help="only the transfers between the user's own decode steps (issue 24); results bench/results/NAME.json, "
+        "default offload_steps",
+    )
     args = parser.parse_args()
     if args.out_json is None:  # a smoke run never overwrites the committed results
-        args.out_json = "offload_quick" if args.quick else "offload"
+        args.out_json = ("offload_steps" if args.steps_only else "offload") + ("_quick" if args.quick else "")
     t0 = time.perf_counter()
 
     devices = jax.devices()
@@ -559,6 +652,13 @@ def main() -> None:
     }
     _common.print_conditions(cond)
     print(f"native page copy policy: {cond['copy_policy']} (JAXKV_COPY_POLICY overrides; see jaxkv._native)")
+
+    steps_batches = STEP_BATCHES[:1] if args.quick else STEP_BATCHES
+    if args.steps_only:
+        steps = print_steps(bench_between_steps(mesh, tp, steps_batches, repeats=3 if args.quick else 15), tp)
+        path = _common.write_json(args.out_json, {"conditions": cond, "between_steps": steps})
+        print(f"\nwrote {path} ({time.perf_counter() - t0:.0f} s)")
+        return
 
     for layout in LAYOUTS:
         check_round_trip(layout, mesh, tp, ["host", "xla"] if platform == "cpu" else ["xla"])
@@ -606,6 +706,8 @@ def main() -> None:
     misses = sum(v == "MISS" for t in tg for k, v in t.items() if k.endswith("_ok"))
     print(f"{misses} of {sum(v is not None for t in tg for k, v in t.items() if k.endswith('_ok'))} checks missed")
 
+    steps = print_steps(bench_between_steps(mesh, tp, steps_batches, repeats=3 if args.quick else 9), tp)
+
     peak = []
     if reset_peak_rss():
         cache_bytes = 128 * MIB if args.quick else 512 * MIB
@@ -647,6 +749,7 @@ def main() -> None:
             "targets_spec": TARGETS | {"min_batch": TARGET_MIN_BATCH, "min_page_bytes": TARGET_MIN_PAGE},
             "throughput": throughput,
             "targets": tg,
+            "between_steps": steps,
             "peak_memory": peak,
             "seconds": seconds,
         },
