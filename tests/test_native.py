@@ -261,69 +261,65 @@ def test_batches_above_the_streaming_threshold_are_bit_exact(d2h_path, copy_poli
     streamed(before, 2 * rows.nbytes)  # the scatter, then the gather that reads it back
 
 
+class ShardedLoad:
+    """A TP-2 cache of `num_pages` random pages offloaded at `ids` -> `slots`, and a fresh cache to load them into."""
+
+    def __init__(self, num_pages: int, ids: np.ndarray, slots: np.ndarray, seed: int):
+        import jax.numpy as jnp
+
+        import jaxkv
+
+        self.params = jaxkv.KVCacheParams(jnp.bfloat16, **STREAMED)
+        self.page = self.params.shard_bytes_per_page(2)  # one shard's page
+        self.num_pages, self.ids, self.slots = num_pages, ids, slots
+        self.src, _, _ = random_buffer(self.params, 2, num_pages=num_pages, seed=seed)
+        self.engine = OffloadEngine(self.src, len(slots))
+        self.engine.d2h(self.src, ids, slots).synchronize()
+        self.dst = allocate_buffer(self.params, tp_mesh(2), num_pages)
+
+    def load(self) -> native.CopyStats:
+        """Load the rows back into `dst`; what the native copies did. Asserts every shard's pages bit-exact."""
+        before = native.copy_stats()
+        self.dst, t = self.engine.h2d(self.dst, self.slots, self.ids)
+        t.synchronize()
+        done = native.copy_stats() - before
+        pages = zip(self.src.values.addressable_shards, self.dst.values.addressable_shards, strict=True)
+        for a, b in pages:
+            want = np.asarray(a.data).view(np.uint8).reshape(self.num_pages, -1)[self.ids]
+            assert np.asarray(b.data).view(np.uint8).reshape(self.num_pages, -1)[self.ids].tobytes() == want.tobytes()
+        return done
+
+
 @needs_library
 def test_a_padded_load_copies_and_splits_only_its_real_pages(copy_policy):
     # 40 pages pad to a bucket of 64. The kernel used to run the policy over all 64: padding counted toward the
     # streaming threshold, and the two-thread split gave one thread pages 0-31 and the other 8 real pages and
     # 24 of padding (a 96-page load split 64 / 32: 0.75x of memcpy instead of 1.2x).
-    import jax.numpy as jnp
-
-    import jaxkv
-
-    params = jaxkv.KVCacheParams(jnp.bfloat16, **STREAMED)
-    page = params.shard_bytes_per_page(2)
-    # Streams from 48 pages' bytes a shard (the policy reads a load's bytes over both shards): the padded
-    # batch (64 pages) would stream, the real one (40) must not.
-    copy_policy(f"stream={2 * 48 * page},split=1,cores=4")  # 4 cores: the two shards' kernels may split
-    src, _, _ = random_buffer(params, 2, num_pages=80, seed=5)
     rng = np.random.default_rng(2)
-    ids = rng.permutation(80)[:40].astype(np.int32)
-    slots = rng.permutation(40).astype(np.int32)
-    engine = OffloadEngine(src, 40)
-    engine.d2h(src, ids, slots).synchronize()
-    dst = allocate_buffer(params, tp_mesh(2), 80)
-    before = native.copy_stats()
-    dst, t = engine.h2d(dst, slots, ids)
-    t.synchronize()
-    done = native.copy_stats() - before
+    load = ShardedLoad(80, rng.permutation(80)[:40].astype(np.int32), rng.permutation(40).astype(np.int32), 5)
+    # Streams from 48 pages' bytes a shard (the policy reads a load's bytes over both shards): the padded
+    # batch (64 pages) would stream, the real one (40) must not. 4 cores: the two shards' kernels may split.
+    copy_policy(f"stream={2 * 48 * load.page},split=1,cores=4")
+    done = load.load()
     assert done.batches == done.split_batches == 2 and done.streamed_batches == 0, done  # one batch per shard
-    for a, b in zip(src.values.addressable_shards, dst.values.addressable_shards, strict=True):
-        want = np.asarray(a.data).view(np.uint8).reshape(80, -1)[ids]
-        assert np.asarray(b.data).view(np.uint8).reshape(80, -1)[ids].tobytes() == want.tobytes()
     # Exactly the real load: streams, and counts its 40 pages only.
-    copy_policy(f"stream={2 * 40 * page},split=1,cores=4")
-    before = native.copy_stats()
-    dst, t = engine.h2d(dst, slots, ids)
-    t.synchronize()
-    streamed(before, 2 * 40 * page)
+    copy_policy(f"stream={2 * 40 * load.page},split=1,cores=4")
+    done = load.load()
+    assert done.streamed_batches == done.split_batches == 2 and done.streamed_bytes == 2 * 40 * load.page, done
 
 
 @needs_library
 def test_a_sharded_load_streams_by_the_whole_loads_bytes_and_splits_only_below_the_cores(copy_policy):
     # Two shards, one kernel each: each copies half the load. Streaming is chosen from the whole load, so a
     # threshold between one shard's bytes and both shards' streams both kernels.
-    import jax.numpy as jnp
-
-    import jaxkv
-
-    params = jaxkv.KVCacheParams(jnp.bfloat16, **STREAMED)
-    shard_batch = 32 * params.shard_bytes_per_page(2)
+    ids = np.arange(32, dtype=np.int32)[::-1].copy()
+    load = ShardedLoad(40, ids, ids, 6)
+    shard_batch = 32 * load.page
     # Two cores, which the two shards' kernels (run at once by XLA:CPU) already fill: neither adds a thread.
     copy_policy(f"stream={shard_batch + 1},split=1,cores=2")
-    src, _, _ = random_buffer(params, 2, num_pages=40, seed=6)
-    ids = np.arange(32, dtype=np.int32)[::-1].copy()
-    engine = OffloadEngine(src, 32)
-    engine.d2h(src, ids, ids).synchronize()
-    dst = allocate_buffer(params, tp_mesh(2), 40)
-    before = native.copy_stats()
-    dst, t = engine.h2d(dst, ids, ids)
-    t.synchronize()
-    done = native.copy_stats() - before
+    done = load.load()
     assert done.batches == done.streamed_batches == 2 and done.streamed_bytes == 2 * shard_batch, done
     assert done.split_batches == 0, done
-    for a, b in zip(src.values.addressable_shards, dst.values.addressable_shards, strict=True):
-        want = np.asarray(a.data).view(np.uint8).reshape(40, -1)[ids]
-        assert np.asarray(b.data).view(np.uint8).reshape(40, -1)[ids].tobytes() == want.tobytes()
 
 
 def streamed(before: native.CopyStats, nbytes: int) -> None:
