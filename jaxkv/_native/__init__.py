@@ -288,6 +288,20 @@ def _check_row_ids(name: str, ids) -> None:
         raise ValueError(f"{name} must be a 1-D int32 numpy array, got {got}")
 
 
+def _check_pair(dst, dst_rows, src, src_rows, at: str = "") -> None:
+    """What `copy_rows` (and each pair of `copy_pages`, `at` = "[i]") checks before any byte moves, but ranges."""
+    _check_rows_array(f"dst{at}", dst)
+    _check_rows_array(f"src{at}", src)
+    if dst.shape[1] != src.shape[1]:
+        raise ValueError(f"dst{at} and src{at} rows must have one width, got {dst.shape[1]} and {src.shape[1]} bytes")
+    if not dst.flags.writeable:
+        raise ValueError(f"dst{at} must be writeable")
+    _check_row_ids(f"dst_rows{at}", dst_rows)
+    _check_row_ids(f"src_rows{at}", src_rows)
+    if dst_rows.size != src_rows.size:
+        raise ValueError(f"dst_rows{at} and src_rows{at} must have one length, got {dst_rows.size} and {src_rows.size}")
+
+
 def copy_rows(dst: np.ndarray, dst_rows: np.ndarray, src: np.ndarray, src_rows: np.ndarray) -> None:
     """dst[dst_rows[i]] = src[src_rows[i]] for 2-D uint8 arrays whose rows are contiguous: one memcpy per row.
 
@@ -297,16 +311,7 @@ def copy_rows(dst: np.ndarray, dst_rows: np.ndarray, src: np.ndarray, src_rows: 
     row ids that are not 1-D int32 of one length, or a row id out of range.
     Raises `RuntimeError` if the library is not available (check `available()`).
     """
-    _check_rows_array("dst", dst)
-    _check_rows_array("src", src)
-    if dst.shape[1] != src.shape[1]:
-        raise ValueError(f"dst and src rows must have one width, got {dst.shape[1]} and {src.shape[1]} bytes")
-    if not dst.flags.writeable:
-        raise ValueError("dst must be writeable")
-    _check_row_ids("dst_rows", dst_rows)
-    _check_row_ids("src_rows", src_rows)
-    if dst_rows.size != src_rows.size:
-        raise ValueError(f"dst_rows and src_rows must have one length, got {dst_rows.size} and {src_rows.size}")
+    _check_pair(dst, dst_rows, src, src_rows)
     lib = library()
     if lib is None:
         raise RuntimeError("jaxkv's native library is not available; check jaxkv._native.available() first")
@@ -337,18 +342,7 @@ def copy_pages(dst: list[tuple[np.ndarray, np.ndarray]], src: list[tuple[np.ndar
         raise ValueError(f"dst and src must pair up, got {len(dst)} and {len(src)} pairs")
     dst_addresses, src_addresses, sizes = [], [], []
     for i, ((d, d_rows), (s, s_rows)) in enumerate(zip(dst, src, strict=True)):
-        _check_rows_array(f"dst[{i}]", d)
-        _check_rows_array(f"src[{i}]", s)
-        if d.shape[1] != s.shape[1]:
-            raise ValueError(f"dst[{i}] and src[{i}] rows must have one width, got {d.shape[1]} and {s.shape[1]}")
-        if not d.flags.writeable:
-            raise ValueError(f"dst[{i}] must be writeable")
-        _check_row_ids(f"dst_rows[{i}]", d_rows)
-        _check_row_ids(f"src_rows[{i}]", s_rows)
-        if d_rows.size != s_rows.size:
-            raise ValueError(
-                f"dst_rows[{i}] and src_rows[{i}] must have one length, got {d_rows.size} and {s_rows.size}"
-            )
+        _check_pair(d, d_rows, s, s_rows, f"[{i}]")
         for name, rows, a in ((f"dst_rows[{i}]", d_rows, d), (f"src_rows[{i}]", s_rows, s)):
             bad = np.flatnonzero((rows < 0) | (rows >= len(a)))
             if bad.size:

@@ -131,8 +131,7 @@ def done_marker(array: jax.Array, *, native_kernels: bool) -> jax.Array:
     """
     if native_kernels:
         return jax.ffi.ffi_call("jaxkv_done", jax.ShapeDtypeStruct((1,), jnp.uint8))(array)
-    first = lax.slice(_as_words(array), (0,) * array.ndim, (1,) * array.ndim)
-    return first.reshape(-1)[:1]
+    return lax.slice(_as_words(array), (0,) * array.ndim, (1,) * array.ndim).reshape(1)
 
 
 def native_enabled(devices: Iterable[jax.Device]) -> bool:  # pyright: ignore[reportInvalidTypeForm]
