@@ -375,6 +375,12 @@ class Engine:
         if self.worker_connector is not None:
             self.worker_connector.shutdown()
 
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def shared_prompts(n: int, prefix_tokens: int, suffix_tokens: int, seed: int = 0) -> list[list[int]]:
     rng = np.random.default_rng(seed)

@@ -39,22 +39,18 @@ def run_one(engine: Engine, rid: str, prompt: list[int], max_tokens: int = 8) ->
 
 
 def test_vllm_builds_the_connector_by_module_path():
-    engine = Engine(host_only(), tp=1)
-    try:
+    with Engine(host_only(), tp=1) as engine:
         assert isinstance(engine.connector, JaxkvConnector) and engine.connector.role == KVConnectorRole.SCHEDULER
         assert isinstance(engine.worker_connector, JaxkvConnector)
         assert engine.worker_connector.role == KVConnectorRole.WORKER
         engine.add("a", shared_prompts(1, PREFIX, SUFFIX)[0], 4)
         out = engine.scheduler.schedule()
         assert isinstance(out.kv_connector_metadata, JaxkvConnectorMetadata)
-    finally:
-        engine.close()
 
 
 @pytest.mark.parametrize("tp", [1, 4])
 def test_a_shared_prefix_is_served_from_host_memory(tp):
-    engine = Engine(host_only(), tp=tp, prefix_caching=False)
-    try:
+    with Engine(host_only(), tp=tp, prefix_caching=False) as engine:
         a, b = shared_prompts(2, PREFIX, SUFFIX)
         run_one(engine, "a", a)
         assert engine.connector.served == {}
@@ -64,14 +60,11 @@ def test_a_shared_prefix_is_served_from_host_memory(tp):
         assert engine.connector.served == {"host": 6 * BLOCK}
         assert engine.runner.checked_tokens > checked + 6 * BLOCK
         assert engine.connector.store.metrics.failed_loads == 0
-    finally:
-        engine.close()
 
 
 def test_device_prefix_cache_first_then_jaxkv():
     """With vLLM's own prefix cache on, jaxkv serves only what the device no longer holds."""
-    engine = Engine(host_only(), tp=4, prefix_caching=True, num_blocks=24)
-    try:
+    with Engine(host_only(), tp=4, prefix_caching=True, num_blocks=24) as engine:
         prompts = shared_prompts(4, PREFIX, SUFFIX, seed=3)
         run_one(engine, "a", prompts[0])
         run_one(engine, "b", prompts[1])  # the device still holds a's prefix blocks
@@ -81,14 +74,11 @@ def test_device_prefix_cache_first_then_jaxkv():
             run_one(engine, f"other{i}", shared_prompts(1, 200, 0, seed=20 + i)[0])
         run_one(engine, "c", prompts[2])
         assert engine.connector.served.get("host", 0) >= BLOCK
-    finally:
-        engine.close()
 
 
 def test_concurrent_requests_sharing_device_pages_store_each_block_once():
     """vLLM's prefix cache gives requests scheduled together the same pages for their shared prefix."""
-    engine = Engine(host_only(), tp=4, prefix_caching=True, num_blocks=64)
-    try:
+    with Engine(host_only(), tp=4, prefix_caching=True, num_blocks=64) as engine:
         prompts = shared_prompts(4, PREFIX, SUFFIX, seed=4)
         for i, p in enumerate(prompts):
             engine.add(f"r{i}", p, 8)
@@ -97,15 +87,14 @@ def test_concurrent_requests_sharing_device_pages_store_each_block_once():
         # 6 shared blocks once, then each request's own full blocks (suffix and replies): stored once each.
         own = sum((len(p) + 7) // BLOCK - 6 for p in prompts)
         assert metrics["host"].blocks_stored == 6 + own
-    finally:
-        engine.close()
 
 
 def test_chunked_prefill_preemption_and_finish_keep_every_page_right():
     """Few device blocks, many requests: vLLM chunks prefills, preempts and resumes; jaxkv refills preempted ones."""
-    engine = Engine(host_only(), tp=4, num_blocks=40, prefix_caching=False)
-    reference = Engine(host_only(), tp=1, num_blocks=400, prefix_caching=False)
-    try:
+    with (
+        Engine(host_only(), tp=4, num_blocks=40, prefix_caching=False) as engine,
+        Engine(host_only(), tp=1, num_blocks=400, prefix_caching=False) as reference,
+    ):
         prompts = shared_prompts(6, 120, 60, seed=5)
         for e in (engine, reference):
             for i, p in enumerate(prompts):
@@ -116,94 +105,63 @@ def test_chunked_prefill_preemption_and_finish_keep_every_page_right():
         assert engine.outputs == reference.outputs
         assert sum(engine.connector.served.values()) > 0
         assert engine.runner.checked_tokens > 0
-    finally:
-        engine.close()
-        reference.close()
 
 
 def test_a_restart_serves_the_prefix_from_disk(tmp_path):
     a, b = shared_prompts(2, PREFIX, SUFFIX, seed=7)
-    first = Engine(with_disk(tmp_path), tp=4, prefix_caching=False)
-    try:
+    with Engine(with_disk(tmp_path), tp=4, prefix_caching=False) as first:
         run_one(first, "a", a)
-    finally:
-        first.close()
-    second = Engine(with_disk(tmp_path), tp=4, prefix_caching=False)
-    try:
+    with Engine(with_disk(tmp_path), tp=4, prefix_caching=False) as second:
         assert second.connector.served == {}
         run_one(second, "b", b)
         assert second.connector.served == {"disk": 6 * BLOCK}
-    finally:
-        second.close()
 
 
 def test_a_prefix_longer_than_host_memory_loads_what_host_slots_hold(tmp_path):
     """Loads pass through host memory: a restart with 4 host slots serves 4 of the 6 blocks on disk."""
     a, b = shared_prompts(2, PREFIX, SUFFIX, seed=14)
-    first = Engine(with_disk(tmp_path), tp=4, prefix_caching=False)
-    try:
+    with Engine(with_disk(tmp_path), tp=4, prefix_caching=False) as first:
         run_one(first, "a", a)
-    finally:
-        first.close()
     small = {**with_disk(tmp_path), "host_bytes": 4 * BLOCK_BYTES}
-    second = Engine(small, tp=4, prefix_caching=False)
-    try:
+    with Engine(small, tp=4, prefix_caching=False) as second:
         assert second.connector.store.host.num_slots == 4
         run_one(second, "b", b)
         assert second.connector.served == {"disk": 4 * BLOCK}
-    finally:
-        second.close()
 
 
 @pytest.mark.parametrize("tps", [(4, 2), (4, 8), (2, 1)])
 def test_a_restart_at_another_tp_degree_serves_from_disk(tmp_path, tps):
     a, b = shared_prompts(2, PREFIX, SUFFIX, seed=8)
-    first = Engine(with_disk(tmp_path), tp=tps[0], prefix_caching=False)
-    try:
+    with Engine(with_disk(tmp_path), tp=tps[0], prefix_caching=False) as first:
         run_one(first, "a", a)
-    finally:
-        first.close()
-    second = Engine(with_disk(tmp_path), tp=tps[1], prefix_caching=False)
-    try:
+    with Engine(with_disk(tmp_path), tp=tps[1], prefix_caching=False) as second:
         run_one(second, "b", b)
         assert second.connector.served == {"disk": 6 * BLOCK}
-    finally:
-        second.close()
 
 
 def test_a_second_instance_is_served_from_redis(redis_server):
     extra = {"host_bytes": 8 * MiB, "remote_url": redis_server.url, "remote_prefix": "vllm-test:"}
     a, b = shared_prompts(2, PREFIX, SUFFIX, seed=11)
-    first = Engine(extra, tp=4, prefix_caching=False)
-    second = Engine(extra, tp=2, prefix_caching=False)  # running at the same time, its own host memory
-    try:
+    # The two run at the same time, each with its own host memory.
+    with Engine(extra, tp=4, prefix_caching=False) as first, Engine(extra, tp=2, prefix_caching=False) as second:
         run_one(first, "a", a)
         run_one(second, "b", b)
         assert second.connector.served == {"remote": 6 * BLOCK}
-    finally:
-        first.close()
-        second.close()
 
 
 def test_reset_prefix_cache_empties_every_tier(tmp_path):
     a, b = shared_prompts(2, PREFIX, SUFFIX, seed=12)
-    engine = Engine(with_disk(tmp_path), tp=4, prefix_caching=False)
-    try:
+    with Engine(with_disk(tmp_path), tp=4, prefix_caching=False) as engine:
         run_one(engine, "a", a)
         assert any((tmp_path / "blocks").rglob("*")), "blocks were written to disk"
         assert engine.scheduler.reset_prefix_cache(reset_connector=True)
         run_one(engine, "b", b)
         assert engine.connector.served == {}, "blocks from before the reset were served"
-    finally:
-        engine.close()
     # After a restart, a's own blocks (6 and 7: a's suffix) are gone; the 6 shared ones b stored anew remain.
     # Without the reset a's prompt would find all 8 of its full blocks.
-    again = Engine(with_disk(tmp_path), tp=4, prefix_caching=False)
-    try:
+    with Engine(with_disk(tmp_path), tp=4, prefix_caching=False) as again:
         run_one(again, "a-again", a)
         assert again.connector.served == {"disk": 6 * BLOCK}
-    finally:
-        again.close()
 
 
 def corrupt_disk_blocks(directory) -> int:
@@ -219,15 +177,11 @@ def corrupt_disk_blocks(directory) -> int:
 def test_a_load_that_fails_is_reported_never_served(tmp_path, policy):
     """Blocks corrupted on disk behind jaxkv's back: the load fails and vLLM is told (its policy decides the rest)."""
     a, b = shared_prompts(2, PREFIX, SUFFIX, seed=13)
-    first = Engine(with_disk(tmp_path), tp=4, prefix_caching=False)
-    try:
+    with Engine(with_disk(tmp_path), tp=4, prefix_caching=False) as first:
         expected_a = run_one(first, "a", a)
         expected_b = run_one(first, "b", b)
-    finally:
-        first.close()
     assert corrupt_disk_blocks(tmp_path / "blocks") >= 6
-    second = Engine(with_disk(tmp_path), tp=4, prefix_caching=False, on_load_failure=policy)
-    try:
+    with Engine(with_disk(tmp_path), tp=4, prefix_caching=False, on_load_failure=policy) as second:
         out = run_one(second, "b", b)
         assert second.connector.served == {}
         assert second.connector._sched.failed_loads == 1
@@ -239,8 +193,6 @@ def test_a_load_that_fails_is_reported_never_served(tmp_path, policy):
             assert out == [] and second.finish_reasons["b"] == "error"
         # The corrupt blocks left jaxkv's indexes (and disk): a's prompt is computed and stored anew, then served.
         assert run_one(second, "a", a) == expected_a
-    finally:
-        second.close()
 
 
 # -- refusals ---------------------------------------------------------------------
