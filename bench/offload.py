@@ -653,16 +653,16 @@ def main() -> None:
     _common.print_conditions(cond)
     print(f"native page copy policy: {cond['copy_policy']} (JAXKV_COPY_POLICY overrides; see jaxkv._native)")
 
+    for layout in LAYOUTS:
+        check_round_trip(layout, mesh, tp, ["host", "xla"] if platform == "cpu" else ["xla"])
+    print(f"round trip (random bits, d2h {paths} + arrays, h2d pool + arrays): bit-exact for {', '.join(LAYOUTS)}")
+
     steps_batches = STEP_BATCHES[:1] if args.quick else STEP_BATCHES
     if args.steps_only:
         steps = print_steps(bench_between_steps(mesh, tp, steps_batches, repeats=3 if args.quick else 15), tp)
         path = _common.write_json(args.out_json, {"conditions": cond, "between_steps": steps})
         print(f"\nwrote {path} ({time.perf_counter() - t0:.0f} s)")
         return
-
-    for layout in LAYOUTS:
-        check_round_trip(layout, mesh, tp, ["host", "xla"] if platform == "cpu" else ["xla"])
-    print(f"round trip (random bits, d2h {paths} + arrays, h2d pool + arrays): bit-exact for {', '.join(LAYOUTS)}")
 
     page_kibs = [64, 1024] if args.quick else [16, 64, 256, 1024, 2048]
     batches = [1, 64, 256] if args.quick else [1, 4, 16, 64, 256, 1024]
